@@ -1,0 +1,91 @@
+"""Configs as data: the base ConfigDict assembled from each part's defaults, knob parsing, validation.
+
+A config file is `configs/<name>.py` with `get_config(arg=None) -> ConfigDict` (big_vision / flax lm1b
+style). It starts from `base()` -- each part keeps its own defaults next to its code -- and overrides
+fields. The result is locked: a typo such as `--config.optim.lrr=1` is an error, not a silent new key.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+from lmjax import model, optim, train
+from lmjax.data import pipeline
+
+
+def base() -> ml_collections.ConfigDict:
+  """The full default config: every section that a run reads, with its part's defaults."""
+  return ml_collections.ConfigDict(dict(
+      seed=0,
+      model=model.defaults(),
+      data=pipeline.defaults(),
+      optim=optim.defaults(),
+      schedule=optim.schedule_defaults(),
+      train=train.defaults(),
+      mesh=dict(data=-1, fsdp=1, tensor=1),
+      init_from='',  # '' (scratch) | path of an lmjax checkpoint step dir | hf:<path to safetensors dir>
+  ))
+
+
+def parse_arg(arg: str | None, **defaults):
+  """Parses the `:knobs` part of `--config=configs/x.py:size=1b,runlocal=True` into a ConfigDict.
+
+  Each knob takes the type of its default; an unknown knob or a value of the wrong type is an error.
+  """
+  knobs = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if not sep or key not in defaults:
+      raise ValueError(f'config knob {item!r}: expected name=value with name in {sorted(defaults)}')
+    default = defaults[key]
+    if isinstance(default, bool):
+      if value.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(f'config knob {key}={value!r}: expected true or false')
+      knobs[key] = value.lower() in ('true', '1')
+    else:
+      try:
+        knobs[key] = type(default)(value)
+      except ValueError:
+        raise ValueError(f'config knob {key}={value!r}: expected a {type(default).__name__}') from None
+  return knobs
+
+
+def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Loads `configs/<name>.py` (optionally `path:arg`) and returns its locked, validated config."""
+  if arg is None and ':' in path:
+    path, arg = path.split(':', 1)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path!r} does not exist')
+  spec = importlib.util.spec_from_file_location('_lmjax_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  config.lock()
+  validate(config)
+  return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values that types alone cannot; raises ValueError naming the field."""
+  for axis in ('data', 'fsdp', 'tensor'):
+    size = config.mesh[axis]
+    if size == 0 or size < -1:
+      raise ValueError(f'config.mesh.{axis}={size}: expected a positive size or -1 (the rest)')
+  if sum(config.mesh[a] == -1 for a in ('data', 'fsdp', 'tensor')) > 1:
+    raise ValueError('config.mesh: at most one axis may be -1')
+  model.validate(config.model)
+  train.validate(config.train)
+
+
+def save(config: ml_collections.ConfigDict, path: str) -> None:
+  """Writes the resolved config as JSON (kept beside checkpoints so a run can be reproduced)."""
+  with open(path + '.tmp', 'w') as f:
+    f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+  os.replace(path + '.tmp', path)
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())

@@ -1,0 +1,306 @@
+"""Llama-family decoder in Flax NNX.
+
+Embedding -> L x [RMSNorm -> GQA attention (RoPE) -> + ; RMSNorm -> SwiGLU MLP -> +] -> RMSNorm -> head.
+Parameters are f32, compute in `compute_dtype` (bf16 by default). Layers are stacked: one `Block`
+holds every layer's weights with a leading layer axis and the forward pass scans over it, so compile
+time does not grow with depth. Every parameter carries logical axis names (`axes` metadata) that
+`lmjax.sharding` maps to mesh axes.
+
+Shape letters: B batch, T length (queries), S length (keys), D d_model, H query heads, K kv heads,
+G = H // K query heads per kv head, Dh head dim, F MLP hidden, V vocab, L layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from lmjax import sharding
+
+# Named sizes (gemma / MaxText style). `1b` has Llama-3.2-1B's shapes and `8b` Llama-3-8B's, so
+# throughput and parameter counts compare with published and peer figures.
+VARIANTS = {
+    'tiny': dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, vocab_size=2048,
+                 tie_embeddings=True, rope_theta=10_000.0, rope_scaling=False),
+    '150m': dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, d_ff=2048, vocab_size=32_000,
+                 tie_embeddings=True, rope_theta=10_000.0, rope_scaling=False),
+    '1b': dict(d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192, vocab_size=128_256,
+               tie_embeddings=True, rope_theta=500_000.0, rope_scaling=True),
+    '8b': dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14_336, vocab_size=128_256,
+               tie_embeddings=False, rope_theta=500_000.0, rope_scaling=False),
+}
+ATTENTION = ('xla', 'cudnn', 'pallas')
+REMAT = ('none', 'full', 'dots', 'dots_no_batch')
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """config.model: a named variant, with any field overridable (None = the variant's value)."""
+  return ml_collections.ConfigDict(dict(
+      variant='tiny',
+      d_model=None, n_layers=None, n_heads=None, n_kv_heads=None, d_ff=None, vocab_size=None,
+      tie_embeddings=None, rope_theta=None, rope_scaling=None,
+      norm_eps=1e-5,
+      attention='xla',          # xla | cudnn | pallas (pallas_kernels.flash_attention)
+      remat='none',             # none | full | dots | dots_no_batch (jax.checkpoint_policies)
+      compute_dtype='bfloat16',
+      param_dtype='float32',
+  ))
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+  """Resolved model hyperparameters (variant + overrides)."""
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  d_ff: int
+  vocab_size: int
+  tie_embeddings: bool
+  rope_theta: float
+  rope_scaling: bool
+  norm_eps: float = 1e-5
+  attention: str = 'xla'
+  remat: str = 'none'
+  compute_dtype: str = 'bfloat16'
+  param_dtype: str = 'float32'
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  if cfg.variant not in VARIANTS:
+    raise ValueError(f'config.model.variant={cfg.variant!r}: expected one of {sorted(VARIANTS)}')
+  if cfg.attention not in ATTENTION:
+    raise ValueError(f'config.model.attention={cfg.attention!r}: expected one of {ATTENTION}')
+  if cfg.remat not in REMAT:
+    raise ValueError(f'config.model.remat={cfg.remat!r}: expected one of {REMAT}')
+  for field in ('compute_dtype', 'param_dtype'):
+    if cfg[field] not in ('float32', 'bfloat16'):
+      raise ValueError(f'config.model.{field}={cfg[field]!r}: expected float32 or bfloat16')
+  args = resolve(cfg)
+  for field in ('d_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff', 'vocab_size'):
+    if getattr(args, field) <= 0:
+      raise ValueError(f'config.model.{field}={getattr(args, field)}: expected a positive integer')
+  if args.n_heads % args.n_kv_heads:
+    raise ValueError(f'config.model.n_kv_heads={args.n_kv_heads} must divide n_heads={args.n_heads}')
+  if args.d_model % args.n_heads or args.head_dim % 2:
+    raise ValueError(f'config.model.d_model={args.d_model} must be n_heads={args.n_heads} x an even head dim')
+
+
+def resolve(cfg: ml_collections.ConfigDict, vocab_size: int | None = None) -> Args:
+  """Variant values overridden by every non-None field of `cfg`; `vocab_size` (the tokenizer's) wins."""
+  fields = dict(VARIANTS[cfg.variant])
+  for name in [f.name for f in dataclasses.fields(Args)]:
+    if name in cfg and cfg[name] is not None:
+      fields[name] = cfg[name]
+  if vocab_size is not None:
+    fields['vocab_size'] = vocab_size
+  return Args(**fields)
+
+
+def param_count(args: Args) -> int:
+  """Exact number of parameters (embedding counted once when tied)."""
+  d, dh = args.d_model, args.head_dim
+  attn = d * args.n_heads * dh * 2 + d * args.n_kv_heads * dh * 2
+  layer = attn + 3 * d * args.d_ff + 2 * d
+  head = 0 if args.tie_embeddings else d * args.vocab_size
+  return args.vocab_size * d + args.n_layers * layer + d + head
+
+
+def flops_per_token(args: Args, seq_len: int) -> float:
+  """Training FLOPs per token: 6N over the matmul weights (embedding lookup excluded, the head
+  matmul included) plus causal attention 6 * L * H * Dh * T (PaLM appendix B's 12*L*H*Dh*T, halved
+  because a causal mask skips half the score matrix, as in the peer benchmark)."""
+  n_matmul = param_count(args) - (args.vocab_size * args.d_model if not args.tie_embeddings else 0)
+  n_matmul -= (2 * args.n_layers + 1) * args.d_model  # norm scales do no matmul
+  return 6 * n_matmul + 6 * args.n_layers * args.n_heads * args.head_dim * seq_len
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, fan_in: int | None) -> nnx.Param:
+  """A parameter with logical axis names; normal(0, 1/sqrt(fan_in)) init, ones when fan_in is None."""
+  if fan_in is None:
+    value = jnp.ones(shape, dtype)
+  else:
+    value = jax.random.normal(rngs.params(), shape, dtype) / math.sqrt(fan_in)
+  return nnx.Param(value, axes=axes)
+
+
+def rms_norm(x_btd: jax.Array, scale_d: jax.Array, eps: float) -> jax.Array:
+  x = x_btd.astype(jnp.float32)
+  x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+  return (x * scale_d.astype(jnp.float32)).astype(x_btd.dtype)
+
+
+def rope_frequencies(args: Args) -> jax.Array:
+  """Inverse frequencies [Dh/2]; with `rope_scaling`, Llama-3.1's long-context scaling
+  (factor 32, low/high frequency factors 1 and 4, original context 8192)."""
+  dh = args.head_dim
+  inv = 1.0 / (args.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+  if not args.rope_scaling:
+    return inv
+  factor, low, high, old_ctx = 32.0, 1.0, 4.0, 8192.0
+  wavelen = 2 * jnp.pi / inv
+  smooth = (old_ctx / wavelen - low) / (high - low)
+  scaled = jnp.where(wavelen > old_ctx / low, inv / factor, inv)
+  mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+  return jnp.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+
+
+def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotates pairs (x[..., :Dh/2], x[..., Dh/2:]) by position * inv_freq (the HF Llama layout)."""
+  angles_bth = positions_bt[..., None].astype(jnp.float32) * inv_freq
+  sin, cos = jnp.sin(angles_bth)[:, :, None], jnp.cos(angles_bth)[:, :, None]
+  x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_btnh.dtype)
+
+
+def xla_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt) -> jax.Array:
+  """Causal GQA attention in plain jnp, f32 softmax; K/V heads are shared by G query heads
+  through a reshape (BTKGD), never repeated in memory. Documents of a packed row (different
+  segment ids) never attend to each other."""
+  b, t, h, dh = q_bthd.shape
+  k_heads = k_bskd.shape[2]
+  q_btkgd = q_bthd.reshape(b, t, k_heads, h // k_heads, dh)
+  logits = jnp.einsum('btkgd,bskd->bkgts', q_btkgd, k_bskd, preferred_element_type=jnp.float32)
+  logits = logits / math.sqrt(dh)
+  causal_ts = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+  same_doc_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+  mask = (causal_ts[None] & same_doc_bts)[:, None, None]
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_bskd.dtype)
+  out = jnp.einsum('bkgts,bskd->btkgd', probs, v_bskd)
+  return out.reshape(b, t, h, dh)
+
+
+def cudnn_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt) -> jax.Array:
+  """cuDNN fused attention (GPU only). Packed rows pass a segment mask."""
+  same_doc = segment_ids_bt[:, None, :, None] == segment_ids_bt[:, None, None, :]
+  return jax.nn.dot_product_attention(q_bthd, k_bskd, v_bskd, mask=same_doc, is_causal=True,
+                                      implementation='cudnn')
+
+
+def pallas_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt) -> jax.Array:
+  from pallas_kernels.flash_attention import flash_attention
+  return flash_attention(q_bthd, k_bskd, v_bskd, causal=True, segment_ids=segment_ids_bt)
+
+
+ATTENTION_FNS: dict[str, Callable] = {
+    'xla': xla_attention, 'cudnn': cudnn_attention, 'pallas': pallas_attention}
+
+
+class Block(nnx.Module):
+  """All L decoder layers, weights stacked on a leading layer axis (`layers`)."""
+
+  def __init__(self, args: Args, *, rngs: nnx.Rngs):
+    L, d, h, k, dh, f = (args.n_layers, args.d_model, args.n_heads, args.n_kv_heads,
+                         args.head_dim, args.d_ff)
+    dt = jnp.dtype(args.param_dtype)
+    self.attn_norm = _param(rngs, (L, d), ('layers', 'norm'), dt, None)
+    self.wq_ldhe = _param(rngs, (L, d, h, dh), ('layers', 'embed', 'heads', 'head_dim'), dt, d)
+    self.wk_ldke = _param(rngs, (L, d, k, dh), ('layers', 'embed', 'kv_heads', 'head_dim'), dt, d)
+    self.wv_ldke = _param(rngs, (L, d, k, dh), ('layers', 'embed', 'kv_heads', 'head_dim'), dt, d)
+    self.wo_lhed = _param(rngs, (L, h, dh, d), ('layers', 'heads', 'head_dim', 'embed'), dt, h * dh)
+    self.mlp_norm = _param(rngs, (L, d), ('layers', 'norm'), dt, None)
+    self.w_gate_ldf = _param(rngs, (L, d, f), ('layers', 'embed', 'mlp'), dt, d)
+    self.w_up_ldf = _param(rngs, (L, d, f), ('layers', 'embed', 'mlp'), dt, d)
+    self.w_down_lfd = _param(rngs, (L, f, d), ('layers', 'mlp', 'embed'), dt, f)
+
+
+def layer_forward(p: dict, x_btd, positions_bt, segment_ids_bt, inv_freq, args: Args):
+  """One decoder layer on its un-stacked weights `p` (the Block's fields without the layer axis)."""
+  cdt = jnp.dtype(args.compute_dtype)
+  w = {name: value.astype(cdt) for name, value in p.items()}
+  h_btd = rms_norm(x_btd, p['attn_norm'], args.norm_eps)
+  q = apply_rope(jnp.einsum('btd,dhe->bthe', h_btd, w['wq_ldhe']), positions_bt, inv_freq)
+  k = apply_rope(jnp.einsum('btd,dke->btke', h_btd, w['wk_ldke']), positions_bt, inv_freq)
+  v = jnp.einsum('btd,dke->btke', h_btd, w['wv_ldke'])
+  attn_bthe = ATTENTION_FNS[args.attention](q, k, v, segment_ids_bt)
+  x_btd = x_btd + jnp.einsum('bthe,hed->btd', attn_bthe, w['wo_lhed'])
+  x_btd = sharding.constrain(x_btd, ('batch', 'length', 'act_embed'))
+  h_btd = rms_norm(x_btd, p['mlp_norm'], args.norm_eps)
+  gate_btf = jax.nn.silu(jnp.einsum('btd,df->btf', h_btd, w['w_gate_ldf']))
+  up_btf = jnp.einsum('btd,df->btf', h_btd, w['w_up_ldf'])
+  x_btd = x_btd + jnp.einsum('btf,fd->btd', gate_btf * up_btf, w['w_down_lfd'])
+  return sharding.constrain(x_btd, ('batch', 'length', 'act_embed'))
+
+
+REMAT_POLICIES = {
+    'full': None,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+  """Llama-family causal LM. `__call__(tokens_bt, positions_bt, segment_ids_bt) -> logits_btv` (f32)."""
+
+  def __init__(self, args: Args, *, rngs: nnx.Rngs):
+    self.args = args
+    dt = jnp.dtype(args.param_dtype)
+    self.embed_vd = _param(rngs, (args.vocab_size, args.d_model), ('vocab', 'embed'), dt,
+                           args.d_model)
+    self.layers = Block(args, rngs=rngs)
+    self.final_norm = _param(rngs, (args.d_model,), ('norm',), dt, None)
+    if not args.tie_embeddings:
+      self.head_dv = _param(rngs, (args.d_model, args.vocab_size), ('embed', 'vocab'), dt,
+                            args.d_model)
+
+  def __call__(self, tokens_bt, positions_bt, segment_ids_bt) -> jax.Array:
+    args, cdt = self.args, jnp.dtype(self.args.compute_dtype)
+    x_btd = jnp.take(self.embed_vd[...], tokens_bt, axis=0).astype(cdt)
+    x_btd = sharding.constrain(x_btd, ('batch', 'length', 'act_embed'))
+    inv_freq = rope_frequencies(args)
+
+    def body(x, p):
+      return layer_forward(p, x, positions_bt, segment_ids_bt, inv_freq, args), None
+
+    if args.remat != 'none':
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[args.remat], prevent_cse=False)
+    stacked = {name: var[...] for name, var in vars(self.layers).items()
+               if isinstance(var, nnx.Param)}
+    x_btd, _ = jax.lax.scan(body, x_btd, stacked)
+    x_btd = rms_norm(x_btd, self.final_norm[...], args.norm_eps)
+    if args.tie_embeddings:
+      head_dv = self.embed_vd[...].T
+    else:
+      head_dv = self.head_dv[...]
+    # Logits in f32 for a stable softmax cross-entropy (the matmul itself runs in compute dtype).
+    return jnp.einsum('btd,dv->btv', x_btd, head_dv.astype(cdt), preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------- functional view
+
+
+def create(args: Args, seed: int) -> tuple[nnx.GraphDef, dict]:
+  """Builds the model; returns (graphdef, params) with params a nested dict of arrays."""
+  graphdef, state = nnx.split(Transformer(args, rngs=nnx.Rngs(seed)))
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def abstract(args: Args) -> tuple[nnx.GraphDef, dict, dict]:
+  """(graphdef, params as ShapeDtypeStructs, logical axes per param) without allocating weights."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(args, rngs=nnx.Rngs(0))))
+
+  def axes(node):
+    if isinstance(node, nnx.Variable):
+      return node.get_metadata()['axes']
+    return {key: axes(child) for key, child in node.items()}
+
+  return graphdef, nnx.to_pure_dict(state), axes(state)
+
+
+def apply(graphdef: nnx.GraphDef, params: dict, batch: dict) -> jax.Array:
+  """Logits [B, T, V] (f32) for a batch dict with 'inputs', 'positions', 'segment_ids' [B, T]."""
+  model = nnx.merge(graphdef, params)
+  return model(batch['inputs'], batch['positions'], batch['segment_ids'])

