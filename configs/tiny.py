@@ -20,5 +20,5 @@ def get_config(arg=None):
   c.train.eval_every = 100
   c.train.checkpoint_every = 100
   c.optim.lr = 3e-3
-  c.schedule.phases = (dict(name='cosine', fraction=1.0, warmup_steps=30, end=0.1),)
+  c.schedule.phases = (dict(name='cosine', fraction=1.0, warmup_fraction=0.1, end=0.1),)
   return c

@@ -49,7 +49,7 @@ def parse_arg(arg: str | None, **defaults):
       try:
         knobs[key] = type(default)(value)
       except ValueError:
-        raise ValueError(f'config knob {key}={value!r}: expected a {type(default).__name__}') from None
+        raise ValueError(f'config knob {key}={value!r}: expected type {type(default).__name__}') from None
   return knobs
 
 

@@ -133,7 +133,7 @@ class MetricsWriter:
     self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
 
   def write(self, step: int, record: dict) -> None:
-    record = {'step': step, **{k: float(v) if isinstance(v, (float, int, np.generic, jax.Array))
+    record = {'step': step, **{k: float(v) if isinstance(v, (float, int, np.generic, np.ndarray, jax.Array))
                                else v for k, v in record.items()}}
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
@@ -300,31 +300,36 @@ def train(run: Run, hooks: Iterable[Hook]) -> dict:
 def run(config: ml_collections.ConfigDict, workdir: str, extra_hooks: Iterable[Hook] = ()) -> dict:
   """Trains `config` in `workdir` (resuming if possible) with the default hooks plus `extra_hooks`."""
   r = setup(config, workdir)
-  writer = MetricsWriter(workdir)
   try:
-    return train(r, default_hooks(r, writer) + list(extra_hooks))
+    return train(r, default_hooks(r, MetricsWriter(workdir)) + list(extra_hooks))
   finally:
     r.checkpointer.close()
 
 
 def main(argv):
   del argv
-  from absl import flags
+  from absl import flags, logging
   from tqdm import tqdm
-  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   from lmjax import config as config_lib
+  logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   config_lib.validate(config)
-  bar = tqdm(total=config.train.steps, unit='step', dynamic_ncols=True)
+  r = setup(config, workdir)
+  if r.start_step:
+    print(f'resuming from step {r.start_step} (checkpoint in {r.checkpointer.directory})',
+          file=sys.stderr)
+  bar = tqdm(total=config.train.steps, initial=r.start_step, unit='step', dynamic_ncols=True)
 
   def progress(info: StepInfo):
-    if bar.n == 0:
-      bar.update(info.step - 1)
     bar.update(1)
     if info.step % config.train.log_every == 0 or info.final:
       bar.set_postfix(loss=f"{float(info.metrics['loss']):.3f}")
 
-  run(config, workdir, extra_hooks=[Hook(1, progress)])
-  bar.close()
+  try:
+    train(r, default_hooks(r, MetricsWriter(workdir)) + [Hook(1, progress)])
+  finally:
+    bar.close()
+    r.checkpointer.close()
 
 
 if __name__ == '__main__':
