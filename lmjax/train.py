@@ -173,11 +173,13 @@ def init_state(config, args: model.Args, mesh) -> tuple[object, Callable, dict, 
   opt_abstract = jax.eval_shape(tx.init, shapes)
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, param_sh,
                                  transform_non_params=lambda _: replicated)
-  state_sh = {'params': param_sh, 'opt_state': opt_sh, 'step': replicated}
+  state_sh = {'params': param_sh, 'opt_state': opt_sh, 'step': replicated, 'rng': replicated}
 
   def init(seed):
     _, params = model.create(args, seed)
-    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+    # `rng` (raw key data, so orbax can save it): the run's base key; a step's key is fold_in(rng, step).
+    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32),
+            'rng': jax.random.key_data(jax.random.key(seed))}
 
   abstract_state = jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
