@@ -25,6 +25,7 @@ ANNEAL_FRACTION = 0.2
 
 
 def get_config(arg=None):
+  # runlocal is accepted for uniformity with the other configs; this run is CPU-sized already.
   knobs = config_lib.parse_arg(arg, steps=400, max_chars=1_000_000, runlocal=True)
   c = config_lib.base()
   c.model.variant = 'tiny'

