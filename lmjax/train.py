@@ -125,12 +125,14 @@ class Hook:
 
 
 class MetricsWriter:
-  """Appends one JSON object per record to `metrics.jsonl` and mirrors scalars to TensorBoard."""
+  """Appends one JSON object per record to `metrics.jsonl` and mirrors scalars to TensorBoard;
+  `echo(step, record)`, if given, also sees every record (the CLI prints evaluations with it)."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, echo: Callable[[int, dict], None] | None = None):
     from tensorboardX import SummaryWriter
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+    self._echo = echo
 
   def write(self, step: int, record: dict) -> None:
     record = {'step': step, **{k: float(v) if isinstance(v, (float, int, np.generic, np.ndarray, jax.Array))
@@ -141,6 +143,8 @@ class MetricsWriter:
       if k != 'step' and isinstance(v, float):
         self._tb.add_scalar(k, v, step)
     self._tb.flush()
+    if self._echo:
+      self._echo(step, record)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -327,8 +331,13 @@ def main(argv):
     if info.step % config.train.log_every == 0 or info.final:
       bar.set_postfix(loss=f"{float(info.metrics['loss']):.3f}")
 
+  def print_eval(step: int, record: dict):
+    losses = {k.split('/')[1]: v for k, v in record.items() if k.startswith('eval/')}
+    if losses:
+      bar.write(f'step {step} eval loss: ' + '  '.join(f'{k} {v:.3f}' for k, v in losses.items()))
+
   try:
-    train(r, default_hooks(r, MetricsWriter(workdir)) + [Hook(1, progress)])
+    train(r, default_hooks(r, MetricsWriter(workdir, echo=print_eval)) + [Hook(1, progress)])
   finally:
     bar.close()
     r.checkpointer.close()

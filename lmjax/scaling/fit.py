@@ -228,20 +228,28 @@ def _refit(theta_p, cols, log_y_n, weights_bn, log_loss, options: Options):
   return _batched_map(one, weights_bn, options.batch_size)
 
 
-def bootstrap(result: FitResult, data: Mapping[str, np.ndarray], loss, *, resamples: int = 200,
-              level: float = 0.95, seed: int = 0, options: Options = Options()) -> dict:
-  """Percentile bootstrap intervals {param: (low, high)} for a fit.
-
-  Each resample draws the points with replacement (as multinomial counts used as Huber weights)
-  and refits from the full-data optimum, as Besiroglu et al. 2024 do; the refits run vectorised.
-  """
-  cols, loss = _check(result.form, data, loss)
+def resample_counts(points: int, resamples: int, seed: int = 0) -> np.ndarray:
+  """[resamples, points] counts of each point in a draw of `points` with replacement."""
   rng = np.random.default_rng(seed)
-  counts_bn = rng.multinomial(loss.size, np.full(loss.size, 1.0 / loss.size), size=resamples)
+  return rng.multinomial(points, np.full(points, 1.0 / points), size=resamples)
+
+
+def bootstrap_samples(result: FitResult, data: Mapping[str, np.ndarray], loss, counts_bn,
+                      options: Options = Options()) -> dict:
+  """Refits `result` once per row of counts_bn (used as Huber weights), each from the full-data
+  optimum, as Besiroglu et al. 2024 do; the refits run vectorised. Returns {param: [B] values}."""
+  cols, loss = _check(result.form, data, loss)
   with jax.enable_x64(True):
     theta_bp = _refit(jnp.asarray(result.theta), cols, jnp.log(loss),
                       jnp.asarray(counts_bn, jnp.float64), result.form.log_loss, options)
-    samples = {k: np.asarray(v) for k, v in jax.vmap(result.form.to_params)(theta_bp).items()}
+    return {k: np.asarray(v) for k, v in jax.vmap(result.form.to_params)(theta_bp).items()}
+
+
+def bootstrap(result: FitResult, data: Mapping[str, np.ndarray], loss, *, resamples: int = 200,
+              level: float = 0.95, seed: int = 0, options: Options = Options()) -> dict:
+  """Percentile bootstrap intervals {param: (low, high)} at confidence `level` for a fit."""
+  counts_bn = resample_counts(np.asarray(loss).size, resamples, seed)
+  samples = bootstrap_samples(result, data, loss, counts_bn, options)
   tail = 50.0 * (1.0 - level)
   return {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100.0 - tail)))
           for k, v in samples.items()}
