@@ -40,10 +40,14 @@ REMAT = ('none', 'full', 'dots', 'dots_no_batch')
 
 def defaults() -> ml_collections.ConfigDict:
   """config.model: a named variant, with any field overridable (None = the variant's value)."""
+  def unset(field_type):  # None, but typed, so `--config.model.d_model=512` can override it
+    return ml_collections.FieldReference(None, field_type=field_type)
+
   return ml_collections.ConfigDict(dict(
       variant='tiny',
-      d_model=None, n_layers=None, n_heads=None, n_kv_heads=None, d_ff=None, vocab_size=None,
-      tie_embeddings=None, rope_theta=None, rope_scaling=None,
+      d_model=unset(int), n_layers=unset(int), n_heads=unset(int), n_kv_heads=unset(int),
+      d_ff=unset(int), vocab_size=unset(int), tie_embeddings=unset(bool), rope_theta=unset(float),
+      rope_scaling=unset(bool),
       norm_eps=1e-5,
       attention='xla',          # xla | cudnn | pallas (pallas_kernels.flash_attention)
       remat='none',             # none | full | dots | dots_no_batch (jax.checkpoint_policies)

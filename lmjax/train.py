@@ -131,10 +131,12 @@ class MetricsWriter:
   def __init__(self, workdir: str, echo: Callable[[int, dict], None] | None = None):
     from tensorboardX import SummaryWriter
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+    self._tb = SummaryWriter(os.path.join(workdir, 'tb')) if jax.process_index() == 0 else None
     self._echo = echo
 
   def write(self, step: int, record: dict) -> None:
+    if jax.process_index() != 0:  # every process computes the (global) metrics; one writes them
+      return
     record = {'step': step, **{k: float(v) if isinstance(v, (float, int, np.generic, np.ndarray, jax.Array))
                                else v for k, v in record.items()}}
     with open(self.path, 'a') as f:
@@ -316,7 +318,8 @@ def main(argv):
   del argv
   from absl import flags, logging
   from tqdm import tqdm
-  from lmjax import config as config_lib
+  from lmjax import config as config_lib, distributed
+  distributed.initialize()
   logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   config_lib.validate(config)
@@ -324,7 +327,8 @@ def main(argv):
   if r.start_step:
     print(f'resuming from step {r.start_step} (checkpoint in {r.checkpointer.directory})',
           file=sys.stderr)
-  bar = tqdm(total=config.train.steps, initial=r.start_step, unit='step', dynamic_ncols=True)
+  bar = tqdm(total=config.train.steps, initial=r.start_step, unit='step', dynamic_ncols=True,
+             disable=jax.process_index() != 0)
 
   def progress(info: StepInfo):
     bar.update(1)
