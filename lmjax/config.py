@@ -78,6 +78,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError('config.mesh: at most one axis may be -1')
   model.validate(config.model)
   train.validate(config.train)
+  pipeline.validate(config.data)
+  optim.make_schedule(config.schedule, config.optim.lr, config.train.steps)  # raises on a bad phase
 
 
 def save(config: ml_collections.ConfigDict, path: str) -> None:

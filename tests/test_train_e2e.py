@@ -118,3 +118,14 @@ def test_bad_config_knob_and_file_are_errors():
     config_lib.load('configs/tiny.py', 'steps=abc')
   with pytest.raises(FileNotFoundError, match='nope.py'):
     config_lib.load('configs/nope.py')
+
+
+def test_bad_schedule_and_data_config_fail_at_load():
+  config = config_lib.load('configs/tiny.py')
+  config.schedule.phases = (dict(name='cosine', fraction=1.0, decay='cubic'),)
+  with pytest.raises(ValueError, match='schedule.phases'):
+    config_lib.validate(config)
+  config = config_lib.load('configs/tiny.py')
+  config.data.sources = {}
+  with pytest.raises(ValueError, match='config.data.sources'):
+    config_lib.validate(config)
