@@ -1,10 +1,12 @@
 """`flash_attention`: one entry point that picks the backend for the device, or the one asked for.
 
 implementation=None picks 'mosaic_gpu' on Hopper GPUs, 'mosaic_tpu' on TPU, and 'xla' (the pure-jnp
-reference) elsewhere or when the inputs are outside the kernel's constraints. An explicitly named
+reference) elsewhere or, with a warning, when the inputs are outside the kernel's constraints. An explicitly named
 backend that cannot run here, or cannot take these inputs, raises ValueError naming the constraint
 and the fallback, so a config that asks for a kernel never silently runs something else.
 """
+import warnings
+
 import jax
 
 from pallas_kernels.flash_attention import gpu_mosaic, reference, tpu_mosaic
@@ -44,7 +46,9 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale=Non
   backends = {"mosaic_gpu": gpu_mosaic, "mosaic_tpu": tpu_mosaic}
   if implementation is None:
     implementation = "mosaic_gpu" if _is_hopper() else "mosaic_tpu" if jax.default_backend() == "tpu" else "xla"
-    if implementation != "xla" and backends[implementation].check_supported(q, k, v, segment_ids) is not None:
+    why = implementation != "xla" and backends[implementation].check_supported(q, k, v, segment_ids)
+    if why:
+      warnings.warn(f"flash_attention: {why}; falling back to the XLA reference (slower)", stacklevel=2)
       implementation = "xla"
   elif implementation != "xla":
     why = _unavailable(implementation) or backends[implementation].check_supported(q, k, v, segment_ids)
