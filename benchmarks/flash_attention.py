@@ -1,13 +1,16 @@
 """Flash attention speed on one GPU: our Mosaic GPU kernel vs cuDNN, XLA and tokamax, in TFLOP/s.
 
   python benchmarks/flash_attention.py [--shapes anchors|sweep|all] [--causal true|false|both]
-                                       [--impls ours,cudnn,xla,tokamax] [--out results.json]
+                                       [--impls ours,cudnn,xla,tokamax] [--samples 20] [--out results.json]
+
+An impl is 'ours' (the default kernel config), 'ours:<variant>' (a gpu_mosaic.Config from VARIANTS),
+'cudnn', 'xla' or 'tokamax'; '@fwd' or '@fwdbwd' after it measures that mode only.
 
 FLOPs as issue 4 counts them (shapes.attention_flops): 4*B*T*S*Hq*D forward, halved when causal,
-fwd+bwd = 3.5x forward. Time: median over 20 samples, each sample the mean of 5 back-to-back
+fwd+bwd = 3.5x forward. Time: median over --samples samples, each sample the mean of 5 back-to-back
 dispatches (so host dispatch overlaps device work) after one warm-up call. bf16 random inputs.
-The table is printed last; the ratio columns are ours over the best of cuDNN and tokamax measured
-in this same run (and over the issue's recorded numbers for the anchor shapes).
+The tables are printed last: TFLOP/s, then each of our variants over the best of cuDNN and tokamax
+measured in this same run.
 """
 import argparse
 import json
@@ -20,9 +23,23 @@ import jax.numpy as jnp
 from pallas_kernels.flash_attention import gpu_mosaic, shapes
 
 
+# Kernel variants compared with 'ours:<name>'.
+VARIANTS = {
+    "split": gpu_mosaic.Config(),
+    "fused": gpu_mosaic.Config(backward="fused"),
+    "overlap": gpu_mosaic.Config(overlap=True),
+    "fused_overlap": gpu_mosaic.Config(backward="fused", overlap=True),
+    "fused_overlap_kv256": gpu_mosaic.Config(backward="fused", overlap=True, block_kv=256),
+    "fused_kv256": gpu_mosaic.Config(backward="fused", block_kv=256),
+}
+
+
 def _attention_fns():
   fns = {
       "ours": lambda q, k, v, causal: gpu_mosaic.flash_attention(q, k, v, causal=causal),
+      **{f"ours:{name}": (lambda q, k, v, causal, c=config:
+                          gpu_mosaic.flash_attention(q, k, v, causal=causal, config=c))
+         for name, config in VARIANTS.items()},
       "cudnn": lambda q, k, v, causal: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                                                     implementation="cudnn"),
       "xla": lambda q, k, v, causal: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
@@ -49,8 +66,8 @@ def _median_seconds(fn, args, samples=20, inner=5):
   return statistics.median(times)
 
 
-def measure(name, attn, shape, causal):
-  """Returns {'fwd': TFLOP/s, 'fwdbwd': TFLOP/s} or {'error': message}."""
+def measure(name, attn, shape, causal, modes=("fwd", "fwdbwd"), samples=20):
+  """Returns {mode: TFLOP/s or None, f'{mode}_error': message} for mode in modes."""
   ks = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(ks[0], (shape.b, shape.t, shape.hq, shape.d), jnp.bfloat16)
   k = jax.random.normal(ks[1], (shape.b, shape.t, shape.hkv, shape.d), jnp.bfloat16)
@@ -60,8 +77,10 @@ def measure(name, attn, shape, causal):
   fwdbwd = jax.jit(lambda q, k, v, do: jax.vjp(lambda q, k, v: attn(q, k, v, causal), q, k, v)[1](do))
   result = {}
   for mode, fn, args in (("fwd", fwd, (q, k, v)), ("fwdbwd", fwdbwd, (q, k, v, do))):
+    if mode not in modes:
+      continue
     try:
-      seconds = _median_seconds(fn, args)
+      seconds = _median_seconds(fn, args, samples=samples)
       result[mode] = shapes.attention_flops(shape, causal, mode == "fwdbwd") / seconds / 1e12
     except Exception as e:  # pylint: disable=broad-except
       result[mode] = None
@@ -75,11 +94,17 @@ def main():
   parser.add_argument("--shapes", default="anchors", choices=["anchors", "sweep", "all"])
   parser.add_argument("--causal", default="true", choices=["true", "false", "both"])
   parser.add_argument("--impls", default="ours,cudnn,xla,tokamax")
+  parser.add_argument("--samples", type=int, default=20)
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   print(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}", flush=True)
   fns = _attention_fns()
-  impls = [i for i in args.impls.split(",") if i in fns]
+  impls = []  # (column name, modes)
+  for spec in args.impls.split(","):
+    name, _, mode = spec.partition("@")
+    if name not in fns:
+      raise SystemExit(f"unknown impl {name!r}; known: {sorted(fns)}")
+    impls.append((name, (mode,) if mode else ("fwd", "fwdbwd")))
   todo = []
   if args.shapes in ("anchors", "all"):
     todo += [(n, s) for n, (s, _) in shapes.ANCHORS.items()]
@@ -90,8 +115,8 @@ def main():
   for name, shape in todo:
     for causal in causals:
       row = {"shape": name, "dims": tuple(shape), "causal": causal}
-      for impl in impls:
-        row[impl] = measure(impl, fns[impl], shape, causal)
+      for impl, modes in impls:
+        row[impl] = measure(impl, fns[impl], shape, causal, modes, args.samples)
         print(f"{name} causal={causal} {impl}: {row[impl]}", flush=True)
       rows.append(row)
   if args.out:
@@ -100,17 +125,22 @@ def main():
 
   fmt = lambda x: "  -  " if x is None else f"{x:5.0f}"
   print("\nTFLOP/s fwd / fwd+bwd (bf16; causal FLOPs halved; bwd = 2.5x fwd)")
-  print(f"{'shape (B,T,Hq,Hkv,D)':34s} {'causal':6s} " + " ".join(f"{i:>13s}" for i in impls)
-        + "   ours/best(cudnn,tokamax) fwd  fwd+bwd")
+  names = [i for i, _ in impls]
+  ours = [i for i in names if i.startswith("ours")]
+  print(f"{'shape (B,T,Hq,Hkv,D)':34s} {'causal':6s} " + " ".join(f"{i:>13s}" for i in names))
   for row in rows:
-    cells = " ".join(f"{fmt(row[i].get('fwd'))} / {fmt(row[i].get('fwdbwd'))}" for i in impls)
+    cells = " ".join(f"{fmt(row[i].get('fwd'))} / {fmt(row[i].get('fwdbwd'))}" for i in names)
+    print(f"{row['shape'] + ' ' + str(row['dims']):34s} {str(row['causal']):6s} {cells}")
+  print("\nours / best of (cudnn, tokamax) measured in this run, fwd  fwd+bwd")
+  for row in rows:
     ratios = []
-    for mode in ("fwd", "fwdbwd"):
-      peers = [row[i].get(mode) for i in ("cudnn", "tokamax") if i in row and row[i].get(mode)]
-      ours = row.get("ours", {}).get(mode)
-      ratios.append(f"{ours / max(peers):5.2f}" if ours and peers else "  -  ")
-    print(f"{row['shape'] + ' ' + str(row['dims']):34s} {str(row['causal']):6s} {cells}   "
-          f"{ratios[0]:>27s} {ratios[1]:>8s}")
+    for i in ours:
+      for mode in ("fwd", "fwdbwd"):
+        peers = [row[p].get(mode) for p in ("cudnn", "tokamax") if p in row and row[p].get(mode)]
+        value = row[i].get(mode)
+        ratios.append(f"{value / max(peers):5.2f}" if value and peers else "  -  ")
+    cells = "   ".join(f"{i}: {ratios[2 * n]} {ratios[2 * n + 1]}" for n, i in enumerate(ours))
+    print(f"{row['shape'] + ' ' + str(row['dims']):34s} {str(row['causal']):6s} {cells}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ warpgroups take turns on the tensor cores so one's softmax overlaps the other's 
 Backward (FlashAttention-2 split): a dQ kernel (CTA = 2 q blocks, pipeline over kv blocks) and a
 dK/dV kernel (CTA = 2 kv blocks of one kv head, pipeline over (q block, query head of the group)),
 so GQA sums dK/dV over the group in registers and never materialises repeated K/V.
+Variants (`Config`, compared by benchmarks/flash_attention.py): a fused backward (the dK/dV kernel
+also computes dQ from the same dS, 5 block matmuls instead of 7, dQ added to an f32 buffer by TMA
+reduce-add) and FlashAttention-3's intra-warpgroup overlap in the forward. The default stays the
+split, non-overlapped kernel until the variants are measured faster (benchmarks/flash_attention_NOTES.md).
 
 Masking: causal (top-left, key <= query) skips blocks above the diagonal and masks only diagonal
 blocks; segment ids are compared per element (q ids in registers, kv ids streamed with K).
@@ -17,6 +21,7 @@ kernels; this code adds bf16, softmax scale, causal backward, GQA backward and s
 """
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,8 +80,12 @@ def _bcast(x, shape, dim):
 # Forward.
 
 
-def _forward(q, k, v, seg, *, causal, scale, block_kv=BLOCK_KV, stages=STAGES):
-  """Returns o [B, T, Hq, D] (q.dtype) and lse [B, Hq, T] f32 in log2 units of (scale * q.k)."""
+def _forward(q, k, v, seg, *, causal, scale, block_kv=BLOCK_KV, stages=STAGES, overlap=False):
+  """Returns o [B, T, Hq, D] (q.dtype) and lse [B, Hq, T] f32 in log2 units of (scale * q.k).
+
+  overlap=True adds FlashAttention-3's intra-warpgroup pipelining: a warpgroup issues S(j) = q k_j^T
+  together with P(j-1) v_(j-1), and computes softmax(S(j)) while the tensor cores run P(j-1) v_(j-1).
+  """
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
@@ -176,24 +185,94 @@ def _forward(q, k, v, seg, *, causal, scale, block_kv=BLOCK_KV, stages=STAGES):
         plgpu.barrier_arrive(v_consumed.at[slot])
         return acc, m_new, l_i
 
+      def scores(step, previous_pv):
+        # Issues S = q k^T for block `step` (and then P V of the previous block, if given) and waits
+        # for S only.
+        slot = lax.rem(step, stages)
+
+        def body(s_ref):
+          plgpu.wgmma(s_ref, qo_smem, k_smem.at[slot].T)
+          if previous_pv is not None:
+            previous_pv()
+          schedule_barrier()
+          kseg = None
+          if has_seg:
+            plgpu.barrier_wait(kseg_bar.at[slot])
+            kseg = plgpu.load(kseg_smem.at[slot], (), layout=_COL)
+          return plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if previous_pv is None else 1), kseg
+
+        qk, kseg = pl.run_scoped(body, plgpu.ACC((block_q, block_kv), jnp.float32))
+        plgpu.barrier_arrive(k_consumed.at[slot])
+        return qk, kseg
+
+      def softmax(qk, kseg, m_i, l_i, step, diagonal):
+        shape = (block_q, block_kv)
+        if diagonal:
+          qk = jnp.where(q_base + _iota(shape, 0) >= step * block_kv + _iota(shape, 1), qk, -jnp.inf)
+        if has_seg:
+          qk = jnp.where(_bcast(qseg, shape, 0) == _bcast(kseg, shape, 1), qk, -jnp.inf)
+        m_new = jnp.maximum(m_i, qk.max(axis=1) * c)
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(qk * c - _bcast(m_new, shape, 0))
+        l_new = l_i * alpha + p.sum(axis=1)
+        return lax.optimization_barrier((p.astype(dtype), m_new, l_new, alpha))
+
+      def end_of_step(step):
+        # Hands the tensor cores to the other warpgroup; V of `step` is needed by the next issue.
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(v_bar.at[lax.rem(step, stages)])
+        plgpu.barrier_wait(sched)
+
+      def overlapped(o_ref):
+        qk, kseg = scores(0, None)
+        p16, m_new, l_new, _ = softmax(qk, kseg, m_i, l_i, 0, diagonal=causal)
+        end_of_step(0)
+
+        def step_fn(step, carry, diagonal):
+          p16_prev, m_prev, l_prev = carry
+          prev_slot = lax.rem(step - 1, stages)
+          plgpu.barrier_wait(k_bar.at[lax.rem(step, stages)])
+          qk, kseg = scores(step, lambda: plgpu.wgmma(o_ref, p16_prev, v_smem.at[prev_slot]))
+          p16, m_new, l_new, alpha = softmax(qk, kseg, m_prev, l_prev, step, diagonal)
+          o_ref[...] = o_ref[...] * _bcast(alpha, (block_q, d), 0)  # waits for P V of step - 1.
+          plgpu.barrier_arrive(v_consumed.at[prev_slot])
+          end_of_step(step)
+          return p16, m_new, l_new
+
+        carry = (p16, m_new, l_new)
+        if causal:
+          first_diagonal = lax.max(lax.min(kv_steps, lax.div(q_base, block_kv)), 1)
+          carry = lax.fori_loop(1, first_diagonal, functools.partial(step_fn, diagonal=False), carry)
+          carry = lax.fori_loop(first_diagonal, kv_steps, functools.partial(step_fn, diagonal=True), carry)
+        else:
+          carry = lax.fori_loop(1, kv_steps, functools.partial(step_fn, diagonal=False), carry)
+        p16, m_new, l_new = carry
+        last_slot = lax.rem(kv_steps - 1, stages)
+        plgpu.wgmma(o_ref, p16, v_smem.at[last_slot])
+        o = o_ref[...]
+        plgpu.barrier_arrive(v_consumed.at[last_slot])
+        return o, m_new, l_new
+
+      # Warpgroup 0 may need fewer blocks than the memory warpgroup loads for warpgroup 1:
+      # release those slots and keep the schedule barrier in step.
+      def drain(step, _):
+        slot = lax.rem(step, stages)
+        plgpu.barrier_arrive(k_consumed.at[slot])
+        plgpu.barrier_arrive(v_consumed.at[slot])
+        schedule_barrier()
+        schedule_barrier()
+
       carry = (acc, m_i, l_i)
-      if causal:
+      if overlap:
+        carry = pl.run_scoped(overlapped, plgpu.ACC((block_q, d), jnp.float32))
+      elif causal:
         full_steps = lax.min(kv_steps, lax.div(q_base, block_kv))
         carry = lax.fori_loop(0, full_steps, functools.partial(kv_step, diagonal=False), carry)
         carry = lax.fori_loop(full_steps, kv_steps, functools.partial(kv_step, diagonal=True), carry)
-
-        # Warpgroup 0 may need fewer blocks than the memory warpgroup loads for warpgroup 1:
-        # release those slots and keep the schedule barrier in step.
-        def drain(step, _):
-          slot = lax.rem(step, stages)
-          plgpu.barrier_arrive(k_consumed.at[slot])
-          plgpu.barrier_arrive(v_consumed.at[slot])
-          schedule_barrier()
-          schedule_barrier()
-
-        lax.fori_loop(kv_steps, cta_kv_steps, drain, None)
       else:
         carry = lax.fori_loop(0, kv_steps, functools.partial(kv_step, diagonal=False), carry)
+      if causal:
+        lax.fori_loop(kv_steps, cta_kv_steps, drain, None)
       acc, m_i, l_i = carry
       pl.when(wg == 0)(schedule_barrier)
 
@@ -210,13 +289,19 @@ def _forward(q, k, v, seg, *, causal, scale, block_kv=BLOCK_KV, stages=STAGES):
       plgpu.set_max_registers(40, action="decrease")
       kv_head = lax.div(hi, group)
 
-      def load(step, slot):
-        rows = (bi, pl.ds(step * block_kv, block_kv), kv_head)
+      def load_k(step, slot, rows):
         plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
         if has_seg:
           plgpu.copy_gmem_to_smem(seg_ref.at[bi, pl.ds(step * block_kv, block_kv)], kseg_smem.at[slot],
                                   kseg_bar.at[slot])
+
+      def load_v(slot, rows):
         plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
+
+      def load(step, slot):
+        rows = (bi, pl.ds(step * block_kv, block_kv), kv_head)
+        load_k(step, slot, rows)
+        load_v(slot, rows)
 
       for i in range(stages):
         pl.when(i < cta_kv_steps)(functools.partial(load, i, i))
@@ -224,9 +309,17 @@ def _forward(q, k, v, seg, *, causal, scale, block_kv=BLOCK_KV, stages=STAGES):
       @pl.loop(stages, cta_kv_steps)
       def _(step):
         slot = lax.rem(step, stages)
-        plgpu.barrier_wait(k_consumed.at[slot])
-        plgpu.barrier_wait(v_consumed.at[slot])
-        load(step, slot)
+        if overlap:
+          # With overlap a V slot is released a block later than its K slot: load K first.
+          rows = (bi, pl.ds(step * block_kv, block_kv), kv_head)
+          plgpu.barrier_wait(k_consumed.at[slot])
+          load_k(step, slot, rows)
+          plgpu.barrier_wait(v_consumed.at[slot])
+          load_v(slot, rows)
+        else:
+          plgpu.barrier_wait(k_consumed.at[slot])
+          plgpu.barrier_wait(v_consumed.at[slot])
+          load(step, slot)
 
   scratch = [
       _smem((_COMPUTE_WGS, block_q, d), dtype),
@@ -504,34 +597,245 @@ def _backward_dkv(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGES)
   )(q, k, v, *((seg,) if has_seg else ()), do, lse, delta)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attention(q, k, v, seg, causal, scale):
-  return _forward(q, k, v, seg, causal=causal, scale=scale)[0]
+def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGES):
+  """One backward kernel: dK/dV as in `_backward_dkv`, plus dQ from the same dS (5 block matmuls).
+
+  CTA = 2 kv blocks of one kv head (one per compute warpgroup), pipeline over (q block, query head
+  of the group). Each step both warpgroups write dS^T [kv, q] (bf16) to shared memory, meet at a
+  barrier, and one of them (alternating by step) computes dQ_part [q, D] = sum_w dS_w K_w and adds
+  it to an f32 dQ accumulator in global memory with a TMA reduce-add (FlashAttention-3 accumulates
+  dQ the same way; it is zeroed by XLA before and scaled and cast after). Returns dq, dk, dv.
+  """
+  b, t, hq, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  group = hq // hkv
+  block_q = block_kv = BWD_BLOCK
+  tile_kv = _COMPUTE_WGS * block_kv
+  num_q, num_kv_tiles = t // block_q, s // tile_kv
+  has_seg = seg is not None
+  dtype = q.dtype
+  c = scale * _LOG2E
+
+  def kernel(*refs):
+    if has_seg:
+      (q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, k_smem2, v_smem2,
+       ds_smem, dq_smem, bar, sync) = refs
+    else:
+      (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, k_smem2, v_smem2,
+       ds_smem, dq_smem, bar, sync) = refs
+      seg_ref = None
+    bi, hk = lax.axis_index("batch"), lax.axis_index("heads")
+    ki = lax.axis_index("kv_tiles")
+    wg = lax.axis_index("wg")
+    kv_base = ki * tile_kv + wg * block_kv
+    rows = (bi, pl.ds(kv_base, block_kv), hk)
+    k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+    lb = lax.div(ki * tile_kv, block_q) if causal else 0
+    shape = (block_kv, block_q)  # transposed scores: rows are keys.
+    accs = {}
+
+    def rendezvous():
+      plgpu.barrier_arrive(sync)
+      plgpu.barrier_wait(sync)
+
+    def compute_thread(pipeline_callback):
+      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, bar.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, bar.at[wg])
+      kvseg = None
+      if has_seg:
+        kvseg = plgpu.load(seg_ref.at[bi, pl.ds(kv_base, block_kv)], (), layout=_ROW, optimized=False)
+      plgpu.barrier_wait(bar.at[wg])
+
+      def run(dk_acc, dv_acc):
+        accs["dk"], accs["dv"] = dk_acc, dv_acc
+        pipeline_callback((kvseg, jnp.int32(0)))
+        return dk_acc[...], dv_acc[...]
+
+      acc_type = plgpu.ACC((block_kv, d), jnp.float32)
+      dk, dv = pl.run_scoped(run, acc_type, acc_type)
+      # The other warpgroup's last dQ matmul may still read this warpgroup's K tile.
+      rendezvous()
+      k_smem[...] = (dk * scale).astype(dtype)
+      v_smem[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows], commit_group=False)
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows], commit_group=False)
+      plgpu.commit_smem_to_gmem_group()
+      plgpu.wait_smem_to_gmem(0)
+
+    def body(index, q_smem, do_smem, lse_smem, delta_smem, *rest):
+      if has_seg:
+        qseg_smem, q_consumed, do_consumed, lse_consumed, delta_consumed, qseg_consumed, carry = rest
+      else:
+        q_consumed, do_consumed, lse_consumed, delta_consumed, carry = rest
+      i, j = index
+      q_base = (lb + i) * block_q
+      kvseg, step = carry
+      slot = lax.rem(step, 2)  # dS double buffer; also picks the dQ warpgroup (they alternate).
+      dk_acc, dv_acc = accs["dk"], accs["dv"]
+
+      def s_t(acc):
+        plgpu.wgmma(acc, k_smem, q_smem.T)
+        lse = plgpu.load(lse_smem, (), layout=_COL)
+        delta = plgpu.load(delta_smem, (), layout=_COL)
+        plgpu.barrier_arrive(lse_consumed)
+        plgpu.barrier_arrive(delta_consumed)
+        qseg = None
+        if has_seg:
+          qseg = plgpu.load(qseg_smem, (), layout=_COL)
+          plgpu.barrier_arrive(qseg_consumed)
+        return acc[...], lse, delta, qseg
+
+      acc_type = plgpu.ACC(shape, jnp.float32)
+      st, lse, delta, qseg = pl.run_scoped(s_t, acc_type)
+      if causal:
+        st = lax.cond(kv_base + block_kv > q_base,
+                      lambda: jnp.where(kv_base + _iota(shape, 0) <= q_base + _iota(shape, 1), st, -jnp.inf),
+                      lambda: st)
+      if has_seg:
+        st = jnp.where(_bcast(kvseg, shape, 0) == _bcast(qseg, shape, 1), st, -jnp.inf)
+      pt = jnp.exp2(st * c - _bcast(lse, shape, 1))
+
+      def dpt_and_dv(dpt_acc):
+        plgpu.wgmma(dpt_acc, v_smem, do_smem.T)
+        plgpu.wgmma(dv_acc, pt.astype(dtype), do_smem)
+        return plgpu.wgmma_accumulator_load(dpt_acc, wait_n=1)  # dP^T without waiting for dV.
+
+      dpt = pl.run_scoped(dpt_and_dv, acc_type)
+      dst = (pt * (dpt - _bcast(delta, shape, 1))).astype(dtype)
+      plgpu.wgmma(dk_acc, dst, q_smem)
+      ds_smem.at[slot, wg][...] = dst
+      plgpu.wgmma_wait(1)
+      plgpu.barrier_arrive(do_consumed)
+      plgpu.wgmma_wait(0)
+      plgpu.barrier_arrive(q_consumed)
+      # dq_smem is free once this warpgroup's previous reduce-add has read it; the barrier below
+      # then tells the other warpgroup (both wait here every step).
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      plgpu.commit_smem()  # dS^T visible to the other warpgroup's tensor-core reads.
+      rendezvous()
+
+      @pl.when(wg == slot)
+      def _dq():
+        def dq_part(acc):
+          for w in range(_COMPUTE_WGS):
+            plgpu.wgmma(acc, ds_smem.at[slot, w].T, k_smem2.at[w])
+          return acc[...]
+
+        dq_smem[...] = pl.run_scoped(dq_part, plgpu.ACC((block_q, d), jnp.float32))
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[bi, pl.ds(q_base, block_q), hk * group + j],
+                                reduction_op="add")
+
+      return kvseg, step + 1
+
+    tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    head = lambda j: hk * group + j
+    row_spec = plgpu.BlockSpec((block_q, None, d), lambda i, j: (lb + i, head(j), 0), transforms=tiled)
+    vec_spec = plgpu.BlockSpec((None, block_q), lambda i, j: (head(j), lb + i))
+    specs = [row_spec, row_spec, vec_spec, vec_spec]
+    operands = [q_ref.at[bi], do_ref.at[bi], lse_ref.at[bi], delta_ref.at[bi]]
+    if has_seg:
+      specs.append(plgpu.BlockSpec((block_q,), lambda i, j: (lb + i,)))
+      operands.append(seg_ref.at[bi])
+    plgpu.emit_pipeline_warp_specialized(
+        body,
+        grid=(lax.max(num_q - lb, 0) if causal else num_q, group),
+        max_concurrent_steps=min(stages, num_q),
+        num_compute_wgs=_COMPUTE_WGS,
+        memory_registers=40,
+        wg_axis="wg",
+        manual_consumed_barriers=True,
+        compute_context=compute_thread,
+        in_specs=specs,
+    )(*operands)
+
+  scratch = (
+      _smem((_COMPUTE_WGS, block_kv, d), dtype),
+      _smem((_COMPUTE_WGS, block_kv, d), dtype),
+      _smem((2, _COMPUTE_WGS, block_kv, block_q), dtype),
+      # f32 rows of 32 elements = 128 bytes: the same swizzle as the bf16 tiles.
+      plgpu.SMEM((block_q, d), jnp.float32,
+                 transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))),
+      plgpu.Barrier(num_arrivals=2, num_barriers=_COMPUTE_WGS),
+      plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+  )
+
+  def kernel_with_scratch(*refs):
+    # plgpu.kernel cannot take the mutable dQ accumulator (a Ref), pl.kernel can; scratch is
+    # allocated as plgpu.kernel does it.
+    pl.run_scoped(functools.partial(kernel, *refs), *scratch, collective_axes="wg")
+
+  dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32), memory_space=plgpu.GMEM)
+  kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
+  dk, dv = pl.kernel(
+      kernel_with_scratch,
+      out_type=(kv_type, kv_type),
+      mesh=plgpu.Mesh(grid=(hkv, num_kv_tiles, b), grid_names=("heads", "kv_tiles", "batch"),
+                      num_threads=_COMPUTE_WGS + 1, thread_name="wg"),
+      compiler_params=_params(),
+  )(q, k, v, *((seg,) if has_seg else ()), do, lse, delta, dq_acc)
+  dq = (jax.freeze(dq_acc) * scale).astype(dtype)
+  return dq, dk, dv
 
 
-def _attention_fwd(q, k, v, seg, causal, scale):
-  o, lse = _forward(q, k, v, seg, causal=causal, scale=scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention(q, k, v, seg, causal, scale, config):
+  return _forward(q, k, v, seg, causal=causal, scale=scale, block_kv=config.block_kv,
+                  overlap=config.overlap)[0]
+
+
+def _attention_fwd(q, k, v, seg, causal, scale, config):
+  o, lse = _forward(q, k, v, seg, causal=causal, scale=scale, block_kv=config.block_kv,
+                    overlap=config.overlap)
   return o, (q, k, v, seg, o, lse)
 
 
-def _attention_bwd(causal, scale, res, do):
+def _attention_bwd(causal, scale, config, res, do):
   q, k, v, seg, o, lse = res
   do = do.astype(q.dtype)
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   # lse is in log2 units of scale * q.k, as the kernels use it.
-  dq = _backward_dq(q, k, v, seg, do, lse, delta, causal=causal, scale=scale)
-  dk, dv = _backward_dkv(q, k, v, seg, do, lse, delta, causal=causal, scale=scale)
+  if config.backward == "fused":
+    dq, dk, dv = _backward_fused(q, k, v, seg, do, lse, delta, causal=causal, scale=scale)
+  else:
+    dq = _backward_dq(q, k, v, seg, do, lse, delta, causal=causal, scale=scale)
+    dk, dv = _backward_dkv(q, k, v, seg, do, lse, delta, causal=causal, scale=scale)
   return dq, dk, dv, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
+class Config(NamedTuple):
+  """Kernel variant, compared by the benchmark; `default_config` holds the measured best."""
+  backward: str = "split"  # 'split': a dQ kernel and a dK/dV kernel; 'fused': one kernel.
+  block_kv: int = BLOCK_KV  # forward key block: 128, or 256 for head_dim 64 (shared memory).
+  overlap: bool = False  # forward: softmax of block j overlaps P V of block j-1 (FA3).
 
-def flash_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale=None):
-  """Same contract as `api.flash_attention`; Hopper GPU only."""
+
+def default_config(head_dim: int) -> Config:
+  """The variant measured fastest on the H200 for this head_dim (only the default one is measured
+  so far: RESULTS.md, 2026-11-28)."""
+  del head_dim
+  return Config()
+
+
+def _check_config(config: Config, q, k):
+  if config.backward not in ("split", "fused"):
+    raise ValueError(f"config.backward must be 'split' or 'fused', got {config.backward!r}")
+  allowed = (128, 256) if q.shape[-1] == 64 else (128,)
+  if config.block_kv not in allowed or k.shape[1] % config.block_kv:
+    raise ValueError(f"config.block_kv must be one of {allowed} for head_dim {q.shape[-1]} and divide "
+                     f"S={k.shape[1]}, got {config.block_kv}")
+
+
+def flash_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale=None, config=None):
+  """Same contract as `api.flash_attention`; Hopper GPU only. config: a `Config`, None for the default."""
   reference.check_inputs(q, k, v, segment_ids)
   if (why := check_supported(q, k, v, segment_ids)) is not None:
     raise ValueError(f"{why}; use implementation='xla'")
+  config = default_config(q.shape[-1]) if config is None else config
+  _check_config(config, q, k)
   scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
   seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
-  return _attention(q, k, v, seg, causal, scale)
+  return _attention(q, k, v, seg, causal, scale, config)

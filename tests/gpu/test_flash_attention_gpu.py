@@ -1,11 +1,14 @@
-"""Mosaic GPU flash attention on a Hopper GPU: outputs and gradients vs the f32 reference.
+"""Mosaic GPU flash attention: outputs and gradients vs the f32 reference on a Hopper GPU, and every
+kernel variant lowered for CUDA on any machine (CPU too).
 
-Skips where there is no Hopper GPU (CI). Fresh random inputs each run (seed printed on failure);
-the output buffers are poisoned first: a NaN-filled buffer of the output's size is allocated and
-freed just before the call, so the allocator is likely (not guaranteed) to hand that memory to the
-kernel's outputs; every element must be finite and the whole close to the reference.
+The numeric tests skip where there is no Hopper GPU (CI). Fresh random inputs each run (seed printed
+on failure); the output buffers are poisoned first: a NaN-filled buffer of the output's size is
+allocated and freed just before the call, so the allocator is likely (not guaranteed) to hand that
+memory to the kernel's outputs; every element must be finite and the whole close to the reference.
 Run on the GPU machine with:
   python -m pytest tests/gpu
+Each gradient test takes about 8 s on the H200 (compiles included), so all 36 take ~5 min; select a
+variant with -k (e.g. -k "gradients and fused and not overlap").
 """
 import functools
 import time
@@ -17,14 +20,22 @@ import pytest
 
 from pallas_kernels.flash_attention import api, gpu_mosaic, reference
 
-pytestmark = pytest.mark.skipif(not api._is_hopper(), reason="needs a Hopper GPU (sm_90)")
+hopper = pytest.mark.skipif(not api._is_hopper(), reason="needs a Hopper GPU (sm_90)")
 
 TOL = 1e-2  # issue 4: relative error vs the f32 reference for bf16 outputs and gradients.
+
+# Kernel variants (gpu_mosaic.Config); the default is whichever of them measured best.
+CONFIGS = {
+    "split": gpu_mosaic.Config(),
+    "fused": gpu_mosaic.Config(backward="fused"),
+    "fused_overlap": gpu_mosaic.Config(backward="fused", overlap=True),
+}
 
 
 def _rel(x, ref):
   x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  assert np.isfinite(x).all(), "non-finite element (unwritten or NaN)"
+  if not np.isfinite(x).all():
+    return np.inf  # unwritten or NaN
   return np.linalg.norm(x - ref) / np.linalg.norm(ref)
 
 
@@ -51,7 +62,7 @@ SHAPES = pytest.mark.parametrize("shape", [(2, 512, 4, 4, 128), (1, 768, 8, 2, 6
 CASES = pytest.mark.parametrize("causal,packed", [(True, False), (False, False), (True, True), (False, True)])
 
 
-def _check(shape, causal, packed, with_grads):
+def _check(shape, causal, packed, with_grads, config):
   seed = time.time_ns() % 2**31
   q, k, v, do, seg = _inputs(seed, *shape, packed)
   scale = 0.1 if packed else None  # one non-default scale
@@ -63,38 +74,68 @@ def _check(shape, causal, packed, with_grads):
     out, vjp = jax.vjp(fn, q, k, v)
     return (out, *vjp(do))
 
-  kernel = jax.jit(functools.partial(run, gpu_mosaic.flash_attention))
+  kernel = jax.jit(functools.partial(run, functools.partial(gpu_mosaic.flash_attention, config=config)))
   f32 = lambda x: x.astype(jnp.float32)
   want = run(reference.flash_attention, f32(q), f32(k), f32(v), f32(do))
   kernel.lower(q, k, v, do).compile()
   _poison(*[(x.shape, x.dtype) for x in (q, k, v, q)])
   got = kernel(q, k, v, do)
-  for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-    assert g.dtype == jnp.bfloat16
-    err = _rel(g, w)
-    assert err <= TOL, f"{name}: rel err {err:.2e} > {TOL} (seed {seed})"
+  errors = {name: _rel(g, w) for name, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
+  assert all(g.dtype == jnp.bfloat16 for g in got)
+  assert max(errors.values()) <= TOL, f"rel errors {errors} > {TOL} (seed {seed})"
 
 
+@hopper
 @SHAPES
 @CASES
-def test_forward_matches_reference(shape, causal, packed):
-  _check(shape, causal, packed, with_grads=False)
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_forward_and_gradients_match_reference(config, shape, causal, packed):
+  _check(shape, causal, packed, with_grads=True, config=CONFIGS[config])
 
 
-@SHAPES
+@hopper
 @CASES
-def test_forward_and_gradients_match_reference(shape, causal, packed):
-  _check(shape, causal, packed, with_grads=True)
+@pytest.mark.parametrize("overlap", [False, True], ids=["kv256", "kv256_overlap"])
+def test_forward_with_256_key_blocks_for_head_dim_64(overlap, causal, packed):
+  _check((1, 768, 8, 2, 64), causal, packed, with_grads=False,
+         config=gpu_mosaic.Config(overlap=overlap, block_kv=256))
 
 
+@hopper
 def test_default_implementation_is_the_kernel_on_hopper():
   q, k, v, _, _ = _inputs(time.time_ns() % 2**31, 1, 256, 4, 2, 128, False)
   np.testing.assert_array_equal(api.flash_attention(q, k, v), gpu_mosaic.flash_attention(q, k, v))
 
 
+@hopper
 def test_unsupported_shape_names_constraint_and_fallback():
   q = jnp.zeros((1, 200, 4, 128), jnp.bfloat16)
   with pytest.raises(ValueError, match=r"multiples of 128.*implementation='xla'"):
     api.flash_attention(q, q, q, implementation="mosaic_gpu")
   out = api.flash_attention(q, q, q)  # default falls back to the reference.
   assert out.shape == q.shape
+
+
+@pytest.mark.parametrize("config", [*CONFIGS.values(), gpu_mosaic.Config(block_kv=256, overlap=True)])
+def test_every_variant_lowers_for_cuda(config):
+  """'Compile before you rent': the Pallas -> Mosaic GPU lowering (shapes, layouts, shared memory
+  budget) runs without a GPU, for the forward and backward kernels, GQA with packed documents."""
+  q = jax.ShapeDtypeStruct((1, 512, 4, 64), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((1, 512), jnp.int32)
+
+  def fwd_bwd(q, k, v, do, seg):
+    attn = lambda q, k, v: gpu_mosaic.flash_attention(q, k, v, segment_ids=seg, config=config)
+    out, vjp = jax.vjp(attn, q, k, v)
+    return out, *vjp(do)
+
+  text = jax.jit(fwd_bwd).trace(q, kv, kv, q, seg).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("custom_call @mosaic_gpu") == (2 if config.backward == "fused" else 3)
+
+
+def test_bad_config_names_the_field():
+  q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match="config.block_kv"):
+    gpu_mosaic.flash_attention(q, q, q, config=gpu_mosaic.Config(block_kv=256))
+  with pytest.raises(ValueError, match="config.backward"):
+    gpu_mosaic.flash_attention(q, q, q, config=gpu_mosaic.Config(backward="dq_first"))
