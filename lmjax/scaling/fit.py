@@ -5,8 +5,9 @@ Method of Hoffmann et al. 2022 (appendix D.2), as replicated by Besiroglu et al.
 with L-BFGS from every point of a grid of initialisations and keep the best. Here every start runs
 in one compiled computation: a small L-BFGS written with jax.lax (one objective evaluation per
 iteration, so that vmap over starts wastes no work on line-search loops of unequal length), mapped
-over the starts in vectorised batches. The best starts of that screen are then polished to a tight
-tolerance. Everything runs in float64; the result is deterministic for given inputs.
+over the starts in vectorised batches. That screen runs every start for a few dozen iterations in
+float32 (it only ranks the starts); the best few are then polished in float64 to a tight tolerance.
+The result is deterministic for given inputs.
 """
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ from lmjax.scaling import laws
 class Options:
   """L-BFGS settings. screen_*: the pass over every start; polish_*: the best `polish` starts."""
   delta: float = 1e-3          # Huber threshold on log-loss residuals (Hoffmann et al. D.2)
-  screen_iters: int = 100
+  screen_iters: int = 50
   screen_ftol: float = 1e-7    # stop a start when an accepted step lowers f by < ftol * |f|
   polish: int = 8
-  polish_iters: int = 500
-  polish_ftol: float = 0.0
+  polish_iters: int = 3000
+  polish_ftol: float = 1e-14
   gtol: float = 1e-14          # stop when max |gradient| <= gtol
   memory: int = 10             # L-BFGS history length
   batch_size: int = 512        # starts vectorised together (lax.map batch)
@@ -144,10 +145,16 @@ def _multistart(starts_sp, cols, log_y_n, weights_n, log_loss, options: Options)
   """Screens every start, polishes the best `options.polish`; returns (theta_p, f, converged, f_s)."""
   fun = functools.partial(objective, log_loss=log_loss, cols=cols, log_y_n=log_y_n,
                           weights_n=weights_n, delta=options.delta)
-  screen = functools.partial(lbfgs, fun, max_iter=options.screen_iters, ftol=options.screen_ftol,
+  # The screen only ranks starts, so it runs in float32 (about 3x faster on CPU); the polish that
+  # decides the result runs in float64.
+  f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+  fun32 = functools.partial(objective, log_loss=log_loss, cols=f32(cols), log_y_n=f32(log_y_n),
+                            weights_n=f32(weights_n), delta=options.delta)
+  screen = functools.partial(lbfgs, fun32, max_iter=options.screen_iters, ftol=options.screen_ftol,
                              gtol=options.gtol, memory=options.memory)
-  x_sp, f_s, _, _ = _batched_map(screen, starts_sp, options.batch_size)
-  f_s = jnp.where(jnp.isfinite(f_s), f_s, jnp.inf)
+  x_sp, f_s, _, _ = _batched_map(screen, f32(starts_sp), options.batch_size)
+  x_sp = x_sp.astype(starts_sp.dtype)
+  f_s = jnp.where(jnp.isfinite(f_s), f_s, jnp.inf).astype(starts_sp.dtype)
   best = jnp.argsort(f_s)[:min(options.polish, starts_sp.shape[0])]  # stable: ties keep grid order
   polish = functools.partial(lbfgs, fun, max_iter=options.polish_iters, ftol=options.polish_ftol,
                              gtol=options.gtol, memory=options.memory)
@@ -178,7 +185,7 @@ def _check(form: laws.Form, data: Mapping[str, np.ndarray], loss) -> tuple[dict,
   for name, col, ok, what in checks:
     bad = np.flatnonzero(~(ok & np.isfinite(col)))
     if bad.size:
-      raise ValueError(f'row {bad[0]}: column {name!r} is {col[bad[0]]!r}; expected {what}')
+      raise ValueError(f'row {bad[0]}: column {name!r} is {float(col[bad[0]])!r}; expected {what}')
   return cols, loss
 
 

@@ -22,6 +22,9 @@ B r^eta / D^beta term rises in r (eta > 0 is what makes more domain data worth m
 outweighed by the C term whenever C gamma / (r + eps)^(gamma + 1) > B eta r^(eta - 1) / D^beta, which
 holds at the token counts a law is fitted on (`dcpt_dloss_dr` checks it). Chinchilla keeps Hoffmann's
 unconstrained exponents so that published fits are reproduced exactly.
+
+Precision: the functions compute in the dtype of their inputs; call them inside
+`jax.enable_x64(True)` for float64 (the fitter does).
 """
 from __future__ import annotations
 
