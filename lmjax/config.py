@@ -7,7 +7,6 @@ fields. The result is locked: a typo such as `--config.optim.lrr=1` is an error,
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 
 import ml_collections
@@ -87,7 +86,3 @@ def save(config: ml_collections.ConfigDict, path: str) -> None:
   with open(path + '.tmp', 'w') as f:
     f.write(config.to_json_best_effort(indent=1, sort_keys=True))
   os.replace(path + '.tmp', path)
-
-
-def to_dict(config: ml_collections.ConfigDict) -> dict:
-  return json.loads(config.to_json_best_effort())

@@ -162,7 +162,6 @@ class Run:
   pipeline: object
   graphdef: object
   state: dict
-  state_shardings: dict
   train_step: Callable
   checkpointer: checkpoint.Checkpointer
   data_iter: object
@@ -201,6 +200,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
 
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
+  batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
+  if config.train.batch_size % (batch_shards * config.train.microbatches):
+    raise ValueError(f'config.train.batch_size={config.train.batch_size} must be divisible by '
+                     f'data x fsdp = {batch_shards} devices times microbatches='
+                     f'{config.train.microbatches}')
   pipeline = data_pipeline.build(
       config.data, seq_len=config.train.seq_len, global_batch_size=config.train.batch_size,
       seed=config.seed, workdir=workdir, process_index=jax.process_index(),
@@ -225,7 +229,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     _save_provenance(workdir, pipeline)
   train_step = jax.jit(make_train_step(graphdef, tx, schedule, config.train),
                        out_shardings=(state_sh, None), donate_argnums=0)
-  return Run(config, workdir, mesh, args, pipeline, graphdef, state, state_sh, train_step,
+  return Run(config, workdir, mesh, args, pipeline, graphdef, state, train_step,
              checkpointer, data_iter, int(state['step']))
 
 

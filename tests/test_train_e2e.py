@@ -129,3 +129,36 @@ def test_bad_schedule_and_data_config_fail_at_load():
   config.data.sources = {}
   with pytest.raises(ValueError, match='config.data.sources'):
     config_lib.validate(config)
+
+
+def test_init_from_starts_from_another_runs_params(tmp_path):
+  """Continued pretraining: `init_from` loads the latest params of another run; optimizer and
+  step start fresh, and the run's own checkpoint still wins on a re-run."""
+  import jax
+  import numpy as np
+  from lmjax import train
+  base = config_lib.load('configs/tiny.py', 'steps=3')
+  base.train.update(batch_size=8, seq_len=64, checkpoint_every=3)
+  train.run(base, str(tmp_path / 'base'))
+  finished = train.setup(base, str(tmp_path / 'base'))
+  assert finished.start_step == 3
+  cpt = config_lib.load('configs/tiny.py', 'steps=3')
+  cpt.train.update(batch_size=8, seq_len=64)
+  cpt.init_from = str(tmp_path / 'base')
+  started = train.setup(cpt, str(tmp_path / 'cpt'))
+  assert started.start_step == 0
+  for a, b in zip(jax.tree.leaves(started.state['params']), jax.tree.leaves(finished.state['params'])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  scratch = train.setup(base, str(tmp_path / 'scratch'))
+  assert not np.array_equal(np.asarray(scratch.state['params']['embed_vd']),
+                            np.asarray(started.state['params']['embed_vd']))
+  for r in (finished, started, scratch):
+    r.checkpointer.close()
+
+
+def test_batch_not_divisible_by_the_mesh_names_the_field(tmp_path):
+  from lmjax import train
+  config = config_lib.load('configs/tiny.py')
+  config.train.batch_size = 4  # 8 fake devices on the data axis
+  with pytest.raises(ValueError, match='config.train.batch_size=4'):
+    train.setup(config, str(tmp_path))

@@ -1,7 +1,6 @@
 """Train-step tests without the data pipeline: sharded == single device, gradient accumulation ==
 one big batch, ahead-of-time compilation of the 1b step for 8 devices."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
