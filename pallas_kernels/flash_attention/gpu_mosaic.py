@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import llvm
 
 from pallas_kernels.flash_attention import reference
 
@@ -51,8 +53,30 @@ def _smem(shape, dtype):
   return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 
-def _params():
-  return plgpu.CompilerParams(approx_math=True)
+def _params(config):
+  # Without auto barriers Pallas inserts no warpgroup barrier around shared-memory stores and TMA
+  # issues; every such store here is followed by commit_smem (a fence plus a warpgroup barrier).
+  return plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=config.no_auto_barriers)
+
+
+# Hardware named barriers (PTX bar.sync): 0 is __syncthreads and Mosaic GPU's warpgroup barriers take
+# 1..3 (warpgroup index + 1), so these use ids above them.
+_SCHEDULE_BARRIER_ID = 8  # forward: the compute warpgroups' turns on the tensor cores.
+_RENDEZVOUS_BARRIER_ID = 9  # fused backward: both compute warpgroups meet.
+_DS_READY_BARRIER_ID = 10  # fused backward, dq_handoff: 10 + step parity.
+
+
+def _named_barrier(op: str, barrier_id: int, num_threads: int = _COMPUTE_WGS * 128):
+  """PTX `bar.sync id, n` (arrive and wait until n threads have arrived) or `bar.arrive id, n`
+  (arrive only); n counts both compute warpgroups. Hardware barriers: no shared-memory mbarrier
+  round trip (FlashAttention-3 and tokamax use them for warpgroup scheduling)."""
+
+  @plgpu.inline_mgpu()
+  def emit(_):
+    llvm.inline_asm(ir.Type.parse("!llvm.void"), [], f"bar.{op} {barrier_id}, {num_threads};", "",
+                    has_side_effects=True)
+
+  emit()
 
 
 def check_supported(q, k, v, segment_ids) -> str | None:
@@ -80,7 +104,7 @@ def _bcast(x, shape, dim):
 # Forward.
 
 
-def _forward(q, k, v, seg, *, causal, scale, block_kv=BLOCK_KV, stages=STAGES, overlap=False):
+def _forward(q, k, v, seg, *, causal, scale, config, stages=STAGES):
   """Returns o [B, T, Hq, D] (q.dtype) and lse [B, Hq, T] f32 in log2 units of (scale * q.k).
 
   overlap=True adds FlashAttention-3's intra-warpgroup pipelining: a warpgroup issues S(j) = q k_j^T
@@ -89,7 +113,7 @@ def _forward(q, k, v, seg, *, causal, scale, block_kv=BLOCK_KV, stages=STAGES, o
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
-  block_q = BLOCK_Q
+  block_q, block_kv, overlap = BLOCK_Q, config.block_kv, config.overlap
   tile_q = _COMPUTE_WGS * block_q
   num_q_tiles, num_kv = t // tile_q, s // block_kv
   stages = min(stages, num_kv)
@@ -115,8 +139,21 @@ def _forward(q, k, v, seg, *, causal, scale, block_kv=BLOCK_KV, stages=STAGES, o
       cta_kv_steps = num_kv
 
     def schedule_barrier():
-      plgpu.barrier_arrive(sched)
-      plgpu.barrier_wait(sched)
+      if config.named_barriers:
+        _named_barrier("sync", _SCHEDULE_BARRIER_ID)
+      else:
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
+
+    def turn_for_pv(slot):
+      # Hands the tensor cores to the other warpgroup; V of `slot` is needed next.
+      if config.named_barriers:
+        plgpu.barrier_wait(v_bar.at[slot])
+        _named_barrier("sync", _SCHEDULE_BARRIER_ID)
+      else:
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(v_bar.at[slot])
+        plgpu.barrier_wait(sched)
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute_wg():
@@ -169,9 +206,7 @@ def _forward(q, k, v, seg, *, causal, scale, block_kv=BLOCK_KV, stages=STAGES, o
         p16 = p.astype(dtype)
         # Same order as JAX's attention_mgpu: finish the softmax before the tensor-core turn.
         acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-        plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(v_bar.at[slot])
-        plgpu.barrier_wait(sched)
+        turn_for_pv(slot)
 
         def pv(acc_ref):
           plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -218,10 +253,7 @@ def _forward(q, k, v, seg, *, causal, scale, block_kv=BLOCK_KV, stages=STAGES, o
         return lax.optimization_barrier((p.astype(dtype), m_new, l_new, alpha))
 
       def end_of_step(step):
-        # Hands the tensor cores to the other warpgroup; V of `step` is needed by the next issue.
-        plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(v_bar.at[lax.rem(step, stages)])
-        plgpu.barrier_wait(sched)
+        turn_for_pv(lax.rem(step, stages))
 
       def overlapped(o_ref):
         qk, kseg = scores(0, None)
@@ -344,7 +376,7 @@ def _forward(q, k, v, seg, *, causal, scale, block_kv=BLOCK_KV, stages=STAGES, o
       grid_names=("heads", "q_tiles", "batch"),
       num_threads=_COMPUTE_WGS + 1,
       thread_name="wg",
-      compiler_params=_params(),
+      compiler_params=_params(config),
   )(q, k, v, *((seg,) if has_seg else ()))
 
 
@@ -352,7 +384,7 @@ def _forward(q, k, v, seg, *, causal, scale, block_kv=BLOCK_KV, stages=STAGES, o
 # Backward.
 
 
-def _backward_dq(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGES):
+def _backward_dq(q, k, v, seg, do, lse, delta, *, causal, scale, config, stages=STAGES):
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
@@ -463,11 +495,11 @@ def _backward_dq(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGES):
       grid_names=("heads", "q_tiles", "batch"),
       num_threads=_COMPUTE_WGS + 1,
       thread_name="wg",
-      compiler_params=_params(),
+      compiler_params=_params(config),
   )(q, k, v, *((seg,) if has_seg else ()), do, lse, delta)
 
 
-def _backward_dkv(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGES):
+def _backward_dkv(q, k, v, seg, do, lse, delta, *, causal, scale, config, stages=STAGES):
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
@@ -492,6 +524,8 @@ def _backward_dkv(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGES)
     k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
     # Causal: q blocks that end at or before this tile's first key see none of it.
     lb = lax.div(ki * tile_kv, block_q) if causal else 0
+    # Pipeline step i -> q block: from lb up, or from the last block down (Config.q_descending).
+    q_block = (lambda i: num_q - 1 - i) if config.q_descending else (lambda i: lb + i)
     shape = (block_kv, block_q)  # transposed scores: rows are keys.
     accs = {}
 
@@ -524,7 +558,7 @@ def _backward_dkv(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGES)
       else:
         q_consumed, do_consumed, lse_consumed, delta_consumed, carry = rest
       i, _ = index
-      q_base = (lb + i) * block_q
+      q_base = q_block(i) * block_q
       dk_acc, dv_acc, kvseg = accs["dk"], accs["dv"], carry
 
       def s_t(acc):
@@ -564,12 +598,12 @@ def _backward_dkv(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGES)
 
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     head = lambda j: hk * group + j
-    row_spec = plgpu.BlockSpec((block_q, None, d), lambda i, j: (lb + i, head(j), 0), transforms=tiled)
-    vec_spec = plgpu.BlockSpec((None, block_q), lambda i, j: (head(j), lb + i))
+    row_spec = plgpu.BlockSpec((block_q, None, d), lambda i, j: (q_block(i), head(j), 0), transforms=tiled)
+    vec_spec = plgpu.BlockSpec((None, block_q), lambda i, j: (head(j), q_block(i)))
     specs = [row_spec, row_spec, vec_spec, vec_spec]
     operands = [q_ref.at[bi], do_ref.at[bi], lse_ref.at[bi], delta_ref.at[bi]]
     if has_seg:
-      specs.append(plgpu.BlockSpec((block_q,), lambda i, j: (lb + i,)))
+      specs.append(plgpu.BlockSpec((block_q,), lambda i, j: (q_block(i),)))
       operands.append(seg_ref.at[bi])
     plgpu.emit_pipeline_warp_specialized(
         body,
@@ -593,11 +627,11 @@ def _backward_dkv(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGES)
       grid_names=("heads", "kv_tiles", "batch"),
       num_threads=_COMPUTE_WGS + 1,
       thread_name="wg",
-      compiler_params=_params(),
+      compiler_params=_params(config),
   )(q, k, v, *((seg,) if has_seg else ()), do, lse, delta)
 
 
-def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGES):
+def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, config, stages=STAGES):
   """One backward kernel: dK/dV as in `_backward_dkv`, plus dQ from the same dS (5 block matmuls).
 
   CTA = 2 kv blocks of one kv head (one per compute warpgroup), pipeline over (q block, query head
@@ -615,6 +649,8 @@ def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGE
   has_seg = seg is not None
   dtype = q.dtype
   c = scale * _LOG2E
+  by_columns = config.dq_by_columns and d == 128  # halves of 64 columns: the swizzle's row.
+  dq_cols = d // _COMPUTE_WGS if by_columns else d
 
   def kernel(*refs):
     if has_seg:
@@ -631,12 +667,17 @@ def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGE
     rows = (bi, pl.ds(kv_base, block_kv), hk)
     k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
     lb = lax.div(ki * tile_kv, block_q) if causal else 0
+    # Pipeline step i -> q block: from lb up, or from the last block down (Config.q_descending).
+    q_block = (lambda i: num_q - 1 - i) if config.q_descending else (lambda i: lb + i)
     shape = (block_kv, block_q)  # transposed scores: rows are keys.
     accs = {}
 
     def rendezvous():
-      plgpu.barrier_arrive(sync)
-      plgpu.barrier_wait(sync)
+      if config.named_barriers:
+        _named_barrier("sync", _RENDEZVOUS_BARRIER_ID)
+      else:
+        plgpu.barrier_arrive(sync)
+        plgpu.barrier_wait(sync)
 
     def compute_thread(pipeline_callback):
       plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, bar.at[wg])
@@ -669,7 +710,7 @@ def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGE
       else:
         q_consumed, do_consumed, lse_consumed, delta_consumed, carry = rest
       i, j = index
-      q_base = (lb + i) * block_q
+      q_base = q_block(i) * block_q
       kvseg, step = carry
       slot = lax.rem(step, 2)  # dS double buffer; also picks the dQ warpgroup (they alternate).
       dk_acc, dv_acc = accs["dk"], accs["dv"]
@@ -710,33 +751,49 @@ def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGE
       plgpu.wgmma_wait(0)
       plgpu.barrier_arrive(q_consumed)
       # dq_smem is free once this warpgroup's previous reduce-add has read it; the barrier below
-      # then tells the other warpgroup (both wait here every step).
+      # then tells the other warpgroup.
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       plgpu.commit_smem()  # dS^T visible to the other warpgroup's tensor-core reads.
-      rendezvous()
+      if config.dq_handoff and not by_columns:
+        # The dQ warpgroup of this step waits for the other's dS^T; the other only arrives and goes
+        # on to the next step. One barrier per step parity: a warpgroup reaches step n + 2 only
+        # after its wait at step n + 1, i.e. after the other finished step n's dQ and its reads of
+        # ds_smem[slot] and dq_smem.
+        for parity in range(2):
+          bar_id = _DS_READY_BARRIER_ID + parity
+          pl.when((slot == parity) & (wg == slot))(functools.partial(_named_barrier, "sync", bar_id))
+          pl.when((slot == parity) & (wg != slot))(functools.partial(_named_barrier, "arrive", bar_id))
+      else:
+        rendezvous()
 
-      @pl.when(wg == slot)
-      def _dq():
+      def dq_add(buf, cols):
+        # dQ[q block, cols] += sum_w dS_w K_w[:, cols], through shared memory `buf` and TMA.
         def dq_part(acc):
           for w in range(_COMPUTE_WGS):
-            plgpu.wgmma(acc, ds_smem.at[slot, w].T, k_smem2.at[w])
+            plgpu.wgmma(acc, ds_smem.at[slot, w].T, k_smem2.at[w, :, cols])
           return acc[...]
 
-        dq_smem[...] = pl.run_scoped(dq_part, plgpu.ACC((block_q, d), jnp.float32))
+        buf[...] = pl.run_scoped(dq_part, plgpu.ACC((block_q, dq_cols), jnp.float32))
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[bi, pl.ds(q_base, block_q), hk * group + j],
+        plgpu.copy_smem_to_gmem(buf, dq_ref.at[bi, pl.ds(q_base, block_q), hk * group + j, cols],
                                 reduction_op="add")
+
+      if by_columns:  # each warpgroup its half of the columns, every step.
+        for w in range(_COMPUTE_WGS):
+          pl.when(wg == w)(functools.partial(dq_add, dq_smem.at[w], pl.ds(w * dq_cols, dq_cols)))
+      else:  # all columns, by one warpgroup, alternating by step.
+        pl.when(wg == slot)(functools.partial(dq_add, dq_smem.at[0], pl.ds(0, d)))
 
       return kvseg, step + 1
 
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     head = lambda j: hk * group + j
-    row_spec = plgpu.BlockSpec((block_q, None, d), lambda i, j: (lb + i, head(j), 0), transforms=tiled)
-    vec_spec = plgpu.BlockSpec((None, block_q), lambda i, j: (head(j), lb + i))
+    row_spec = plgpu.BlockSpec((block_q, None, d), lambda i, j: (q_block(i), head(j), 0), transforms=tiled)
+    vec_spec = plgpu.BlockSpec((None, block_q), lambda i, j: (head(j), q_block(i)))
     specs = [row_spec, row_spec, vec_spec, vec_spec]
     operands = [q_ref.at[bi], do_ref.at[bi], lse_ref.at[bi], delta_ref.at[bi]]
     if has_seg:
-      specs.append(plgpu.BlockSpec((block_q,), lambda i, j: (lb + i,)))
+      specs.append(plgpu.BlockSpec((block_q,), lambda i, j: (q_block(i),)))
       operands.append(seg_ref.at[bi])
     plgpu.emit_pipeline_warp_specialized(
         body,
@@ -755,7 +812,7 @@ def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGE
       _smem((_COMPUTE_WGS, block_kv, d), dtype),
       _smem((2, _COMPUTE_WGS, block_kv, block_q), dtype),
       # f32 rows of 32 elements = 128 bytes: the same swizzle as the bf16 tiles.
-      plgpu.SMEM((block_q, d), jnp.float32,
+      plgpu.SMEM((_COMPUTE_WGS if by_columns else 1, block_q, dq_cols), jnp.float32,
                  transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))),
       plgpu.Barrier(num_arrivals=2, num_barriers=_COMPUTE_WGS),
       plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
@@ -773,7 +830,7 @@ def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGE
       out_type=(kv_type, kv_type),
       mesh=plgpu.Mesh(grid=(hkv, num_kv_tiles, b), grid_names=("heads", "kv_tiles", "batch"),
                       num_threads=_COMPUTE_WGS + 1, thread_name="wg"),
-      compiler_params=_params(),
+      compiler_params=_params(config),
   )(q, k, v, *((seg,) if has_seg else ()), do, lse, delta, dq_acc)
   dq = (jax.freeze(dq_acc) * scale).astype(dtype)
   return dq, dk, dv
@@ -781,13 +838,11 @@ def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGE
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _attention(q, k, v, seg, causal, scale, config):
-  return _forward(q, k, v, seg, causal=causal, scale=scale, block_kv=config.block_kv,
-                  overlap=config.overlap)[0]
+  return _forward(q, k, v, seg, causal=causal, scale=scale, config=config)[0]
 
 
 def _attention_fwd(q, k, v, seg, causal, scale, config):
-  o, lse = _forward(q, k, v, seg, causal=causal, scale=scale, block_kv=config.block_kv,
-                    overlap=config.overlap)
+  o, lse = _forward(q, k, v, seg, causal=causal, scale=scale, config=config)
   return o, (q, k, v, seg, o, lse)
 
 
@@ -797,10 +852,10 @@ def _attention_bwd(causal, scale, config, res, do):
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   # lse is in log2 units of scale * q.k, as the kernels use it.
   if config.backward == "fused":
-    dq, dk, dv = _backward_fused(q, k, v, seg, do, lse, delta, causal=causal, scale=scale)
+    dq, dk, dv = _backward_fused(q, k, v, seg, do, lse, delta, causal=causal, scale=scale, config=config)
   else:
-    dq = _backward_dq(q, k, v, seg, do, lse, delta, causal=causal, scale=scale)
-    dk, dv = _backward_dkv(q, k, v, seg, do, lse, delta, causal=causal, scale=scale)
+    dq = _backward_dq(q, k, v, seg, do, lse, delta, causal=causal, scale=scale, config=config)
+    dk, dv = _backward_dkv(q, k, v, seg, do, lse, delta, causal=causal, scale=scale, config=config)
   return dq, dk, dv, None
 
 
@@ -811,6 +866,18 @@ class Config(NamedTuple):
   backward: str = "split"  # 'split': a dQ kernel and a dK/dV kernel; 'fused': one kernel.
   block_kv: int = BLOCK_KV  # forward key block: 128, or 256 for head_dim 64 (shared memory).
   overlap: bool = False  # forward: softmax of block j overlaps P V of block j-1 (FA3).
+  # dK/dV and fused backward: walk q blocks from the last one down, so that the CTAs running together
+  # read the same q/dO block (and add to the same dQ rows) at the same time: L2 reuse under causal,
+  # where CTAs start at different blocks.
+  q_descending: bool = False
+  dq_by_columns: bool = False  # fused backward, head_dim 128: each warpgroup computes half of dQ's columns.
+  no_auto_barriers: bool = False  # CompilerParams.unsafe_no_auto_barriers for every kernel.
+  # Forward schedule and fused-backward rendezvous on hardware named barriers instead of mbarriers.
+  named_barriers: bool = False
+  # Fused backward: the warpgroup not computing dQ in a step hands its dS^T over with a non-blocking
+  # barrier arrive (FlashAttention-3's pattern) instead of meeting the other, so the two drift up to
+  # a step apart and one's softmax overlaps the other's matmuls.
+  dq_handoff: bool = False
 
 
 def default_config(head_dim: int) -> Config:

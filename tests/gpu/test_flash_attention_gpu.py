@@ -29,6 +29,10 @@ CONFIGS = {
     "split": gpu_mosaic.Config(),
     "fused": gpu_mosaic.Config(backward="fused"),
     "fused_overlap": gpu_mosaic.Config(backward="fused", overlap=True),
+    "fused_all": gpu_mosaic.Config(backward="fused", q_descending=True, dq_by_columns=True,
+                                   named_barriers=True, no_auto_barriers=True),
+    "fused_desc_handoff_nb": gpu_mosaic.Config(backward="fused", q_descending=True, dq_handoff=True,
+                                               named_barriers=True),
 }
 
 
