@@ -26,23 +26,10 @@ from pallas_kernels.flash_attention import gpu_mosaic, shapes
 # Kernel variants compared with 'ours:<name>'.
 VARIANTS = {
     "split": gpu_mosaic.Config(),
-    "fused": gpu_mosaic.Config(backward="fused"),
-    "overlap": gpu_mosaic.Config(overlap=True),
-    "fused_overlap": gpu_mosaic.Config(backward="fused", overlap=True),
-    "fused_overlap_kv256": gpu_mosaic.Config(backward="fused", overlap=True, block_kv=256),
-    "fused_kv256": gpu_mosaic.Config(backward="fused", block_kv=256),
-    "nb": gpu_mosaic.Config(named_barriers=True),
-    "nb_nab": gpu_mosaic.Config(named_barriers=True, no_auto_barriers=True),
-    "kv256_nb": gpu_mosaic.Config(block_kv=256, named_barriers=True),
-    "fused_desc": gpu_mosaic.Config(backward="fused", q_descending=True),
-    "fused_desc_cols": gpu_mosaic.Config(backward="fused", q_descending=True, dq_by_columns=True),
-    "fused_all": gpu_mosaic.Config(backward="fused", q_descending=True, dq_by_columns=True,
-                                   named_barriers=True, no_auto_barriers=True),
     "split_desc": gpu_mosaic.Config(q_descending=True),
-    "fused_desc_handoff": gpu_mosaic.Config(backward="fused", q_descending=True, dq_handoff=True),
-    "fused_handoff": gpu_mosaic.Config(backward="fused", dq_handoff=True),
-    "fused_desc_handoff_nb": gpu_mosaic.Config(backward="fused", q_descending=True, dq_handoff=True,
-                                               named_barriers=True),
+    "fused": gpu_mosaic.Config(backward="fused"),
+    "fused_desc": gpu_mosaic.Config(backward="fused", q_descending=True),
+    "nb": gpu_mosaic.Config(named_barriers=True),
     "kv256": gpu_mosaic.Config(block_kv=256),
 }
 

@@ -4,13 +4,15 @@ Forward (FlashAttention-3 layout, Shah et al. 2024): a CTA owns 2*BLOCK_Q query 
 two compute warpgroups (64 rows each) and one memory warpgroup that streams K/V blocks through a
 STAGES-deep ring of shared-memory slots with TMA. A shared "schedule" barrier makes the two compute
 warpgroups take turns on the tensor cores so one's softmax overlaps the other's matmuls.
-Backward (FlashAttention-2 split): a dQ kernel (CTA = 2 q blocks, pipeline over kv blocks) and a
-dK/dV kernel (CTA = 2 kv blocks of one kv head, pipeline over (q block, query head of the group)),
-so GQA sums dK/dV over the group in registers and never materialises repeated K/V.
-Variants (`Config`, compared by benchmarks/flash_attention.py): a fused backward (the dK/dV kernel
-also computes dQ from the same dS, 5 block matmuls instead of 7, dQ added to an f32 buffer by TMA
-reduce-add) and FlashAttention-3's intra-warpgroup overlap in the forward. The default stays the
-split, non-overlapped kernel until the variants are measured faster (benchmarks/flash_attention_NOTES.md).
+Backward, two kinds (`Config.backward`):
+- 'fused': one kernel, CTA = 2 kv blocks of one kv head (one per compute warpgroup), pipeline over
+  (q block, query head of the group); dK/dV accumulate in registers (GQA sums the group there and
+  never materialises repeated K/V), and dQ comes from the same dS (5 block matmuls per block pair),
+  added to an f32 buffer by TMA reduce-add.
+- 'split' (FlashAttention-2): a dQ kernel (CTA = 2 q blocks, pipeline over kv blocks) and a dK/dV
+  kernel as above without dQ (7 block matmuls per pair, but no dQ reduction traffic).
+`default_config` picks per shape what measured fastest on the H200 (benchmarks/flash_attention.py;
+the variants tried and their numbers are in benchmarks/flash_attention_NOTES.md).
 
 Masking: causal (top-left, key <= query) skips blocks above the diagonal and masks only diagonal
 blocks; segment ids are compared per element (q ids in registers, kv ids streamed with K).
@@ -53,27 +55,22 @@ def _smem(shape, dtype):
   return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 
-def _params(config):
-  # Without auto barriers Pallas inserts no warpgroup barrier around shared-memory stores and TMA
-  # issues; every such store here is followed by commit_smem (a fence plus a warpgroup barrier).
-  return plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=config.no_auto_barriers)
+def _params():
+  return plgpu.CompilerParams(approx_math=True)
 
 
 # Hardware named barriers (PTX bar.sync): 0 is __syncthreads and Mosaic GPU's warpgroup barriers take
 # 1..3 (warpgroup index + 1), so these use ids above them.
 _SCHEDULE_BARRIER_ID = 8  # forward: the compute warpgroups' turns on the tensor cores.
-_RENDEZVOUS_BARRIER_ID = 9  # fused backward: both compute warpgroups meet.
-_DS_READY_BARRIER_ID = 10  # fused backward, dq_handoff: 10 + step parity.
 
 
-def _named_barrier(op: str, barrier_id: int, num_threads: int = _COMPUTE_WGS * 128):
-  """PTX `bar.sync id, n` (arrive and wait until n threads have arrived) or `bar.arrive id, n`
-  (arrive only); n counts both compute warpgroups. Hardware barriers: no shared-memory mbarrier
-  round trip (FlashAttention-3 and tokamax use them for warpgroup scheduling)."""
+def _named_barrier_sync(barrier_id: int, num_threads: int = _COMPUTE_WGS * 128):
+  """PTX `bar.sync id, n`: waits until n threads (both compute warpgroups) have arrived. A hardware
+  barrier, no shared-memory mbarrier round trip (FlashAttention-3 and tokamax schedule with them)."""
 
   @plgpu.inline_mgpu()
   def emit(_):
-    llvm.inline_asm(ir.Type.parse("!llvm.void"), [], f"bar.{op} {barrier_id}, {num_threads};", "",
+    llvm.inline_asm(ir.Type.parse("!llvm.void"), [], f"bar.sync {barrier_id}, {num_threads};", "",
                     has_side_effects=True)
 
   emit()
@@ -105,15 +102,11 @@ def _bcast(x, shape, dim):
 
 
 def _forward(q, k, v, seg, *, causal, scale, config, stages=STAGES):
-  """Returns o [B, T, Hq, D] (q.dtype) and lse [B, Hq, T] f32 in log2 units of (scale * q.k).
-
-  overlap=True adds FlashAttention-3's intra-warpgroup pipelining: a warpgroup issues S(j) = q k_j^T
-  together with P(j-1) v_(j-1), and computes softmax(S(j)) while the tensor cores run P(j-1) v_(j-1).
-  """
+  """Returns o [B, T, Hq, D] (q.dtype) and lse [B, Hq, T] f32 in log2 units of (scale * q.k)."""
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
-  block_q, block_kv, overlap = BLOCK_Q, config.block_kv, config.overlap
+  block_q, block_kv = BLOCK_Q, config.block_kv
   tile_q = _COMPUTE_WGS * block_q
   num_q_tiles, num_kv = t // tile_q, s // block_kv
   stages = min(stages, num_kv)
@@ -140,7 +133,7 @@ def _forward(q, k, v, seg, *, causal, scale, config, stages=STAGES):
 
     def schedule_barrier():
       if config.named_barriers:
-        _named_barrier("sync", _SCHEDULE_BARRIER_ID)
+        _named_barrier_sync(_SCHEDULE_BARRIER_ID)
       else:
         plgpu.barrier_arrive(sched)
         plgpu.barrier_wait(sched)
@@ -149,7 +142,7 @@ def _forward(q, k, v, seg, *, causal, scale, config, stages=STAGES):
       # Hands the tensor cores to the other warpgroup; V of `slot` is needed next.
       if config.named_barriers:
         plgpu.barrier_wait(v_bar.at[slot])
-        _named_barrier("sync", _SCHEDULE_BARRIER_ID)
+        _named_barrier_sync(_SCHEDULE_BARRIER_ID)
       else:
         plgpu.barrier_arrive(sched)
         plgpu.barrier_wait(v_bar.at[slot])
@@ -220,71 +213,6 @@ def _forward(q, k, v, seg, *, causal, scale, config, stages=STAGES):
         plgpu.barrier_arrive(v_consumed.at[slot])
         return acc, m_new, l_i
 
-      def scores(step, previous_pv):
-        # Issues S = q k^T for block `step` (and then P V of the previous block, if given) and waits
-        # for S only.
-        slot = lax.rem(step, stages)
-
-        def body(s_ref):
-          plgpu.wgmma(s_ref, qo_smem, k_smem.at[slot].T)
-          if previous_pv is not None:
-            previous_pv()
-          schedule_barrier()
-          kseg = None
-          if has_seg:
-            plgpu.barrier_wait(kseg_bar.at[slot])
-            kseg = plgpu.load(kseg_smem.at[slot], (), layout=_COL)
-          return plgpu.wgmma_accumulator_load(s_ref, wait_n=0 if previous_pv is None else 1), kseg
-
-        qk, kseg = pl.run_scoped(body, plgpu.ACC((block_q, block_kv), jnp.float32))
-        plgpu.barrier_arrive(k_consumed.at[slot])
-        return qk, kseg
-
-      def softmax(qk, kseg, m_i, l_i, step, diagonal):
-        shape = (block_q, block_kv)
-        if diagonal:
-          qk = jnp.where(q_base + _iota(shape, 0) >= step * block_kv + _iota(shape, 1), qk, -jnp.inf)
-        if has_seg:
-          qk = jnp.where(_bcast(qseg, shape, 0) == _bcast(kseg, shape, 1), qk, -jnp.inf)
-        m_new = jnp.maximum(m_i, qk.max(axis=1) * c)
-        alpha = jnp.exp2(m_i - m_new)
-        p = jnp.exp2(qk * c - _bcast(m_new, shape, 0))
-        l_new = l_i * alpha + p.sum(axis=1)
-        return lax.optimization_barrier((p.astype(dtype), m_new, l_new, alpha))
-
-      def end_of_step(step):
-        turn_for_pv(lax.rem(step, stages))
-
-      def overlapped(o_ref):
-        qk, kseg = scores(0, None)
-        p16, m_new, l_new, _ = softmax(qk, kseg, m_i, l_i, 0, diagonal=causal)
-        end_of_step(0)
-
-        def step_fn(step, carry, diagonal):
-          p16_prev, m_prev, l_prev = carry
-          prev_slot = lax.rem(step - 1, stages)
-          plgpu.barrier_wait(k_bar.at[lax.rem(step, stages)])
-          qk, kseg = scores(step, lambda: plgpu.wgmma(o_ref, p16_prev, v_smem.at[prev_slot]))
-          p16, m_new, l_new, alpha = softmax(qk, kseg, m_prev, l_prev, step, diagonal)
-          o_ref[...] = o_ref[...] * _bcast(alpha, (block_q, d), 0)  # waits for P V of step - 1.
-          plgpu.barrier_arrive(v_consumed.at[prev_slot])
-          end_of_step(step)
-          return p16, m_new, l_new
-
-        carry = (p16, m_new, l_new)
-        if causal:
-          first_diagonal = lax.max(lax.min(kv_steps, lax.div(q_base, block_kv)), 1)
-          carry = lax.fori_loop(1, first_diagonal, functools.partial(step_fn, diagonal=False), carry)
-          carry = lax.fori_loop(first_diagonal, kv_steps, functools.partial(step_fn, diagonal=True), carry)
-        else:
-          carry = lax.fori_loop(1, kv_steps, functools.partial(step_fn, diagonal=False), carry)
-        p16, m_new, l_new = carry
-        last_slot = lax.rem(kv_steps - 1, stages)
-        plgpu.wgmma(o_ref, p16, v_smem.at[last_slot])
-        o = o_ref[...]
-        plgpu.barrier_arrive(v_consumed.at[last_slot])
-        return o, m_new, l_new
-
       # Warpgroup 0 may need fewer blocks than the memory warpgroup loads for warpgroup 1:
       # release those slots and keep the schedule barrier in step.
       def drain(step, _):
@@ -295,9 +223,7 @@ def _forward(q, k, v, seg, *, causal, scale, config, stages=STAGES):
         schedule_barrier()
 
       carry = (acc, m_i, l_i)
-      if overlap:
-        carry = pl.run_scoped(overlapped, plgpu.ACC((block_q, d), jnp.float32))
-      elif causal:
+      if causal:
         full_steps = lax.min(kv_steps, lax.div(q_base, block_kv))
         carry = lax.fori_loop(0, full_steps, functools.partial(kv_step, diagonal=False), carry)
         carry = lax.fori_loop(full_steps, kv_steps, functools.partial(kv_step, diagonal=True), carry)
@@ -321,19 +247,13 @@ def _forward(q, k, v, seg, *, causal, scale, config, stages=STAGES):
       plgpu.set_max_registers(40, action="decrease")
       kv_head = lax.div(hi, group)
 
-      def load_k(step, slot, rows):
+      def load(step, slot):
+        rows = (bi, pl.ds(step * block_kv, block_kv), kv_head)
         plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
         if has_seg:
           plgpu.copy_gmem_to_smem(seg_ref.at[bi, pl.ds(step * block_kv, block_kv)], kseg_smem.at[slot],
                                   kseg_bar.at[slot])
-
-      def load_v(slot, rows):
         plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
-
-      def load(step, slot):
-        rows = (bi, pl.ds(step * block_kv, block_kv), kv_head)
-        load_k(step, slot, rows)
-        load_v(slot, rows)
 
       for i in range(stages):
         pl.when(i < cta_kv_steps)(functools.partial(load, i, i))
@@ -341,17 +261,9 @@ def _forward(q, k, v, seg, *, causal, scale, config, stages=STAGES):
       @pl.loop(stages, cta_kv_steps)
       def _(step):
         slot = lax.rem(step, stages)
-        if overlap:
-          # With overlap a V slot is released a block later than its K slot: load K first.
-          rows = (bi, pl.ds(step * block_kv, block_kv), kv_head)
-          plgpu.barrier_wait(k_consumed.at[slot])
-          load_k(step, slot, rows)
-          plgpu.barrier_wait(v_consumed.at[slot])
-          load_v(slot, rows)
-        else:
-          plgpu.barrier_wait(k_consumed.at[slot])
-          plgpu.barrier_wait(v_consumed.at[slot])
-          load(step, slot)
+        plgpu.barrier_wait(k_consumed.at[slot])
+        plgpu.barrier_wait(v_consumed.at[slot])
+        load(step, slot)
 
   scratch = [
       _smem((_COMPUTE_WGS, block_q, d), dtype),
@@ -376,7 +288,7 @@ def _forward(q, k, v, seg, *, causal, scale, config, stages=STAGES):
       grid_names=("heads", "q_tiles", "batch"),
       num_threads=_COMPUTE_WGS + 1,
       thread_name="wg",
-      compiler_params=_params(config),
+      compiler_params=_params(),
   )(q, k, v, *((seg,) if has_seg else ()))
 
 
@@ -495,7 +407,7 @@ def _backward_dq(q, k, v, seg, do, lse, delta, *, causal, scale, config, stages=
       grid_names=("heads", "q_tiles", "batch"),
       num_threads=_COMPUTE_WGS + 1,
       thread_name="wg",
-      compiler_params=_params(config),
+      compiler_params=_params(),
   )(q, k, v, *((seg,) if has_seg else ()), do, lse, delta)
 
 
@@ -627,7 +539,7 @@ def _backward_dkv(q, k, v, seg, do, lse, delta, *, causal, scale, config, stages
       grid_names=("heads", "kv_tiles", "batch"),
       num_threads=_COMPUTE_WGS + 1,
       thread_name="wg",
-      compiler_params=_params(config),
+      compiler_params=_params(),
   )(q, k, v, *((seg,) if has_seg else ()), do, lse, delta)
 
 
@@ -649,8 +561,6 @@ def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, config, stag
   has_seg = seg is not None
   dtype = q.dtype
   c = scale * _LOG2E
-  by_columns = config.dq_by_columns and d == 128  # halves of 64 columns: the swizzle's row.
-  dq_cols = d // _COMPUTE_WGS if by_columns else d
 
   def kernel(*refs):
     if has_seg:
@@ -673,11 +583,8 @@ def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, config, stag
     accs = {}
 
     def rendezvous():
-      if config.named_barriers:
-        _named_barrier("sync", _RENDEZVOUS_BARRIER_ID)
-      else:
-        plgpu.barrier_arrive(sync)
-        plgpu.barrier_wait(sync)
+      plgpu.barrier_arrive(sync)
+      plgpu.barrier_wait(sync)
 
     def compute_thread(pipeline_callback):
       plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, bar.at[wg])
@@ -751,38 +658,22 @@ def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, config, stag
       plgpu.wgmma_wait(0)
       plgpu.barrier_arrive(q_consumed)
       # dq_smem is free once this warpgroup's previous reduce-add has read it; the barrier below
-      # then tells the other warpgroup.
+      # then tells the other warpgroup (both wait here every step).
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       plgpu.commit_smem()  # dS^T visible to the other warpgroup's tensor-core reads.
-      if config.dq_handoff and not by_columns:
-        # The dQ warpgroup of this step waits for the other's dS^T; the other only arrives and goes
-        # on to the next step. One barrier per step parity: a warpgroup reaches step n + 2 only
-        # after its wait at step n + 1, i.e. after the other finished step n's dQ and its reads of
-        # ds_smem[slot] and dq_smem.
-        for parity in range(2):
-          bar_id = _DS_READY_BARRIER_ID + parity
-          pl.when((slot == parity) & (wg == slot))(functools.partial(_named_barrier, "sync", bar_id))
-          pl.when((slot == parity) & (wg != slot))(functools.partial(_named_barrier, "arrive", bar_id))
-      else:
-        rendezvous()
+      rendezvous()
 
-      def dq_add(buf, cols):
-        # dQ[q block, cols] += sum_w dS_w K_w[:, cols], through shared memory `buf` and TMA.
+      @pl.when(wg == slot)
+      def _dq():
         def dq_part(acc):
           for w in range(_COMPUTE_WGS):
-            plgpu.wgmma(acc, ds_smem.at[slot, w].T, k_smem2.at[w, :, cols])
+            plgpu.wgmma(acc, ds_smem.at[slot, w].T, k_smem2.at[w])
           return acc[...]
 
-        buf[...] = pl.run_scoped(dq_part, plgpu.ACC((block_q, dq_cols), jnp.float32))
+        dq_smem[...] = pl.run_scoped(dq_part, plgpu.ACC((block_q, d), jnp.float32))
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(buf, dq_ref.at[bi, pl.ds(q_base, block_q), hk * group + j, cols],
+        plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[bi, pl.ds(q_base, block_q), hk * group + j],
                                 reduction_op="add")
-
-      if by_columns:  # each warpgroup its half of the columns, every step.
-        for w in range(_COMPUTE_WGS):
-          pl.when(wg == w)(functools.partial(dq_add, dq_smem.at[w], pl.ds(w * dq_cols, dq_cols)))
-      else:  # all columns, by one warpgroup, alternating by step.
-        pl.when(wg == slot)(functools.partial(dq_add, dq_smem.at[0], pl.ds(0, d)))
 
       return kvseg, step + 1
 
@@ -812,7 +703,7 @@ def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, config, stag
       _smem((_COMPUTE_WGS, block_kv, d), dtype),
       _smem((2, _COMPUTE_WGS, block_kv, block_q), dtype),
       # f32 rows of 32 elements = 128 bytes: the same swizzle as the bf16 tiles.
-      plgpu.SMEM((_COMPUTE_WGS if by_columns else 1, block_q, dq_cols), jnp.float32,
+      plgpu.SMEM((block_q, d), jnp.float32,
                  transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))),
       plgpu.Barrier(num_arrivals=2, num_barriers=_COMPUTE_WGS),
       plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
@@ -830,7 +721,7 @@ def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, config, stag
       out_type=(kv_type, kv_type),
       mesh=plgpu.Mesh(grid=(hkv, num_kv_tiles, b), grid_names=("heads", "kv_tiles", "batch"),
                       num_threads=_COMPUTE_WGS + 1, thread_name="wg"),
-      compiler_params=_params(config),
+      compiler_params=_params(),
   )(q, k, v, *((seg,) if has_seg else ()), do, lse, delta, dq_acc)
   dq = (jax.freeze(dq_acc) * scale).astype(dtype)
   return dq, dk, dv
@@ -862,29 +753,26 @@ def _attention_bwd(causal, scale, config, res, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 class Config(NamedTuple):
-  """Kernel variant, compared by the benchmark; `default_config` holds the measured best."""
+  """Kernel variant, compared by the benchmark; `default_config` picks the measured best per shape."""
   backward: str = "split"  # 'split': a dQ kernel and a dK/dV kernel; 'fused': one kernel.
   block_kv: int = BLOCK_KV  # forward key block: 128, or 256 for head_dim 64 (shared memory).
-  overlap: bool = False  # forward: softmax of block j overlaps P V of block j-1 (FA3).
-  # dK/dV and fused backward: walk q blocks from the last one down, so that the CTAs running together
-  # read the same q/dO block (and add to the same dQ rows) at the same time: L2 reuse under causal,
-  # where CTAs start at different blocks.
-  q_descending: bool = False
-  dq_by_columns: bool = False  # fused backward, head_dim 128: each warpgroup computes half of dQ's columns.
-  no_auto_barriers: bool = False  # CompilerParams.unsafe_no_auto_barriers for every kernel.
-  # Forward schedule and fused-backward rendezvous on hardware named barriers instead of mbarriers.
+  # Forward: the compute warpgroups take turns on the tensor cores at a hardware named barrier
+  # (bar.sync) instead of a shared-memory mbarrier.
   named_barriers: bool = False
-  # Fused backward: the warpgroup not computing dQ in a step hands its dS^T over with a non-blocking
-  # barrier arrive (FlashAttention-3's pattern) instead of meeting the other, so the two drift up to
-  # a step apart and one's softmax overlaps the other's matmuls.
-  dq_handoff: bool = False
+  # dK/dV and fused backward: walk q blocks from the last one down instead of from the first one
+  # this kv tile sees. Under causal masking CTAs start at different q blocks; walking down, the CTAs
+  # running together read the same q/dO block at the same time (L2 reuse).
+  q_descending: bool = False
 
 
-def default_config(head_dim: int) -> Config:
-  """The variant measured fastest on the H200 for this head_dim (only the default one is measured
-  so far: RESULTS.md, 2026-11-28)."""
-  del head_dim
-  return Config()
+def default_config(head_dim: int, kv_len: int, causal: bool, group: int) -> Config:
+  """The variant measured fastest on the H200 (benchmarks/flash_attention_NOTES.md, v3):
+  fused backward except for causal GQA/MQA, where the split one walking q blocks downwards wins;
+  256-key forward blocks for head_dim 64; named-barrier turns for head_dim 128."""
+  fused = not (causal and group > 1)
+  return Config(backward="fused" if fused else "split",
+                block_kv=256 if head_dim == 64 and kv_len % 256 == 0 else BLOCK_KV,
+                named_barriers=head_dim == 128, q_descending=not fused)
 
 
 def _check_config(config: Config, q, k):
@@ -901,7 +789,8 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale=Non
   reference.check_inputs(q, k, v, segment_ids)
   if (why := check_supported(q, k, v, segment_ids)) is not None:
     raise ValueError(f"{why}; use implementation='xla'")
-  config = default_config(q.shape[-1]) if config is None else config
+  if config is None:
+    config = default_config(q.shape[-1], k.shape[1], causal, q.shape[2] // k.shape[2])
   _check_config(config, q, k)
   scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
   seg = None if segment_ids is None else segment_ids.astype(jnp.int32)

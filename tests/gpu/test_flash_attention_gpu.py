@@ -7,8 +7,8 @@ allocated and freed just before the call, so the allocator is likely (not guaran
 memory to the kernel's outputs; every element must be finite and the whole close to the reference.
 Run on the GPU machine with:
   python -m pytest tests/gpu
-Each gradient test takes about 8 s on the H200 (compiles included), so all 36 take ~5 min; select a
-variant with -k (e.g. -k "gradients and fused and not overlap").
+Each gradient test takes about 6 s on the H200 (compiles included), so the 36 take ~4 min; select a
+variant with -k (e.g. -k "gradients and default").
 """
 import functools
 import time
@@ -24,15 +24,11 @@ hopper = pytest.mark.skipif(not api._is_hopper(), reason="needs a Hopper GPU (sm
 
 TOL = 1e-2  # issue 4: relative error vs the f32 reference for bf16 outputs and gradients.
 
-# Kernel variants (gpu_mosaic.Config); the default is whichever of them measured best.
+# Kernel variants (gpu_mosaic.Config); None is gpu_mosaic.default_config's choice for the case.
 CONFIGS = {
+    "default": None,  # gpu_mosaic.default_config per case: fused or split, named barriers, 256-key blocks.
     "split": gpu_mosaic.Config(),
     "fused": gpu_mosaic.Config(backward="fused"),
-    "fused_overlap": gpu_mosaic.Config(backward="fused", overlap=True),
-    "fused_all": gpu_mosaic.Config(backward="fused", q_descending=True, dq_by_columns=True,
-                                   named_barriers=True, no_auto_barriers=True),
-    "fused_desc_handoff_nb": gpu_mosaic.Config(backward="fused", q_descending=True, dq_handoff=True,
-                                               named_barriers=True),
 }
 
 
@@ -99,10 +95,8 @@ def test_forward_and_gradients_match_reference(config, shape, causal, packed):
 
 @hopper
 @CASES
-@pytest.mark.parametrize("overlap", [False, True], ids=["kv256", "kv256_overlap"])
-def test_forward_with_256_key_blocks_for_head_dim_64(overlap, causal, packed):
-  _check((1, 768, 8, 2, 64), causal, packed, with_grads=False,
-         config=gpu_mosaic.Config(overlap=overlap, block_kv=256))
+def test_forward_with_256_key_blocks_for_head_dim_64(causal, packed):
+  _check((1, 768, 8, 2, 64), causal, packed, with_grads=False, config=gpu_mosaic.Config(block_kv=256))
 
 
 @hopper
@@ -120,21 +114,28 @@ def test_unsupported_shape_names_constraint_and_fallback():
   assert out.shape == q.shape
 
 
-@pytest.mark.parametrize("config", [*CONFIGS.values(), gpu_mosaic.Config(block_kv=256, overlap=True)])
-def test_every_variant_lowers_for_cuda(config):
+@pytest.mark.parametrize("config,seq,causal,hkv", [
+    (gpu_mosaic.Config(), 512, True, 2),
+    (gpu_mosaic.Config(backward="fused", q_descending=True), 512, True, 2),
+    (gpu_mosaic.Config(block_kv=256, named_barriers=True, q_descending=True), 512, True, 2),
+    (None, 384, True, 2),  # default: split backward (causal GQA); 384 keys: 128-key blocks.
+    (None, 512, False, 4),  # default: fused backward, 256-key blocks.
+])
+def test_every_variant_lowers_for_cuda(config, seq, causal, hkv):
   """'Compile before you rent': the Pallas -> Mosaic GPU lowering (shapes, layouts, shared memory
-  budget) runs without a GPU, for the forward and backward kernels, GQA with packed documents."""
-  q = jax.ShapeDtypeStruct((1, 512, 4, 64), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)
-  seg = jax.ShapeDtypeStruct((1, 512), jnp.int32)
+  budget) runs without a GPU, for the forward and backward kernels, head_dim 64 with packed documents."""
+  q = jax.ShapeDtypeStruct((1, seq, 4, 64), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, seq, hkv, 64), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((1, seq), jnp.int32)
 
   def fwd_bwd(q, k, v, do, seg):
-    attn = lambda q, k, v: gpu_mosaic.flash_attention(q, k, v, segment_ids=seg, config=config)
+    attn = lambda q, k, v: gpu_mosaic.flash_attention(q, k, v, causal=causal, segment_ids=seg, config=config)
     out, vjp = jax.vjp(attn, q, k, v)
     return out, *vjp(do)
 
   text = jax.jit(fwd_bwd).trace(q, kv, kv, q, seg).lower(lowering_platforms=("cuda",)).as_text()
-  assert text.count("custom_call @mosaic_gpu") == (2 if config.backward == "fused" else 3)
+  used = config or gpu_mosaic.default_config(64, seq, causal, 4 // hkv)
+  assert text.count("custom_call @mosaic_gpu") == (2 if used.backward == "fused" else 3)
 
 
 def test_bad_config_names_the_field():
