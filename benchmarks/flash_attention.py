@@ -1,6 +1,6 @@
 """Flash attention speed on one GPU: our Mosaic GPU kernel vs cuDNN, XLA and tokamax, in TFLOP/s.
 
-  python benchmarks/flash_attention.py [--shapes anchors|sweep|all] [--causal true|false|both]
+  python benchmarks/flash_attention.py [--shapes anchors|sweep|all] [--only NAME,...] [--causal true|false|both]
                                        [--impls ours,cudnn,xla,tokamax] [--samples 20] [--out results.json]
 
 An impl is 'ours' (the default kernel config), 'ours:<variant>' (a gpu_mosaic.Config from VARIANTS),
@@ -92,6 +92,7 @@ def measure(name, attn, shape, causal, modes=("fwd", "fwdbwd"), samples=20):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--shapes", default="anchors", choices=["anchors", "sweep", "all"])
+  parser.add_argument("--only", default=None, help="comma-separated shape names (shapes.py) to keep")
   parser.add_argument("--causal", default="true", choices=["true", "false", "both"])
   parser.add_argument("--impls", default="ours,cudnn,xla,tokamax")
   parser.add_argument("--samples", type=int, default=20)
@@ -110,6 +111,11 @@ def main():
     todo += [(n, s) for n, (s, _) in shapes.ANCHORS.items()]
   if args.shapes in ("sweep", "all"):
     todo += list(shapes.SWEEP.items())
+  if args.only:
+    keep = args.only.split(",")
+    if unknown := set(keep) - {n for n, _ in todo}:
+      raise SystemExit(f"--only: unknown shape names {sorted(unknown)} for --shapes {args.shapes}")
+    todo = [(n, s) for n, s in todo if n in keep]
   causals = {"true": [True], "false": [False], "both": [True, False]}[args.causal]
   rows = []
   for name, shape in todo:
