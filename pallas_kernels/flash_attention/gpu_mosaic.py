@@ -411,146 +411,16 @@ def _backward_dq(q, k, v, seg, do, lse, delta, *, causal, scale, config, stages=
   )(q, k, v, *((seg,) if has_seg else ()), do, lse, delta)
 
 
-def _backward_dkv(q, k, v, seg, do, lse, delta, *, causal, scale, config, stages=STAGES):
-  b, t, hq, d = q.shape
-  s, hkv = k.shape[1], k.shape[2]
-  group = hq // hkv
-  block_q = block_kv = BWD_BLOCK
-  tile_kv = _COMPUTE_WGS * block_kv
-  num_q, num_kv_tiles = t // block_q, s // tile_kv
-  has_seg = seg is not None
-  dtype = q.dtype
-  c = scale * _LOG2E
-
-  def kernel(*refs):
-    if has_seg:
-      q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, k_smem2, v_smem2, bar = refs
-    else:
-      q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, k_smem2, v_smem2, bar = refs
-      seg_ref = None
-    bi, hk = lax.axis_index("batch"), lax.axis_index("heads")
-    ki = lax.axis_index("kv_tiles")
-    wg = lax.axis_index("wg")
-    kv_base = ki * tile_kv + wg * block_kv
-    rows = (bi, pl.ds(kv_base, block_kv), hk)
-    k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
-    # Causal: q blocks that end at or before this tile's first key see none of it.
-    lb = lax.div(ki * tile_kv, block_q) if causal else 0
-    # Pipeline step i -> q block: from lb up, or from the last block down (Config.q_descending).
-    q_block = (lambda i: num_q - 1 - i) if config.q_descending else (lambda i: lb + i)
-    shape = (block_kv, block_q)  # transposed scores: rows are keys.
-    accs = {}
-
-    def compute_thread(pipeline_callback):
-      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, bar.at[wg])
-      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, bar.at[wg])
-      kvseg = None
-      if has_seg:
-        kvseg = plgpu.load(seg_ref.at[bi, pl.ds(kv_base, block_kv)], (), layout=_ROW, optimized=False)
-      plgpu.barrier_wait(bar.at[wg])
-
-      def run(dk_acc, dv_acc):
-        accs["dk"], accs["dv"] = dk_acc, dv_acc
-        pipeline_callback(kvseg)
-        return dk_acc[...], dv_acc[...]
-
-      acc_type = plgpu.ACC((block_kv, d), jnp.float32)
-      dk, dv = pl.run_scoped(run, acc_type, acc_type)
-      k_smem[...] = (dk * scale).astype(dtype)
-      v_smem[...] = dv.astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows], commit_group=False)
-      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows], commit_group=False)
-      plgpu.commit_smem_to_gmem_group()
-      plgpu.wait_smem_to_gmem(0)
-
-    def body(index, q_smem, do_smem, lse_smem, delta_smem, *rest):
-      if has_seg:
-        qseg_smem, q_consumed, do_consumed, lse_consumed, delta_consumed, qseg_consumed, carry = rest
-      else:
-        q_consumed, do_consumed, lse_consumed, delta_consumed, carry = rest
-      i, _ = index
-      q_base = q_block(i) * block_q
-      dk_acc, dv_acc, kvseg = accs["dk"], accs["dv"], carry
-
-      def s_t(acc):
-        plgpu.wgmma(acc, k_smem, q_smem.T)
-        lse = plgpu.load(lse_smem, (), layout=_COL)
-        delta = plgpu.load(delta_smem, (), layout=_COL)
-        plgpu.barrier_arrive(lse_consumed)
-        plgpu.barrier_arrive(delta_consumed)
-        qseg = None
-        if has_seg:
-          qseg = plgpu.load(qseg_smem, (), layout=_COL)
-          plgpu.barrier_arrive(qseg_consumed)
-        return acc[...], lse, delta, qseg
-
-      acc_type = plgpu.ACC(shape, jnp.float32)
-      st, lse, delta, qseg = pl.run_scoped(s_t, acc_type)
-      if causal:
-        st = lax.cond(kv_base + block_kv > q_base,
-                      lambda: jnp.where(kv_base + _iota(shape, 0) <= q_base + _iota(shape, 1), st, -jnp.inf),
-                      lambda: st)
-      if has_seg:
-        st = jnp.where(_bcast(kvseg, shape, 0) == _bcast(qseg, shape, 1), st, -jnp.inf)
-      pt = jnp.exp2(st * c - _bcast(lse, shape, 1))
-
-      def dpt_and_dv(dpt_acc):
-        plgpu.wgmma(dpt_acc, v_smem, do_smem.T)
-        plgpu.wgmma(dv_acc, pt.astype(dtype), do_smem)
-        return dpt_acc[...]
-
-      dpt = pl.run_scoped(dpt_and_dv, acc_type)
-      plgpu.barrier_arrive(do_consumed)
-      dst = pt * (dpt - _bcast(delta, shape, 1))
-      plgpu.wgmma(dk_acc, dst.astype(dtype), q_smem)
-      plgpu.wgmma_wait(0)
-      plgpu.barrier_arrive(q_consumed)
-      return carry
-
-    tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    head = lambda j: hk * group + j
-    row_spec = plgpu.BlockSpec((block_q, None, d), lambda i, j: (q_block(i), head(j), 0), transforms=tiled)
-    vec_spec = plgpu.BlockSpec((None, block_q), lambda i, j: (head(j), q_block(i)))
-    specs = [row_spec, row_spec, vec_spec, vec_spec]
-    operands = [q_ref.at[bi], do_ref.at[bi], lse_ref.at[bi], delta_ref.at[bi]]
-    if has_seg:
-      specs.append(plgpu.BlockSpec((block_q,), lambda i, j: (q_block(i),)))
-      operands.append(seg_ref.at[bi])
-    plgpu.emit_pipeline_warp_specialized(
-        body,
-        grid=(lax.max(num_q - lb, 0) if causal else num_q, group),
-        max_concurrent_steps=min(stages, num_q),
-        num_compute_wgs=_COMPUTE_WGS,
-        memory_registers=40,
-        wg_axis="wg",
-        manual_consumed_barriers=True,
-        compute_context=compute_thread,
-        in_specs=specs,
-    )(*operands)
-
-  kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
-  return plgpu.kernel(
-      kernel,
-      out_type=(kv_type, kv_type),
-      scratch_types=(_smem((_COMPUTE_WGS, block_kv, d), dtype), _smem((_COMPUTE_WGS, block_kv, d), dtype),
-                     plgpu.Barrier(num_arrivals=2, num_barriers=_COMPUTE_WGS)),
-      grid=(hkv, num_kv_tiles, b),
-      grid_names=("heads", "kv_tiles", "batch"),
-      num_threads=_COMPUTE_WGS + 1,
-      thread_name="wg",
-      compiler_params=_params(),
-  )(q, k, v, *((seg,) if has_seg else ()), do, lse, delta)
-
-
-def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, config, stages=STAGES):
-  """One backward kernel: dK/dV as in `_backward_dkv`, plus dQ from the same dS (5 block matmuls).
+def _backward_kv(q, k, v, seg, do, lse, delta, *, causal, scale, config, with_dq, stages=STAGES):
+  """dK/dV kernel; with_dq=True also computes dQ from the same dS (the fused backward: 5 block
+  matmuls per (q, kv) block pair instead of the split backward's 7). Returns (dq or None, dk, dv).
 
   CTA = 2 kv blocks of one kv head (one per compute warpgroup), pipeline over (q block, query head
-  of the group). Each step both warpgroups write dS^T [kv, q] (bf16) to shared memory, meet at a
-  barrier, and one of them (alternating by step) computes dQ_part [q, D] = sum_w dS_w K_w and adds
-  it to an f32 dQ accumulator in global memory with a TMA reduce-add (FlashAttention-3 accumulates
-  dQ the same way; it is zeroed by XLA before and scaled and cast after). Returns dq, dk, dv.
+  of the group); dK/dV accumulate in registers. With dQ, each step both warpgroups also write dS^T
+  [kv, q] (bf16) to shared memory, meet at a barrier, and one of them (alternating by step)
+  computes dQ_part [q, D] = sum_w dS_w K_w and adds it to an f32 dQ accumulator in global memory with
+  a TMA reduce-add (FlashAttention-3 accumulates dQ the same way; it is zeroed by XLA before and
+  scaled and cast after).
   """
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
@@ -563,19 +433,21 @@ def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, config, stag
   c = scale * _LOG2E
 
   def kernel(*refs):
-    if has_seg:
-      (q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, k_smem2, v_smem2,
-       ds_smem, dq_smem, bar, sync) = refs
+    refs = list(refs)
+    q_ref, k_ref, v_ref = refs[:3]
+    seg_ref = refs.pop(3) if has_seg else None
+    do_ref, lse_ref, delta_ref = refs[3:6]
+    if with_dq:
+      dq_ref, dk_ref, dv_ref, k_smem2, v_smem2, ds_smem, dq_smem, bar, sync = refs[6:]
     else:
-      (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, k_smem2, v_smem2,
-       ds_smem, dq_smem, bar, sync) = refs
-      seg_ref = None
+      dk_ref, dv_ref, k_smem2, v_smem2, bar = refs[6:]
     bi, hk = lax.axis_index("batch"), lax.axis_index("heads")
     ki = lax.axis_index("kv_tiles")
     wg = lax.axis_index("wg")
     kv_base = ki * tile_kv + wg * block_kv
     rows = (bi, pl.ds(kv_base, block_kv), hk)
     k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+    # Causal: q blocks that end at or before this tile's first key see none of it.
     lb = lax.div(ki * tile_kv, block_q) if causal else 0
     # Pipeline step i -> q block: from lb up, or from the last block down (Config.q_descending).
     q_block = (lambda i: num_q - 1 - i) if config.q_descending else (lambda i: lb + i)
@@ -596,13 +468,14 @@ def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, config, stag
 
       def run(dk_acc, dv_acc):
         accs["dk"], accs["dv"] = dk_acc, dv_acc
-        pipeline_callback((kvseg, jnp.int32(0)))
+        # With dQ the carry also counts steps (dS buffer parity, dQ warpgroup).
+        pipeline_callback((kvseg, jnp.int32(0)) if with_dq else kvseg)
         return dk_acc[...], dv_acc[...]
 
       acc_type = plgpu.ACC((block_kv, d), jnp.float32)
       dk, dv = pl.run_scoped(run, acc_type, acc_type)
-      # The other warpgroup's last dQ matmul may still read this warpgroup's K tile.
-      rendezvous()
+      if with_dq:  # the other warpgroup's last dQ matmul may still read this warpgroup's K tile.
+        rendezvous()
       k_smem[...] = (dk * scale).astype(dtype)
       v_smem[...] = dv.astype(dtype)
       plgpu.commit_smem()
@@ -618,8 +491,11 @@ def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, config, stag
         q_consumed, do_consumed, lse_consumed, delta_consumed, carry = rest
       i, j = index
       q_base = q_block(i) * block_q
-      kvseg, step = carry
-      slot = lax.rem(step, 2)  # dS double buffer; also picks the dQ warpgroup (they alternate).
+      if with_dq:
+        kvseg, step = carry
+        slot = lax.rem(step, 2)  # dS double buffer; also picks the dQ warpgroup (they alternate).
+      else:
+        kvseg = carry
       dk_acc, dv_acc = accs["dk"], accs["dv"]
 
       def s_t(acc):
@@ -647,9 +523,19 @@ def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, config, stag
       def dpt_and_dv(dpt_acc):
         plgpu.wgmma(dpt_acc, v_smem, do_smem.T)
         plgpu.wgmma(dv_acc, pt.astype(dtype), do_smem)
-        return plgpu.wgmma_accumulator_load(dpt_acc, wait_n=1)  # dP^T without waiting for dV.
+        if with_dq:
+          return plgpu.wgmma_accumulator_load(dpt_acc, wait_n=1)  # dP^T without waiting for dV.
+        return dpt_acc[...]
 
       dpt = pl.run_scoped(dpt_and_dv, acc_type)
+      if not with_dq:
+        plgpu.barrier_arrive(do_consumed)
+        dst = pt * (dpt - _bcast(delta, shape, 1))
+        plgpu.wgmma(dk_acc, dst.astype(dtype), q_smem)
+        plgpu.wgmma_wait(0)
+        plgpu.barrier_arrive(q_consumed)
+        return carry
+
       dst = (pt * (dpt - _bcast(delta, shape, 1))).astype(dtype)
       plgpu.wgmma(dk_acc, dst, q_smem)
       ds_smem.at[slot, wg][...] = dst
@@ -698,14 +584,30 @@ def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, config, stag
         in_specs=specs,
     )(*operands)
 
+  kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
+  inputs = (q, k, v, *((seg,) if has_seg else ()), do, lse, delta)
+  kv_scratch = (_smem((_COMPUTE_WGS, block_kv, d), dtype), _smem((_COMPUTE_WGS, block_kv, d), dtype))
+  load_barrier = plgpu.Barrier(num_arrivals=2, num_barriers=_COMPUTE_WGS)
+  if not with_dq:
+    dk, dv = plgpu.kernel(
+        kernel,
+        out_type=(kv_type, kv_type),
+        scratch_types=(*kv_scratch, load_barrier),
+        grid=(hkv, num_kv_tiles, b),
+        grid_names=("heads", "kv_tiles", "batch"),
+        num_threads=_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=_params(),
+    )(*inputs)
+    return None, dk, dv
+
   scratch = (
-      _smem((_COMPUTE_WGS, block_kv, d), dtype),
-      _smem((_COMPUTE_WGS, block_kv, d), dtype),
+      *kv_scratch,
       _smem((2, _COMPUTE_WGS, block_kv, block_q), dtype),
       # f32 rows of 32 elements = 128 bytes: the same swizzle as the bf16 tiles.
       plgpu.SMEM((block_q, d), jnp.float32,
                  transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))),
-      plgpu.Barrier(num_arrivals=2, num_barriers=_COMPUTE_WGS),
+      load_barrier,
       plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
   )
 
@@ -715,14 +617,13 @@ def _backward_fused(q, k, v, seg, do, lse, delta, *, causal, scale, config, stag
     pl.run_scoped(functools.partial(kernel, *refs), *scratch, collective_axes="wg")
 
   dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32), memory_space=plgpu.GMEM)
-  kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
   dk, dv = pl.kernel(
       kernel_with_scratch,
       out_type=(kv_type, kv_type),
       mesh=plgpu.Mesh(grid=(hkv, num_kv_tiles, b), grid_names=("heads", "kv_tiles", "batch"),
                       num_threads=_COMPUTE_WGS + 1, thread_name="wg"),
       compiler_params=_params(),
-  )(q, k, v, *((seg,) if has_seg else ()), do, lse, delta, dq_acc)
+  )(*inputs, dq_acc)
   dq = (jax.freeze(dq_acc) * scale).astype(dtype)
   return dq, dk, dv
 
@@ -742,11 +643,12 @@ def _attention_bwd(causal, scale, config, res, do):
   do = do.astype(q.dtype)
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   # lse is in log2 units of scale * q.k, as the kernels use it.
+  kwargs = dict(causal=causal, scale=scale, config=config)
   if config.backward == "fused":
-    dq, dk, dv = _backward_fused(q, k, v, seg, do, lse, delta, causal=causal, scale=scale, config=config)
+    dq, dk, dv = _backward_kv(q, k, v, seg, do, lse, delta, with_dq=True, **kwargs)
   else:
-    dq = _backward_dq(q, k, v, seg, do, lse, delta, causal=causal, scale=scale, config=config)
-    dk, dv = _backward_dkv(q, k, v, seg, do, lse, delta, causal=causal, scale=scale, config=config)
+    dq = _backward_dq(q, k, v, seg, do, lse, delta, **kwargs)
+    _, dk, dv = _backward_kv(q, k, v, seg, do, lse, delta, with_dq=False, **kwargs)
   return dq, dk, dv, None
 
 
