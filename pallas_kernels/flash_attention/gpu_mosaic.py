@@ -296,7 +296,7 @@ def _forward(q, k, v, seg, *, causal, scale, config, stages=STAGES):
 # Backward.
 
 
-def _backward_dq(q, k, v, seg, do, lse, delta, *, causal, scale, config, stages=STAGES):
+def _backward_dq(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGES):
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
@@ -643,12 +643,12 @@ def _attention_bwd(causal, scale, config, res, do):
   do = do.astype(q.dtype)
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   # lse is in log2 units of scale * q.k, as the kernels use it.
-  kwargs = dict(causal=causal, scale=scale, config=config)
+  kwargs = dict(causal=causal, scale=scale)
   if config.backward == "fused":
-    dq, dk, dv = _backward_kv(q, k, v, seg, do, lse, delta, with_dq=True, **kwargs)
+    dq, dk, dv = _backward_kv(q, k, v, seg, do, lse, delta, config=config, with_dq=True, **kwargs)
   else:
     dq = _backward_dq(q, k, v, seg, do, lse, delta, **kwargs)
-    _, dk, dv = _backward_kv(q, k, v, seg, do, lse, delta, with_dq=False, **kwargs)
+    _, dk, dv = _backward_kv(q, k, v, seg, do, lse, delta, config=config, with_dq=False, **kwargs)
   return dq, dk, dv, None
 
 
