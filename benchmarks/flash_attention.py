@@ -3,8 +3,9 @@
   python benchmarks/flash_attention.py [--shapes anchors|sweep|all] [--only NAME,...] [--causal true|false|both]
                                        [--impls ours,cudnn,xla,tokamax] [--samples 20] [--out results.json]
 
-An impl is 'ours' (the default kernel config), 'ours:<variant>' (a gpu_mosaic.Config from VARIANTS),
-'cudnn', 'xla' or 'tokamax'; '@fwd' or '@fwdbwd' after it measures that mode only.
+An impl is 'ours' (the kernel config gpu_mosaic.default_config picks for the shape), 'ours:<variant>'
+(that config with the fields of VARIANTS[variant] replaced), 'cudnn', 'xla' or 'tokamax'; '@fwd' or
+'@fwdbwd' after it measures that mode only.
 
 FLOPs as issue 4 counts them (shapes.attention_flops): 4*B*T*S*Hq*D forward, halved when causal,
 fwd+bwd = 3.5x forward. Time: median over --samples samples, each sample the mean of 5 back-to-back
@@ -13,6 +14,7 @@ The tables are printed last: TFLOP/s, then each of our variants over the best of
 measured in this same run.
 """
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -23,23 +25,27 @@ import jax.numpy as jnp
 from pallas_kernels.flash_attention import gpu_mosaic, shapes
 
 
-# Kernel variants compared with 'ours:<name>'.
+# Kernel variants compared with 'ours:<name>': fields replaced in the shape's default config.
 VARIANTS = {
-    "split": gpu_mosaic.Config(),
-    "split_desc": gpu_mosaic.Config(q_descending=True),
-    "fused": gpu_mosaic.Config(backward="fused"),
-    "fused_desc": gpu_mosaic.Config(backward="fused", q_descending=True),
-    "nb": gpu_mosaic.Config(named_barriers=True),
-    "kv256": gpu_mosaic.Config(block_kv=256),
+    "split": {"backward": "split", "q_descending": False},
+    "split_desc": {"backward": "split", "q_descending": True},
+    "fused": {"backward": "fused", "q_descending": False},
+    "fused_desc": {"backward": "fused", "q_descending": True},
+    "mbarrier": {"named_barriers": False},
+    "nb": {"named_barriers": True},
+    "kv128": {"block_kv": 128},
 }
+
+
+def _ours(q, k, v, causal, overrides=None):
+  config = gpu_mosaic.default_config(q.shape[-1], k.shape[1], causal, q.shape[2] // k.shape[2])
+  return gpu_mosaic.flash_attention(q, k, v, causal=causal, config=config._replace(**(overrides or {})))
 
 
 def _attention_fns():
   fns = {
-      "ours": lambda q, k, v, causal: gpu_mosaic.flash_attention(q, k, v, causal=causal),
-      **{f"ours:{name}": (lambda q, k, v, causal, c=config:
-                          gpu_mosaic.flash_attention(q, k, v, causal=causal, config=c))
-         for name, config in VARIANTS.items()},
+      "ours": _ours,
+      **{f"ours:{name}": functools.partial(_ours, overrides=o) for name, o in VARIANTS.items()},
       "cudnn": lambda q, k, v, causal: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                                                     implementation="cudnn"),
       "xla": lambda q, k, v, causal: jax.nn.dot_product_attention(q, k, v, is_causal=causal,

@@ -1,5 +1,6 @@
 """Dumps the Mosaic GPU modules of the flash attention kernels, without source locations, for a grid
-of cases (head_dim, causal, packed, GQA/MQA, q walk, split/fused backward), on any machine (CPU too).
+of cases (head_dim, causal, packed, GQA/MQA, q walk, split/fused backward; the rest of each config as
+`default_config` picks it), on any machine (CPU too).
 
 A kernel refactor that should change no instruction is proven so by dumping before and after and
 comparing the two folders; the lowered modules otherwise embed source locations, so they always differ.
@@ -39,7 +40,8 @@ def main(out_dir):
     q = jax.ShapeDtypeStruct((1, 512, 4, d), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 512, hkv, d), jnp.bfloat16)
     seg = jax.ShapeDtypeStruct((1, 512), jnp.int32)
-    config = gpu_mosaic.Config(backward=backward, q_descending=descending)
+    config = gpu_mosaic.default_config(d, 512, causal, 4 // hkv)._replace(backward=backward,
+                                                                         q_descending=descending)
 
     def grads(q, k, v, do, seg):
       attn = lambda q, k, v: gpu_mosaic.flash_attention(

@@ -101,7 +101,7 @@ def _bcast(x, shape, dim):
 # Forward.
 
 
-def _forward(q, k, v, seg, *, causal, scale, config, stages=STAGES):
+def _forward(q, k, v, seg, *, causal, scale, config):
   """Returns o [B, T, Hq, D] (q.dtype) and lse [B, Hq, T] f32 in log2 units of (scale * q.k)."""
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
@@ -109,7 +109,7 @@ def _forward(q, k, v, seg, *, causal, scale, config, stages=STAGES):
   block_q, block_kv = BLOCK_Q, config.block_kv
   tile_q = _COMPUTE_WGS * block_q
   num_q_tiles, num_kv = t // tile_q, s // block_kv
-  stages = min(stages, num_kv)
+  stages = min(STAGES, num_kv)
   has_seg = seg is not None
   dtype = q.dtype
   c = scale * _LOG2E
@@ -126,10 +126,9 @@ def _forward(q, k, v, seg, *, causal, scale, config, stages=STAGES):
     # Heaviest causal tiles first, so the tail of the grid is short tiles.
     qi = num_q_tiles - 1 - lax.axis_index("q_tiles") if causal else lax.axis_index("q_tiles")
     wg = lax.axis_index("wg")
-    if causal:
-      cta_kv_steps = lax.min(num_kv, pl.cdiv((qi + 1) * tile_q, block_kv))
-    else:
-      cta_kv_steps = num_kv
+    # Causal: kv blocks up to the tile's last query. Both warpgroups need the same ones: block_kv is a
+    # multiple of the 128-row tile, so no kv block boundary falls inside the tile.
+    kv_steps = lax.min(num_kv, pl.cdiv((qi + 1) * tile_q, block_kv)) if causal else num_kv
 
     def schedule_barrier():
       if config.named_barriers:
@@ -153,7 +152,6 @@ def _forward(q, k, v, seg, *, causal, scale, config, stages=STAGES):
       plgpu.set_max_registers(232, action="increase")
       qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
       q_base = qi * tile_q + wg * block_q
-      kv_steps = lax.min(num_kv, pl.cdiv(q_base + block_q, block_kv)) if causal else num_kv
       plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q_base, block_q), hi], qo_smem, q_bar.at[wg])
       qseg = None
       if has_seg:
@@ -213,15 +211,6 @@ def _forward(q, k, v, seg, *, causal, scale, config, stages=STAGES):
         plgpu.barrier_arrive(v_consumed.at[slot])
         return acc, m_new, l_i
 
-      # Warpgroup 0 may need fewer blocks than the memory warpgroup loads for warpgroup 1:
-      # release those slots and keep the schedule barrier in step.
-      def drain(step, _):
-        slot = lax.rem(step, stages)
-        plgpu.barrier_arrive(k_consumed.at[slot])
-        plgpu.barrier_arrive(v_consumed.at[slot])
-        schedule_barrier()
-        schedule_barrier()
-
       carry = (acc, m_i, l_i)
       if causal:
         full_steps = lax.min(kv_steps, lax.div(q_base, block_kv))
@@ -229,8 +218,6 @@ def _forward(q, k, v, seg, *, causal, scale, config, stages=STAGES):
         carry = lax.fori_loop(full_steps, kv_steps, functools.partial(kv_step, diagonal=True), carry)
       else:
         carry = lax.fori_loop(0, kv_steps, functools.partial(kv_step, diagonal=False), carry)
-      if causal:
-        lax.fori_loop(kv_steps, cta_kv_steps, drain, None)
       acc, m_i, l_i = carry
       pl.when(wg == 0)(schedule_barrier)
 
@@ -256,9 +243,9 @@ def _forward(q, k, v, seg, *, causal, scale, config, stages=STAGES):
         plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
 
       for i in range(stages):
-        pl.when(i < cta_kv_steps)(functools.partial(load, i, i))
+        pl.when(i < kv_steps)(functools.partial(load, i, i))
 
-      @pl.loop(stages, cta_kv_steps)
+      @pl.loop(stages, kv_steps)
       def _(step):
         slot = lax.rem(step, stages)
         plgpu.barrier_wait(k_consumed.at[slot])
@@ -520,29 +507,27 @@ def _backward_kv(q, k, v, seg, do, lse, delta, *, causal, scale, config, with_dq
         st = jnp.where(_bcast(kvseg, shape, 0) == _bcast(qseg, shape, 1), st, -jnp.inf)
       pt = jnp.exp2(st * c - _bcast(lse, shape, 1))
 
-      def dpt_and_dv(dpt_acc):
-        plgpu.wgmma(dpt_acc, v_smem, do_smem.T)
-        plgpu.wgmma(dv_acc, pt.astype(dtype), do_smem)
-        if with_dq:
-          return plgpu.wgmma_accumulator_load(dpt_acc, wait_n=1)  # dP^T without waiting for dV.
-        return dpt_acc[...]
+      def dp_t(acc):
+        plgpu.wgmma(acc, v_smem, do_smem.T)
+        return acc[...]
 
-      dpt = pl.run_scoped(dpt_and_dv, acc_type)
-      if not with_dq:
-        plgpu.barrier_arrive(do_consumed)
-        dst = pt * (dpt - _bcast(delta, shape, 1))
-        plgpu.wgmma(dk_acc, dst.astype(dtype), q_smem)
-        plgpu.wgmma_wait(0)
-        plgpu.barrier_arrive(q_consumed)
-        return carry
-
+      dpt = pl.run_scoped(dp_t, acc_type)
       dst = (pt * (dpt - _bcast(delta, shape, 1))).astype(dtype)
+      # dV += P^T dO is issued only now, not together with dP^T: then the f32 P^T and dP^T tiles and
+      # the bf16 P^T operand are never all live beside the dK, dV accumulators. Issued together (the
+      # earlier order), the fused kernel spilled registers (Nsight Compute, 16k causal d128: 1.3e8
+      # local-memory requests, half of the warps' stall cycles) and ran 5-7% slower on long head_dim
+      # 128 rows (benchmarks/flash_attention_NOTES.md, v4).
+      plgpu.wgmma(dv_acc, pt.astype(dtype), do_smem)
       plgpu.wgmma(dk_acc, dst, q_smem)
-      ds_smem.at[slot, wg][...] = dst
+      if with_dq:
+        ds_smem.at[slot, wg][...] = dst
       plgpu.wgmma_wait(1)
       plgpu.barrier_arrive(do_consumed)
       plgpu.wgmma_wait(0)
       plgpu.barrier_arrive(q_consumed)
+      if not with_dq:
+        return carry
       # dq_smem is free once this warpgroup's previous reduce-add has read it; the barrier below
       # then tells the other warpgroup (both wait here every step).
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)

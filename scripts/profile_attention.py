@@ -1,0 +1,73 @@
+"""Runs one attention call of a benchmark shape inside a CUDA profiler range, for Nsight Compute:
+
+  XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none --profile-from-start off \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats ... \
+      python scripts/profile_attention.py --shape mha_16k_d128 --causal true --impl ours --mode fwdbwd
+
+(Without XLA_PYTHON_CLIENT_PREALLOCATE=false, JAX holds most of the GPU's memory and ncu saves and
+restores all of it for every replay pass: minutes per kernel.)
+
+The call is compiled and run once before the range (so autotuning and compilation kernels are not
+profiled), then run once between cudaProfilerStart and cudaProfilerStop. Impl names as in
+benchmarks/flash_attention.py ('ours', 'ours:<variant>', 'cudnn', 'xla', 'tokamax').
+"""
+import argparse
+import ctypes
+import glob
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks import flash_attention as bench  # pylint: disable=wrong-import-position
+from pallas_kernels.flash_attention import shapes  # pylint: disable=wrong-import-position
+
+
+def _cudart():
+  """The CUDA runtime library of JAX's CUDA pip packages, else the system one."""
+  try:
+    import nvidia  # pylint: disable=import-outside-toplevel
+    paths = [p for root in nvidia.__path__
+             for p in sorted(glob.glob(os.path.join(root, "**", "libcudart.so*"), recursive=True))]
+  except ImportError:
+    paths = []
+  try:
+    return ctypes.CDLL(paths[0] if paths else "libcudart.so")
+  except OSError as e:
+    raise SystemExit(f"no CUDA runtime library found ({e}); run this on a machine with a CUDA GPU") from e
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--shape", required=True, help="a name in shapes.ANCHORS or shapes.SWEEP")
+  parser.add_argument("--causal", default="true", choices=["true", "false"])
+  parser.add_argument("--impl", default="ours")
+  parser.add_argument("--mode", default="fwdbwd", choices=["fwd", "fwdbwd"])
+  args = parser.parse_args()
+  named = {**{n: s for n, (s, _) in shapes.ANCHORS.items()}, **shapes.SWEEP}
+  if args.shape not in named:
+    raise SystemExit(f"--shape: unknown {args.shape!r}; known: {sorted(named)}")
+  shape, causal = named[args.shape], args.causal == "true"
+  attn = bench._attention_fns()[args.impl]  # pylint: disable=protected-access
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (shape.b, shape.t, shape.hq, shape.d), jnp.bfloat16)
+  k = jax.random.normal(ks[1], (shape.b, shape.t, shape.hkv, shape.d), jnp.bfloat16)
+  v = jax.random.normal(ks[2], (shape.b, shape.t, shape.hkv, shape.d), jnp.bfloat16)
+  do = jax.random.normal(ks[3], q.shape, jnp.bfloat16)
+  if args.mode == "fwd":
+    fn, inputs = jax.jit(lambda q, k, v: attn(q, k, v, causal)), (q, k, v)
+  else:
+    fn = jax.jit(lambda q, k, v, do: jax.vjp(lambda q, k, v: attn(q, k, v, causal), q, k, v)[1](do))
+    inputs = (q, k, v, do)
+  jax.block_until_ready(fn(*inputs))
+  cudart = _cudart()
+  cudart.cudaProfilerStart()
+  jax.block_until_ready(fn(*inputs))
+  cudart.cudaProfilerStop()
+  print(f"profiled {args.impl} {args.mode} {args.shape} causal={causal}")
+
+
+if __name__ == "__main__":
+  main()
