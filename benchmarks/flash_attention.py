@@ -42,7 +42,7 @@ def _ours(q, k, v, causal, overrides=None):
   return gpu_mosaic.flash_attention(q, k, v, causal=causal, config=config._replace(**(overrides or {})))
 
 
-def _attention_fns():
+def attention_fns():
   fns = {
       "ours": _ours,
       **{f"ours:{name}": functools.partial(_ours, overrides=o) for name, o in VARIANTS.items()},
@@ -72,8 +72,8 @@ def _median_seconds(fn, args, samples=20, inner=5):
   return statistics.median(times)
 
 
-def measure(name, attn, shape, causal, modes=("fwd", "fwdbwd"), samples=20):
-  """Returns {mode: TFLOP/s or None, f'{mode}_error': message} for mode in modes."""
+def calls(attn, shape, causal):
+  """{'fwd': (jitted fn, args), 'fwdbwd': (jitted fn, args)} for attn on bf16 random inputs of shape."""
   ks = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(ks[0], (shape.b, shape.t, shape.hq, shape.d), jnp.bfloat16)
   k = jax.random.normal(ks[1], (shape.b, shape.t, shape.hkv, shape.d), jnp.bfloat16)
@@ -81,8 +81,13 @@ def measure(name, attn, shape, causal, modes=("fwd", "fwdbwd"), samples=20):
   do = jax.random.normal(ks[3], q.shape, jnp.bfloat16)
   fwd = jax.jit(lambda q, k, v: attn(q, k, v, causal))
   fwdbwd = jax.jit(lambda q, k, v, do: jax.vjp(lambda q, k, v: attn(q, k, v, causal), q, k, v)[1](do))
+  return {"fwd": (fwd, (q, k, v)), "fwdbwd": (fwdbwd, (q, k, v, do))}
+
+
+def measure(name, attn, shape, causal, modes=("fwd", "fwdbwd"), samples=20):
+  """Returns {mode: TFLOP/s or None, f'{mode}_error': message} for mode in modes."""
   result = {}
-  for mode, fn, args in (("fwd", fwd, (q, k, v)), ("fwdbwd", fwdbwd, (q, k, v, do))):
+  for mode, (fn, args) in calls(attn, shape, causal).items():
     if mode not in modes:
       continue
     try:
@@ -105,7 +110,7 @@ def main():
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   print(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}", flush=True)
-  fns = _attention_fns()
+  fns = attention_fns()
   impls = []  # (column name, modes)
   for spec in args.impls.split(","):
     name, _, mode = spec.partition("@")

@@ -18,7 +18,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks import flash_attention as bench  # pylint: disable=wrong-import-position
@@ -50,17 +49,11 @@ def main():
   if args.shape not in named:
     raise SystemExit(f"--shape: unknown {args.shape!r}; known: {sorted(named)}")
   shape, causal = named[args.shape], args.causal == "true"
-  attn = bench._attention_fns()[args.impl]  # pylint: disable=protected-access
-  ks = jax.random.split(jax.random.key(0), 4)
-  q = jax.random.normal(ks[0], (shape.b, shape.t, shape.hq, shape.d), jnp.bfloat16)
-  k = jax.random.normal(ks[1], (shape.b, shape.t, shape.hkv, shape.d), jnp.bfloat16)
-  v = jax.random.normal(ks[2], (shape.b, shape.t, shape.hkv, shape.d), jnp.bfloat16)
-  do = jax.random.normal(ks[3], q.shape, jnp.bfloat16)
-  if args.mode == "fwd":
-    fn, inputs = jax.jit(lambda q, k, v: attn(q, k, v, causal)), (q, k, v)
-  else:
-    fn = jax.jit(lambda q, k, v, do: jax.vjp(lambda q, k, v: attn(q, k, v, causal), q, k, v)[1](do))
-    inputs = (q, k, v, do)
+  fns = bench.attention_fns()
+  if args.impl not in fns:
+    raise SystemExit(f"--impl: unknown {args.impl!r}; known: {sorted(fns)}")
+  attn = fns[args.impl]
+  fn, inputs = bench.calls(attn, shape, causal)[args.mode]
   jax.block_until_ready(fn(*inputs))
   cudart = _cudart()
   cudart.cudaProfilerStart()

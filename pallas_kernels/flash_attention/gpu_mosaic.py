@@ -516,7 +516,7 @@ def _backward_kv(q, k, v, seg, do, lse, delta, *, causal, scale, config, with_dq
       # dV += P^T dO is issued only now, not together with dP^T: then the f32 P^T and dP^T tiles and
       # the bf16 P^T operand are never all live beside the dK, dV accumulators. Issued together (the
       # earlier order), the fused kernel spilled registers (Nsight Compute, 16k causal d128: 1.3e8
-      # local-memory requests, half of the warps' stall cycles) and ran 5-7% slower on long head_dim
+      # local-memory requests, half of the warps' stall cycles) and ran 6-8% slower on long head_dim
       # 128 rows (benchmarks/flash_attention_NOTES.md, v4).
       plgpu.wgmma(dv_acc, pt.astype(dtype), do_smem)
       plgpu.wgmma(dk_acc, dst, q_smem)
