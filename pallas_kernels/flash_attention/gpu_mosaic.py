@@ -109,6 +109,7 @@ def _forward(q, k, v, seg, *, causal, scale, config):
   block_q, block_kv = BLOCK_Q, config.block_kv
   tile_q = _COMPUTE_WGS * block_q
   num_q_tiles, num_kv = t // tile_q, s // block_kv
+  assert block_kv % tile_q == 0, (block_kv, tile_q)  # both warpgroups then need the same kv blocks.
   stages = min(STAGES, num_kv)
   has_seg = seg is not None
   dtype = q.dtype
@@ -283,7 +284,7 @@ def _forward(q, k, v, seg, *, causal, scale, config):
 # Backward.
 
 
-def _backward_dq(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGES):
+def _backward_dq(q, k, v, seg, do, lse, delta, *, causal, scale):
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
@@ -376,7 +377,7 @@ def _backward_dq(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGES):
     plgpu.emit_pipeline_warp_specialized(
         body,
         grid=(ub,),
-        max_concurrent_steps=min(stages, num_kv),
+        max_concurrent_steps=min(STAGES, num_kv),
         num_compute_wgs=_COMPUTE_WGS,
         memory_registers=40,
         wg_axis="wg",
@@ -398,7 +399,7 @@ def _backward_dq(q, k, v, seg, do, lse, delta, *, causal, scale, stages=STAGES):
   )(q, k, v, *((seg,) if has_seg else ()), do, lse, delta)
 
 
-def _backward_kv(q, k, v, seg, do, lse, delta, *, causal, scale, config, with_dq, stages=STAGES):
+def _backward_kv(q, k, v, seg, do, lse, delta, *, causal, scale, config, with_dq):
   """dK/dV kernel; with_dq=True also computes dQ from the same dS (the fused backward: 5 block
   matmuls per (q, kv) block pair instead of the split backward's 7). Returns (dq or None, dk, dv).
 
@@ -560,7 +561,7 @@ def _backward_kv(q, k, v, seg, do, lse, delta, *, causal, scale, config, with_dq
     plgpu.emit_pipeline_warp_specialized(
         body,
         grid=(lax.max(num_q - lb, 0) if causal else num_q, group),
-        max_concurrent_steps=min(stages, num_q),
+        max_concurrent_steps=min(STAGES, num_q),
         num_compute_wgs=_COMPUTE_WGS,
         memory_registers=40,
         wg_axis="wg",
