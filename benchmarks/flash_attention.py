@@ -34,6 +34,8 @@ VARIANTS = {
     "mbarrier": {"named_barriers": False},
     "nb": {"named_barriers": True},
     "kv128": {"block_kv": 128},
+    "persistent": {"persistent": True},
+    "grid": {"persistent": False},
 }
 
 

@@ -7,8 +7,8 @@ allocated and freed just before the call, so the allocator is likely (not guaran
 memory to the kernel's outputs; every element must be finite and the whole close to the reference.
 Run on the GPU machine with:
   python -m pytest tests/gpu
-Each gradient test takes about 6 s on the H200 (compiles included), so the 36 take ~4 min; select a
-variant with -k (e.g. -k "gradients and default").
+Each gradient test takes about 6 s on the H200 (compiles included), so the 44 take ~5 min; select a
+variant with -k (e.g. -k "gradients and default", -k persistent).
 """
 import functools
 import time
@@ -100,6 +100,17 @@ def test_forward_with_256_key_blocks_for_head_dim_64(causal, packed):
 
 
 @hopper
+@pytest.mark.parametrize("shape", [(2, 2048, 16, 4, 128), (2, 2048, 16, 2, 64)], ids=["gqa_d128", "gqa_d64"])
+@CASES
+def test_persistent_forward_matches_reference(shape, causal, packed):
+  """Persistent forward: 512 work tiles over the SMs (132 on the H200), so each CTA runs ~4 tiles
+  back to back; outputs and the gradients (which use its lse) against the f32 reference."""
+  _, t, hq, hkv, d = shape
+  config = gpu_mosaic.default_config(d, t, causal, hq // hkv)._replace(persistent=True)
+  _check(shape, causal, packed, with_grads=True, config=config)
+
+
+@hopper
 def test_default_implementation_is_the_kernel_on_hopper():
   q, k, v, _, _ = _inputs(time.time_ns() % 2**31, 1, 256, 4, 2, 128, False)
   np.testing.assert_array_equal(api.flash_attention(q, k, v), gpu_mosaic.flash_attention(q, k, v))
@@ -118,6 +129,7 @@ def test_unsupported_shape_names_constraint_and_fallback():
     (gpu_mosaic.Config(), 512, True, 2),
     (gpu_mosaic.Config(backward="fused", q_descending=True), 512, True, 2),
     (gpu_mosaic.Config(block_kv=256, named_barriers=True, q_descending=True), 512, True, 2),
+    (gpu_mosaic.Config(persistent=True), 512, False, 1),
     (None, 384, True, 2),  # default: split backward (causal GQA); 384 keys: 128-key blocks.
     (None, 512, False, 4),  # default: fused backward, 256-key blocks.
 ])
