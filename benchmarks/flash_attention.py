@@ -119,11 +119,8 @@ def main():
     if name not in fns:
       raise SystemExit(f"unknown impl {name!r}; known: {sorted(fns)}")
     impls.append((name, (mode,) if mode else ("fwd", "fwdbwd")))
-  todo = []
-  if args.shapes in ("anchors", "all"):
-    todo += [(n, s) for n, (s, _) in shapes.ANCHORS.items()]
-  if args.shapes in ("sweep", "all"):
-    todo += list(shapes.SWEEP.items())
+  names = {"anchors": list(shapes.ANCHORS), "sweep": list(shapes.SWEEP), "all": list(shapes.BY_NAME)}[args.shapes]
+  todo = [(n, shapes.BY_NAME[n]) for n in names]
   if args.only:
     keep = args.only.split(",")
     if unknown := set(keep) - {n for n, _ in todo}:

@@ -45,10 +45,9 @@ def main():
   parser.add_argument("--impl", default="ours")
   parser.add_argument("--mode", default="fwdbwd", choices=["fwd", "fwdbwd"])
   args = parser.parse_args()
-  named = {**{n: s for n, (s, _) in shapes.ANCHORS.items()}, **shapes.SWEEP}
-  if args.shape not in named:
-    raise SystemExit(f"--shape: unknown {args.shape!r}; known: {sorted(named)}")
-  shape, causal = named[args.shape], args.causal == "true"
+  if args.shape not in shapes.BY_NAME:
+    raise SystemExit(f"--shape: unknown {args.shape!r}; known: {sorted(shapes.BY_NAME)}")
+  shape, causal = shapes.BY_NAME[args.shape], args.causal == "true"
   fns = bench.attention_fns()
   if args.impl not in fns:
     raise SystemExit(f"--impl: unknown {args.impl!r}; known: {sorted(fns)}")

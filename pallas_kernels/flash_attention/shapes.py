@@ -29,6 +29,9 @@ SWEEP = {
     for kind, hkv in (("mha", 16 if d == 128 else 32), ("gqa", 4))
 }
 
+# Every shape by name: the anchors, then the sweep.
+BY_NAME = {**{name: shape for name, (shape, _) in ANCHORS.items()}, **SWEEP}
+
 
 def attention_flops(shape: Shape, causal: bool, backward: bool) -> float:
   """Matmul FLOPs as the issue counts them: 4*B*T*S*Hq*D forward, halved when causal, x3.5 fwd+bwd.
