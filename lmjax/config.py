@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-from lmjax import model, optim, train
+from lmjax import losses, model, optim, phases, trainer
 from lmjax.data import pipeline
 
 
@@ -21,9 +21,10 @@ def base() -> ml_collections.ConfigDict:
       seed=0,
       model=model.defaults(),
       data=pipeline.defaults(),
+      phases=phases.defaults(),  # the one timeline of learning rate and data mixture
+      loss=losses.defaults(),
       optim=optim.defaults(),
-      schedule=optim.schedule_defaults(),
-      train=train.defaults(),
+      train=trainer.defaults(),
       mesh=dict(data=-1, fsdp=1, tensor=1),
       init_from='',  # '' (scratch) | workdir of another lmjax run: its latest params start this run
   ))
@@ -76,13 +77,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if sum(config.mesh[a] == -1 for a in ('data', 'fsdp', 'tensor')) > 1:
     raise ValueError('config.mesh: at most one axis may be -1')
   model.validate(config.model)
-  train.validate(config.train)
+  trainer.validate(config.train)
   pipeline.validate(config.data)
-  optim.make_schedule(config.schedule, config.optim.lr, config.train.steps)  # raises on a bad phase
-
-
-def save(config: ml_collections.ConfigDict, path: str) -> None:
-  """Writes the resolved config as JSON (kept beside checkpoints so a run can be reproduced)."""
-  with open(path + '.tmp', 'w') as f:
-    f.write(config.to_json_best_effort(indent=1, sort_keys=True))
-  os.replace(path + '.tmp', path)
+  losses.validate(config.loss)
+  resolved = phases.resolve(config.phases, config.train.steps, list(config.data.sources))
+  optim.make_schedule(resolved, config.optim.lr)  # raises on a bad lr shape
+  tok, rows = config.data.tokenizer, model.resolve(config.model).vocab_size
+  if not tok.path and tok.vocab_size > rows:
+    raise ValueError(f'config.data.tokenizer.vocab_size={tok.vocab_size} exceeds config.model.vocab_size='
+                     f'{rows}: expected the model to have a row for every token')

@@ -1,25 +1,24 @@
-"""Optimizer and learning-rate schedule: an optax chain and phase-joined schedules, both built from config.
+"""Optimizer and learning-rate schedule: an optax chain and a phase-joined schedule, both built from config.
 
 Optimizer (per trainable leaf): clip by global norm -> AdamW (weight-decay mask) -> layer-wise LR scale.
 Frozen leaves (path patterns) go through `optax.set_to_zero` via `optax.multi_transform`, so they get zero
 updates and no Adam moments.
 
-Schedule: `schedule.phases` is a sequence of phase dicts, run one after another over `total_steps`. Each
-phase, of length P steps, is: linear warmup `init -> peak` over W steps, then `peak` for S steps, then a
-decay `peak -> end` over D steps (W + S + D = P; all LR values are fractions of the peak LR):
-  constant  D = 0                           (stays at `peak` after warmup)
-  linear    S = 0, linear decay             (anneal: e.g. peak=0.1, end=0, warmup 0)
-  cosine    S = 0, cosine decay
-  wsd       D = round(decay_fraction * P), decay form `decay` in linear | cosine | exponential | 1-sqrt
-            (warmup-stable-decay: Hu et al. 2024, MiniCPM; 1-sqrt: Hägele et al. 2024)
-Re-warmup for continued pretraining is a phase with warmup from `init` (e.g. the previous phase's `end`)
-back to `peak`. Example, pretrain then anneal:
-  phases = (dict(name='wsd', fraction=0.9, warmup_steps=2000, decay_fraction=0.0),
-            dict(name='linear', fraction=0.1, peak=1.0, end=0.0))
+Schedule: the phases of `config.phases` (lmjax/phases.py), one after another. Each phase, of length P
+steps, is: linear warmup `init -> peak` over W steps, then `peak` for S steps, then a decay
+`peak -> end` over D steps (W + S + D = P; all LR values are fractions of the peak LR):
+  constant                                D = 0 (stays at `peak` after warmup)
+  linear | cosine | exponential | 1-sqrt  S = 0, decay of that form (an anneal: peak=0.1, end=0)
+  wsd                                     D = round(decay_fraction * P), decay form `decay`
+                                          (warmup-stable-decay: Hu et al. 2024, MiniCPM;
+                                          1-sqrt: Hägele et al. 2024)
+Re-warmup for continued pretraining is a phase whose warmup starts from `init` (e.g. the previous
+phase's `end`) back to `peak`.
 """
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,29 +26,13 @@ import ml_collections
 import numpy as np
 import optax
 
-PHASE_NAMES = ('constant', 'linear', 'cosine', 'wsd')
-DECAY_FORMS = ('linear', 'cosine', 'exponential', '1-sqrt')
-
-# Keys of one phase dict and their defaults. A phase gives `steps` or `fraction` (of total_steps) or
-# neither (then it takes the steps left over; at most one such phase).
-PHASE_DEFAULTS = dict(
-    name='cosine',
-    steps=None,            # length in steps
-    fraction=None,         # length as a fraction of total_steps
-    warmup_steps=None,     # warmup length in steps (or warmup_fraction of this phase; neither: 0)
-    warmup_fraction=None,
-    init=0.0,              # LR fraction of peak at the phase's first step (start of warmup)
-    peak=1.0,              # LR fraction after warmup
-    end=0.1,               # LR fraction at the phase's end (unused by constant)
-    decay='linear',        # wsd only: decay form
-    decay_fraction=0.2,    # wsd only: decay length as a fraction of the phase
-)
+from lmjax import phases as phases_lib
 
 
 def defaults() -> ml_collections.ConfigDict:
   """config.optim: AdamW hyper-parameters, clipping, weight-decay mask, freezing, layer-wise LR."""
   return ml_collections.ConfigDict(dict(
-      lr=3e-4,                # peak learning rate; the schedule scales it
+      lr=3e-4,                # peak learning rate; the phases' lr shapes scale it
       b1=0.9,
       b2=0.95,
       eps=1e-8,
@@ -61,13 +44,6 @@ def defaults() -> ml_collections.ConfigDict:
       freeze=(),
       # gamma: layer l of L scaled by gamma**(L-1-l), embeddings by gamma**L, the rest by 1; 1.0 disables.
       layerwise_lr_decay=1.0,
-  ))
-
-
-def schedule_defaults() -> ml_collections.ConfigDict:
-  """config.schedule: one phase over all steps, 1% linear warmup then cosine to 0.1 of peak."""
-  return ml_collections.ConfigDict(dict(
-      phases=(dict(name='cosine', fraction=1.0, warmup_fraction=0.01, init=0.0, peak=1.0, end=0.1),),
   ))
 
 
@@ -86,33 +62,6 @@ def _check_steps(field: str, value) -> int:
   return int(value)
 
 
-def _phase_lengths(phases: list[dict], total_steps: int) -> list[int]:
-  """Resolves each phase's `steps` / `fraction` / rest into lengths that sum to total_steps."""
-  rest = [i for i, p in enumerate(phases) if p['steps'] is None and p['fraction'] is None]
-  if len(rest) > 1:
-    raise ValueError(f'schedule.phases{rest}: at most one phase may leave both steps and fraction unset')
-  given = []
-  for i, p in enumerate(phases):
-    if p['steps'] is not None and p['fraction'] is not None:
-      raise ValueError(f'schedule.phases[{i}]: expected steps or fraction, not both')
-    if p['steps'] is not None:
-      given.append(float(_check_steps(f'schedule.phases[{i}].steps', p['steps'])))
-    elif p['fraction'] is not None:
-      given.append(_check_fraction(f'schedule.phases[{i}].fraction', p['fraction']) * total_steps)
-    else:
-      given.append(None)
-  if rest:
-    given[rest[0]] = total_steps - sum(g for g in given if g is not None)
-    if given[rest[0]] < 0:
-      raise ValueError(f'schedule.phases: the other phases take more than total_steps={total_steps}')
-  # Round cumulative positions, so fractions that sum to 1 give exactly total_steps.
-  bounds = [0] + [round(x) for x in np.cumsum(given)]
-  if bounds[-1] != total_steps:
-    raise ValueError(f'schedule.phases: lengths sum to {float(np.sum(given)):g} steps; expected '
-                     f'total_steps={total_steps} (steps + fraction * total_steps over all phases)')
-  return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-
-
 def _decay(form: str, u, peak: float, end: float):
   """LR fraction at decay progress u in [0, 1], from `peak` (u=0) to `end` (u=1)."""
   if form == 'linear':
@@ -124,30 +73,26 @@ def _decay(form: str, u, peak: float, end: float):
   return end + (peak - end) * (1.0 - jnp.sqrt(u))  # 1-sqrt
 
 
-def _phase_schedule(i: int, p: dict, length: int, peak_lr: float) -> optax.Schedule:
-  """Validates phase i and returns its schedule of the step within the phase."""
-  field = f'schedule.phases[{i}]'
-  unknown = sorted(set(p) - set(PHASE_DEFAULTS))
-  if unknown:
-    raise ValueError(f'{field}: unknown keys {unknown}; expected keys in {sorted(PHASE_DEFAULTS)}')
-  name = p['name']
-  if name not in PHASE_NAMES:
-    raise ValueError(f'{field}.name={name!r}: expected one of {PHASE_NAMES}')
-  if p['decay'] not in DECAY_FORMS:
-    raise ValueError(f'{field}.decay={p["decay"]!r}: expected one of {DECAY_FORMS}')
+def _phase_schedule(phase: phases_lib.Phase, peak_lr: float) -> optax.Schedule:
+  """Validates the phase's `lr` and returns its schedule of the step within the phase."""
+  field, p, length = f'config.phases.{phase.name}.lr', phase.lr, phase.steps
+  shape = p['shape']
+  if shape not in phases_lib.SHAPES:
+    raise ValueError(f'{field}.shape={shape!r}: expected one of {phases_lib.SHAPES}')
+  if p['decay'] not in phases_lib.DECAY_FORMS:
+    raise ValueError(f'{field}.decay={p["decay"]!r}: expected one of {phases_lib.DECAY_FORMS}')
   init, peak, end = (_check_fraction(f'{field}.{k}', p[k]) for k in ('init', 'peak', 'end'))
-  if p['warmup_steps'] is not None and p['warmup_fraction'] is not None:
-    raise ValueError(f'{field}: expected warmup_steps or warmup_fraction, not both')
-  if p['warmup_fraction'] is not None:
-    warmup = round(_check_fraction(f'{field}.warmup_fraction', p['warmup_fraction']) * length)
+  # warmup_steps, when set, wins over warmup_fraction (as a phase's steps win over its fraction).
+  if p['warmup_steps'] is not None:
+    warmup = _check_steps(f'{field}.warmup_steps', p['warmup_steps'])
   else:
-    warmup = _check_steps(f'{field}.warmup_steps', p['warmup_steps'] or 0)
+    warmup = round(_check_fraction(f'{field}.warmup_fraction', p['warmup_fraction'] or 0.0) * length)
   if warmup > length:
     raise ValueError(f'{field}.warmup_steps={warmup}: expected at most the phase length {length}')
-  form = name
-  if name == 'constant':
+  form = shape
+  if shape == 'constant':
     decay = 0
-  elif name == 'wsd':
+  elif shape == 'wsd':
     decay = round(_check_fraction(f'{field}.decay_fraction', p['decay_fraction']) * length)
     form = p['decay']
     if warmup + decay > length:
@@ -170,27 +115,16 @@ def _phase_schedule(i: int, p: dict, length: int, peak_lr: float) -> optax.Sched
   return schedule
 
 
-def make_schedule(schedule_cfg, peak_lr: float, total_steps: int) -> optax.Schedule:
-  """Returns step -> LR (f32) for `schedule_cfg.phases` joined over total_steps (see module docstring).
+def make_schedule(phases: Sequence[phases_lib.Phase], peak_lr: float) -> optax.Schedule:
+  """Returns step -> LR (f32): the phases' shapes joined (see the module docstring).
 
-  Past total_steps the last phase's value at its end holds.
+  Past the last phase its value at its end holds.
   """
-  if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)) or total_steps < 1:
-    raise ValueError(f'total_steps={total_steps!r}: expected an integer >= 1')
-  if not isinstance(peak_lr, (int, float)) or peak_lr < 0:
-    raise ValueError(f'peak_lr={peak_lr!r}: expected a number >= 0')
-  given = schedule_cfg['phases']
-  if not isinstance(given, (list, tuple)) or not given:
-    raise ValueError(f'schedule.phases={given!r}: expected a non-empty sequence of phase dicts')
-  phases = []
-  for i, p in enumerate(given):
-    if not isinstance(p, (dict, ml_collections.ConfigDict)):
-      raise ValueError(f'schedule.phases[{i}]={p!r}: expected a dict with keys in {sorted(PHASE_DEFAULTS)}')
-    phases.append({**PHASE_DEFAULTS, **dict(p)})
-  lengths = _phase_lengths(phases, int(total_steps))
-  schedules = [_phase_schedule(i, p, n, float(peak_lr)) for i, (p, n) in enumerate(zip(phases, lengths))]
+  if isinstance(peak_lr, bool) or not isinstance(peak_lr, (int, float)) or not peak_lr >= 0:
+    raise ValueError(f'config.optim.lr={peak_lr!r}: expected a number >= 0')
+  schedules = [_phase_schedule(p, float(peak_lr)) for p in phases]
   # Zero-length phases are validated above but never reached.
-  kept = [(s, n) for s, n in zip(schedules, lengths) if n > 0]
+  kept = [(s, p.steps) for s, p in zip(schedules, phases) if p.steps > 0]
   boundaries = np.cumsum([n for _, n in kept])[:-1].tolist()
   return optax.join_schedules([s for s, _ in kept], boundaries)
 
@@ -229,9 +163,8 @@ def _layerwise_scale(gamma: float, num_layers: int) -> optax.GradientTransformat
   return optax.stateless(lambda updates, params: jax.tree_util.tree_map_with_path(scale, updates))
 
 
-def make_optimizer(optim_cfg, schedule_cfg, params, total_steps: int
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Returns (optax transformation, LR schedule) for `params` (nested dict of arrays; stacked 'layers')."""
+def make_optimizer(optim_cfg, schedule: optax.Schedule, params) -> optax.GradientTransformation:
+  """The optax transformation for `params` (nested dict of arrays; stacked 'layers') and an LR schedule."""
   c = optim_cfg
   for k, lo, hi in (('b1', 0.0, 1.0), ('b2', 0.0, 1.0)):
     if not lo <= c[k] < hi:
@@ -244,8 +177,6 @@ def make_optimizer(optim_cfg, schedule_cfg, params, total_steps: int
     raise ValueError(f'optim.clip_norm={c.clip_norm!r}: expected None, 0 (off) or a number > 0')
   if not 0 < c.layerwise_lr_decay <= 1:
     raise ValueError(f'optim.layerwise_lr_decay={c.layerwise_lr_decay!r}: expected a number in (0, 1]')
-  schedule = make_schedule(schedule_cfg, c.lr, total_steps)
-
   chain = []
   if c.clip_norm:
     chain.append(optax.clip_by_global_norm(c.clip_norm))
@@ -271,4 +202,4 @@ def make_optimizer(optim_cfg, schedule_cfg, params, total_steps: int
     labels = jax.tree_util.tree_map_with_path(
         lambda kp, _: 'frozen' if any(r.fullmatch(_path(kp)) for r in patterns) else 'trained', params)
     tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
-  return tx, schedule
+  return tx

@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from lmjax import phases
 from lmjax.data import corpora
 from lmjax.data import pipeline
 from lmjax.data import prepare
@@ -107,14 +108,14 @@ def small_cfg(tmp_path):
   cfg = pipeline.defaults()
   cfg.sources = {'a': dict(corpora=f'txt:{src}/*.txt', max_chars=0),
                  'gone': dict(corpora=f'txt:{tmp_path}/none/*.txt', max_chars=0)}
-  cfg.stages = [(0, {'a': 1.0, 'gone': 1.0})]
   cfg.tokenizer.vocab_size = 300
   cfg.eval.holdout_chars = 200
   return cfg
 
 
 def _build(cfg, workdir):
-  return pipeline.build(cfg, seq_len=16, global_batch_size=2, seed=0, workdir=str(workdir))
+  mixture = phases.resolve(phases.defaults(), 10, list(cfg.sources))  # equal weights
+  return pipeline.build(cfg, mixture, seq_len=16, global_batch_size=2, seed=0, workdir=str(workdir))
 
 
 def test_prepare_writes_stats_and_reports_missing_sources(small_cfg, tmp_path):

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from lmjax import phases
 from lmjax.data import pipeline
 
 
@@ -113,23 +114,23 @@ def test_epoch_count_of_an_upsampled_source_is_exact():
   assert rate_small / rate_big == pytest.approx(4.0, rel=0.02)
 
 
-def test_metrics_report_stage_of_the_last_batch():
+def test_metrics_report_phase_of_the_last_batch():
   p = _pipeline([(0, [1.0, 0.0]), (3, [0.0, 1.0])], [[10] * 50, [10] * 50], repeats=False)
-  assert [p.metrics(s)['data/stage'] for s in (0, 1, 3, 4)] == [0, 0, 0, 1]
+  assert [p.metrics(s)['data/phase'] for s in (0, 1, 3, 4)] == [0, 0, 0, 1]
   assert p.metrics(3)['data/s1/epochs'] == 0 and p.metrics(4)['data/s1/epochs'] > 0
 
 
-def test_bad_stages_are_errors_naming_the_field():
-  cfg = pipeline.defaults()
-  cfg.stages = [(0, {'code': 1.0, 'nope': 1.0})]
-  with pytest.raises(ValueError, match='unknown source .nope'):
-    pipeline.stage_weights(cfg, ['code'], {'code': 1})
-  cfg.stages = [(5, {'code': 1.0})]
-  with pytest.raises(ValueError, match='config.data.stages'):
-    pipeline.stage_weights(cfg, ['code'], {'code': 1})
-  cfg.stages = [(0, {'code': 0.0})]
-  with pytest.raises(ValueError, match='no installed source has weight'):
-    pipeline.stage_weights(cfg, ['code'], {'code': 1})
+def test_bad_phase_weights_are_errors_naming_the_phase():
+  with pytest.raises(ValueError, match=r"config\.phases\.warm\.weights: unknown source 'nope'"):
+    phases.resolve(phases.timeline(warm=phases.phase(weights={'code': 1.0, 'nope': 1.0})), 10, ['code'])
+  with pytest.raises(ValueError, match=r'config\.phases\.warm\.weights=.*expected at least one weight > 0'):
+    phases.resolve(phases.timeline(warm=phases.phase(weights={'code': 0.0})), 10, ['code'])
+  with pytest.raises(ValueError, match=r'config\.phases\.warm\.weights\.code=-1\.0: expected a number >= 0'):
+    phases.resolve(phases.timeline(warm=phases.phase(weights={'code': -1.0})), 10, ['code'])
+  # Weight only on a source that is not installed: named at build time.
+  two = phases.resolve(phases.timeline(warm=phases.phase(weights={'code': 0.0, 'gone': 1.0})), 10, ['code', 'gone'])
+  with pytest.raises(ValueError, match=r'config\.phases\.warm\.weights: no installed source has weight'):
+    pipeline.stage_weights(two, pipeline.defaults(), ['code'], {'code': 1})
 
 
 def test_bad_sources_are_errors_naming_the_field():

@@ -9,10 +9,11 @@ import os
 import numpy as np
 import pytest
 
+from lmjax import batch as batch_lib, phases
 from lmjax.data import corpora
 from lmjax.data import pipeline
 
-KEYS = ('inputs', 'targets', 'weights', 'segment_ids', 'positions')
+KEYS = tuple(batch_lib.FIELDS)
 
 
 class FakeDocs:
@@ -113,7 +114,6 @@ def two_sources(tmp_path_factory):
       'b': dict(corpora=_write_source(root, 'b', [_words(rng, 'nopqrstuvwxyz', rng.integers(5, 60)) + '\n'
                                                   for _ in range(80)]), max_chars=0),
   }
-  cfg.stages = [(0, {'a': 1.0, 'b': 0.0}), (5, {'a': 0.25, 'b': 0.75})]
   cfg.mix_block = 8
   cfg.tokenizer.vocab_size = 300
   cfg.eval.holdout_chars = 2000
@@ -121,10 +121,16 @@ def two_sources(tmp_path_factory):
   return cfg
 
 
+# The mixture: source b is off for the first 5 steps, then 3:1 over a.
+TWO_PHASES = phases.resolve(phases.timeline(first=phases.phase(steps=5, weights={'a': 1.0, 'b': 0.0}),
+                                             then=phases.phase(weights={'a': 0.25, 'b': 0.75})),
+                            1000, ['a', 'b'])
+
+
 def _build(cfg, **kw):
   args = dict(seq_len=24, global_batch_size=8, seed=1, workdir='/nonexistent')
   args.update(kw)
-  return pipeline.build(cfg, **args)
+  return pipeline.build(cfg, TWO_PHASES, **args)
 
 
 def _take(it, n):
@@ -141,10 +147,8 @@ def _assert_batches_equal(xs, ys):
 def test_batches_have_the_contract_shapes_and_types(two_sources):
   p = _build(two_sources)
   b = next(p.train_iter())
-  assert set(b) == set(KEYS)
-  for k in KEYS:
-    assert b[k].shape == (8, 24)
-  assert b['weights'].dtype == np.float32 and all(b[k].dtype == np.int32 for k in KEYS if k != 'weights')
+  batch_lib.check(b, 8, 24)  # the spec every step reads: fields, dtypes, shapes
+  assert set(b['source_id']) <= {0, 1}
   assert p.sources == ['a', 'b'] and p.tokenizer.vocab_size == 300
 
 
@@ -165,7 +169,7 @@ def test_two_process_slices_union_to_the_one_process_stream(two_sources):
   parts = [_take(_build(two_sources, process_index=i, process_count=2).train_iter(), 7) for i in range(2)]
   for step in range(7):
     for k in KEYS:
-      assert parts[0][step][k].shape == (4, 24)
+      assert parts[0][step][k].shape == batch_lib.shape(k, 4, 24)
       np.testing.assert_array_equal(np.concatenate([parts[0][step][k], parts[1][step][k]]), one[step][k])
   e1, e2 = _build(two_sources).eval_batches(), _build(two_sources, process_index=1, process_count=2).eval_batches()
   for name in e1:
@@ -193,7 +197,7 @@ def test_stage_switch_is_exact_and_zero_weight_never_drawn(two_sources):
       assert srcs == ['a'] * 8, f'step {step} (weight of b is 0) drew {srcs}'
     else:  # blocks of 8 rows = one batch: exactly 2 of a and 6 of b
       assert srcs.count('a') == 2, f'step {step} drew {srcs}'
-  assert p.metrics(5)['data/stage'] == 0 and p.metrics(6)['data/stage'] == 1
+  assert p.metrics(5)['data/phase'] == 0 and p.metrics(6)['data/phase'] == 1
 
 
 def test_rows_are_text_of_the_source_documents(two_sources):
@@ -235,22 +239,26 @@ def test_defaults_build_on_the_standard_library(tmp_path):
   cfg.sources.code.max_chars = 400_000
   cfg.tokenizer.sample_chars = 300_000
   cfg.tokenizer.vocab_size = 1024
-  p = pipeline.build(cfg, seq_len=64, global_batch_size=4, seed=0, workdir=str(tmp_path))
+  p = pipeline.build(cfg, phases.resolve(phases.defaults(), 10, ['code']), seq_len=64,
+                     global_batch_size=4, seed=0, workdir=str(tmp_path))
   assert p.sources == ['code'] and os.path.isdir(tmp_path / 'data')
   b = next(p.train_iter())
   assert b['inputs'].shape == (4, 64)
   same = b['segment_ids'][:, 1:] == b['segment_ids'][:, :-1]
   np.testing.assert_array_equal(b['targets'][:, :-1][same], b['inputs'][:, 1:][same])
-  assert p.eval_batches()['code'] and set(p.metrics(1)) == {'data/code/epochs', 'data/stage'}
+  assert p.eval_batches()['code'] and set(p.metrics(1)) == {'data/code/epochs', 'data/phase'}
+  assert b['source_id'].tolist() == [0] * 4
+  batch_lib.check(b, 4, 64)
 
 
-def test_tiny_mix_anneal_stage_starts_with_the_lr_decay():
+def test_tiny_mix_anneal_phase_starts_with_the_lr_decay():
   from lmjax import config as config_lib
   from lmjax import optim
   root = os.path.join(os.path.dirname(__file__), '..')
   cfg = config_lib.load(os.path.join(root, 'configs', 'tiny_mix.py'), 'steps=200')
-  (_, pretrain), (start, anneal) = cfg.data.stages
-  lr = optim.make_schedule(cfg.schedule, 1.0, cfg.train.steps)
+  resolved = phases.resolve(cfg.phases, cfg.train.steps, list(cfg.data.sources))
+  (pretrain, anneal), start = [p.weights for p in resolved], resolved[1].start
+  lr = optim.make_schedule(resolved, 1.0)
   # Batch i feeds the update with optimizer count i: the last pretrain batch sees the peak LR,
   # the anneal batches see it decay.
   assert float(lr(start - 1)) == pytest.approx(1.0) and float(lr(start)) == pytest.approx(1.0)

@@ -5,13 +5,23 @@ import numpy as np
 import optax
 import pytest
 
-from lmjax import optim
+from lmjax import optim, phases as phases_lib
 
 PEAK = 3e-4
 L, D, V = 3, 4, 5
 
 
 # ---------------------------------------------------------------------------------------------- schedules
+
+def _schedule(entries, peak, total):
+  """optim.make_schedule of config.phases {p0: ..., p1: ...} written as flat dicts: the length keys
+  (steps, fraction) and the lr keys (shape, warmup_steps, ...) side by side."""
+  cfg = {'order': tuple(f'p{i}' for i in range(len(entries)))}
+  for i, e in enumerate(entries):
+    e = dict(e)
+    cfg[f'p{i}'] = dict(steps=e.pop('steps', None), fraction=e.pop('fraction', None), lr=e)
+  return optim.make_schedule(phases_lib.resolve(cfg, total, []), peak)
+
 
 def _cos(u):
   return 0.5 * (1 + np.cos(np.pi * np.clip(u, 0, 1)))
@@ -28,7 +38,7 @@ def _wsd(form):
   def lr(t):
     u = np.clip((t - 70) / 30, 0, 1)
     return PEAK * (t / 10 if t < 10 else 1.0 if t < 70 else decays[form](u))
-  return ([dict(name='wsd', fraction=1.0, warmup_steps=10, decay=form, decay_fraction=0.3, end=0.01)],
+  return ([dict(shape='wsd', fraction=1.0, warmup_steps=10, decay=form, decay_fraction=0.3, end=0.01)],
           100, lr)
 
 
@@ -44,20 +54,20 @@ def _rewarm(t):
 
 CASES = {
     # name: (phases, total_steps, closed form of step)
-    'default': (optim.schedule_defaults().phases, 200,
+    'default': ([dict(fraction=1.0, warmup_fraction=0.01)], 200,
                 lambda t: PEAK * (t / 2 if t < 2 else 0.1 + 0.9 * _cos((t - 2) / 198))),
-    'constant': ([dict(name='constant', warmup_steps=10, init=0.2, peak=0.8)], 100,
+    'constant': ([dict(shape='constant', warmup_steps=10, init=0.2, peak=0.8)], 100,
                  lambda t: PEAK * (0.2 + 0.6 * t / 10 if t < 10 else 0.8)),
-    'linear': ([dict(name='linear', steps=100, warmup_steps=20, end=0.0)], 100,
+    'linear': ([dict(shape='linear', steps=100, warmup_steps=20, end=0.0)], 100,
                lambda t: PEAK * (t / 20 if t < 20 else max(1 - (t - 20) / 80, 0.0))),
-    'cosine': ([dict(name='cosine', fraction=1.0, end=0.05)], 100,
+    'cosine': ([dict(shape='cosine', fraction=1.0, end=0.05)], 100,
                lambda t: PEAK * (0.05 + 0.95 * _cos(t / 100))),
-    'anneal': ([dict(name='linear', fraction=1.0, peak=0.1, end=0.0)], 100,
+    'anneal': ([dict(shape='linear', fraction=1.0, peak=0.1, end=0.0)], 100,
                lambda t: PEAK * 0.1 * max(1 - t / 100, 0.0)),
-    **{f'wsd-{f}': _wsd(f) for f in optim.DECAY_FORMS},
-    'joined': ([dict(name='wsd', fraction=0.6, warmup_steps=50, decay_fraction=0.0),
-                dict(name='linear', steps=100, end=0.1),
-                dict(name='cosine', warmup_fraction=0.1, init=0.1, peak=0.5, end=0.0)],  # the rest: 300
+    **{f'wsd-{f}': _wsd(f) for f in phases_lib.DECAY_FORMS},
+    'joined': ([dict(shape='wsd', fraction=0.6, warmup_steps=50, decay_fraction=0.0),
+                dict(shape='linear', steps=100, end=0.1),
+                dict(shape='cosine', warmup_fraction=0.1, init=0.1, peak=0.5, end=0.0)],  # the rest: 300
                1000, _rewarm),
 }
 STEPS = {
@@ -70,7 +80,7 @@ STEPS = {
 def test_schedule_matches_closed_form(case):
   phases, total, closed_form = CASES[case]
   steps = STEPS.get(case, [0, 5, 9, 10, 11, 19, 20, 21, 50, 69, 70, 71, 85, 99, 100, 130])
-  schedule = optim.make_schedule(dict(phases=phases), PEAK, total)
+  schedule = _schedule(phases, PEAK, total)
   got = jax.jit(schedule)(jnp.asarray(steps, jnp.int32))
   assert got.dtype == jnp.float32
   want = np.array([closed_form(t) for t in steps])
@@ -80,8 +90,8 @@ def test_schedule_matches_closed_form(case):
 
 def test_fraction_phases_round_cumulatively():
   # Thirds of 100 steps: boundaries at round(33.3)=33 and round(66.7)=67, the last phase ends at exactly 100.
-  phases = [dict(name='constant', fraction=1 / 3, peak=p) for p in (1.0, 0.5, 0.25)]
-  schedule = optim.make_schedule(dict(phases=phases), 1.0, 100)
+  phases = [dict(shape='constant', fraction=1 / 3, peak=p) for p in (1.0, 0.5, 0.25)]
+  schedule = _schedule(phases, 1.0, 100)
   got = [float(schedule(t)) for t in (0, 32, 33, 66, 67, 99)]
   assert got == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
 
@@ -110,12 +120,12 @@ def _config(**overrides):
   return c
 
 
-CONSTANT = dict(phases=[dict(name='constant', fraction=1.0)])
+CONSTANT = _schedule([dict(shape='constant', fraction=1.0)], 1e-2, 10)
 
 
 def _run(config, params, grads_list):
   """Applies the optimizer for len(grads_list) steps (jitted update); returns the final params (numpy)."""
-  tx, _ = optim.make_optimizer(config, CONSTANT, params, total_steps=10)
+  tx = optim.make_optimizer(config, CONSTANT, params)
   state = tx.init(params)
   update = jax.jit(tx.update)
   for grads in grads_list:
@@ -244,42 +254,50 @@ def test_layerwise_lr_matches_numpy():
   _assert_close(got, _numpy_adamw(params, grads, decayed=_decayed, lr_scale=lr_scale))
 
 
-def test_make_optimizer_returns_its_schedule():
-  _, schedule = optim.make_optimizer(_config(lr=2e-3), optim.schedule_defaults(), _params(), 200)
-  want = 2e-3 * (0.1 + 0.9 * _cos((100 - 2) / 198))
-  np.testing.assert_allclose(float(schedule(100)), want, rtol=2e-6)
-
-
 # ------------------------------------------------------------------------------------------------ errors
 
 BAD_SCHEDULES = [
-    (dict(phases=[dict(name='cosinus')]), r"phases\[0\]\.name='cosinus': expected one of \('constant'"),
-    (dict(phases=[dict(name='wsd', decay='step')]), r"phases\[0\]\.decay='step': expected one of"),
-    (dict(phases=[dict(steps=-5)]), r'phases\[0\]\.steps=-5: expected an integer >= 0'),
-    (dict(phases=[dict(fraction=1.5)]), r'phases\[0\]\.fraction=1\.5: expected a number in \[0, 1\]'),
-    (dict(phases=[dict(end=2.0)]), r'phases\[0\]\.end=2\.0: expected a number in \[0, 1\]'),
-    (dict(phases=[dict(warmup_fraction=-0.1)]), r'phases\[0\]\.warmup_fraction=-0\.1'),
-    (dict(phases=[dict(steps=60), dict(steps=30)]), r'sum to 90 steps; expected total_steps=100'),
-    (dict(phases=[dict(steps=60, fraction=0.4)]), r'phases\[0\]: expected steps or fraction, not both'),
-    (dict(phases=[dict(), dict()]), r'at most one phase may leave both steps and fraction unset'),
-    (dict(phases=[dict(steps=200), dict()]), r'take more than total_steps=100'),
-    (dict(phases=[dict(warmup_steps=101)]), r'warmup_steps=101: expected at most the phase length 100'),
-    (dict(phases=[dict(name='wsd', warmup_steps=90, decay_fraction=0.2)]), r'exceed the phase length 100'),
-    (dict(phases=[dict(name='wsd', decay='exponential', end=0.0)]), r'exponential decay needs .* end > 0'),
-    (dict(phases=[dict(nmae='cosine')]), r"unknown keys \['nmae'\]"),
-    (dict(phases=[]), r'expected a non-empty sequence of phase dicts'),
+    ([dict(shape='cosinus')], r"phases\.p0\.lr\.shape='cosinus': expected one of \('constant'"),
+    ([dict(shape='wsd', decay='step')], r"phases\.p0\.lr\.decay='step': expected one of"),
+    ([dict(steps=-5)], r'phases\.p0\.steps=-5: expected an integer >= 0'),
+    ([dict(fraction=1.5)], r'phases\.p0\.fraction=1\.5: expected a number in \[0, 1\]'),
+    ([dict(end=2.0)], r'phases\.p0\.lr\.end=2\.0: expected a number in \[0, 1\]'),
+    ([dict(warmup_fraction=-0.1)], r'phases\.p0\.lr\.warmup_fraction=-0\.1'),
+    ([dict(steps=60), dict(steps=30)], r'sum to 90 steps; expected config\.train\.steps=100'),
+    ([dict(), dict()], r'phases\.p1: at most one phase may leave both steps and fraction unset'),
+    ([dict(steps=200), dict()], r'take 200 steps, more than config\.train\.steps=100'),
+    ([dict(warmup_steps=101)], r'warmup_steps=101: expected at most the phase length 100'),
+    ([dict(shape='wsd', warmup_steps=90, decay_fraction=0.2)], r'exceed the phase length 100'),
+    ([dict(shape='wsd', decay='exponential', end=0.0)], r'exponential decay needs .* end > 0'),
+    ([dict(nmae='cosine')], r"phases\.p0\.lr: unknown keys \['nmae'\]"),
 ]
 
 
-@pytest.mark.parametrize('cfg,match', BAD_SCHEDULES)
-def test_bad_schedule_config_errors(cfg, match):
+@pytest.mark.parametrize('entries,match', BAD_SCHEDULES)
+def test_bad_schedule_config_errors(entries, match):
   with pytest.raises(ValueError, match=match):
-    optim.make_schedule(cfg, PEAK, 100)
+    _schedule(entries, PEAK, 100)
 
 
-def test_bad_total_steps_errors():
-  with pytest.raises(ValueError, match=r'total_steps=0: expected an integer >= 1'):
-    optim.make_schedule(optim.schedule_defaults(), PEAK, 0)
+def test_bad_phases_and_total_steps_errors():
+  with pytest.raises(ValueError, match=r'config\.phases=\{\}: expected lmjax\.phases\.timeline'):
+    phases_lib.resolve({}, 100, [])
+  two = phases_lib.timeline(a=phases_lib.phase(), b=phases_lib.phase(steps=5))
+  two.order = ('b', 'c')
+  with pytest.raises(ValueError, match=r"config\.phases\.order=\('b', 'c'\): expected each phase of \['a', 'b'\] once"):
+    phases_lib.resolve(two, 10, [])
+  with pytest.raises(ValueError, match=r'config\.train\.steps=0: expected an integer >= 1'):
+    phases_lib.resolve(phases_lib.defaults(), 0, [])
+  with pytest.raises(ValueError, match=r'config\.optim\.lr=-1: expected a number >= 0'):
+    optim.make_schedule(phases_lib.resolve(phases_lib.defaults(), 10, []), -1)
+
+
+def test_steps_win_over_fraction_and_warmup_steps_over_warmup_fraction():
+  """So a length given as a fraction can be overridden in steps by a flag (a float flag cannot
+  be set to None)."""
+  got = _schedule([dict(steps=60, fraction=0.4, shape='constant', warmup_steps=10, warmup_fraction=0.5),
+                   dict(shape='constant', peak=0.5)], 1.0, 100)
+  assert [float(got(t)) for t in (0, 5, 10, 59, 60, 99)] == [0.0, 0.5, 1.0, 1.0, 0.5, 0.5]
 
 
 @pytest.mark.parametrize('overrides,match', [
@@ -293,4 +311,4 @@ def test_bad_total_steps_errors():
 ])
 def test_bad_optimizer_config_errors(overrides, match):
   with pytest.raises(ValueError, match=match):
-    optim.make_optimizer(_config(**overrides), CONSTANT, _params(), 10)
+    optim.make_optimizer(_config(**overrides), CONSTANT, _params())

@@ -39,7 +39,7 @@ def _config(**sweep_overrides):
 
 
 class FakeTrain:
-  """Stands in for lmjax.train.run: appends eval records whose losses follow DOMAIN/GENERAL at the
+  """Stands in for lmjax.trainer.run: appends eval records whose losses follow DOMAIN/GENERAL at the
   run's N, tokens and mixture (en and code both follow GENERAL, so their weighted mean does too).
   A pretraining run (general data only) logs the laws at r_d = 0."""
 
@@ -51,8 +51,8 @@ class FakeTrain:
     if os.path.basename(workdir) == self.fail_on:
       raise RuntimeError('preempted')
     os.makedirs(workdir, exist_ok=True)
-    n = sweep.param_count(config.model, config.data)
-    weights = dict(config.data.stages[0][1])
+    n = sweep.param_count(config.model)
+    weights = dict(config.phases.main.weights)
     r_d = weights['legal']
     per_step = config.train.batch_size * config.train.seq_len
     with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
@@ -72,7 +72,7 @@ def test_expand_builds_the_grid():
   assert len(cpt) == 3 * 5 and all(s.kind == 'cpt' for s in cpt.values())
   s = cpt['b-r0.3-t12800']
   assert s.steps == 100 and s.ratio == 0.3 and s.size == 'b'
-  stage = dict(s.config.data.stages[0][1])
+  stage = dict(s.config.phases.main.weights)
   assert stage['legal'] == 0.3
   assert stage['en'] == pytest.approx(0.7 * 0.75) and stage['code'] == pytest.approx(0.7 * 0.25)
   assert s.config.model.d_model == 64 and s.config.model.n_layers == 2
@@ -80,7 +80,7 @@ def test_expand_builds_the_grid():
   assert s.config.data.cache_dir == '/sw/data'  # one cache: one tokenizer for every run
   assert 'sweep' not in s.config
   pre = specs[0].config
-  assert specs[0].steps == 50 and dict(pre.data.stages[0][1]) == pytest.approx(
+  assert specs[0].steps == 50 and dict(pre.phases.main.weights) == pytest.approx(
       {'en': 0.75, 'code': 0.25, 'legal': 0.0})
   config_lib.validate(s.config)
 
@@ -120,7 +120,7 @@ def test_runner_resumes_and_fit_recovers_the_law(tmp_path):
   table = sweep.read_csv(os.path.join(tmp_path, 'results.csv'))
   assert len(table['run']) == 15 * 10  # every CPT evaluation, the stale partial record replaced
   assert set(table['holdout'][table['ratio'] == 0.3]) == {1.0}
-  n_c = sweep.param_count(specs[2].config.model, specs[2].config.data)
+  n_c = sweep.param_count(specs[2].config.model)
   row = np.flatnonzero((table['n'] == n_c) & (table['ratio'] == 0.7) & (table['step'] == 40))[0]
   assert table['tokens'][row] == 40 * 128
   assert table['domain_loss'][row] == pytest.approx(float(laws.dcpt_loss(DOMAIN, n_c, 5120, 0.7)))

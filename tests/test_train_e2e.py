@@ -37,7 +37,7 @@ def losses_by_step(workdir):
 
 KILL_AT_STEP = textwrap.dedent('''
     import os, signal, sys
-    from lmjax import config as config_lib, train
+    from lmjax import config as config_lib, trainer
     workdir, kill_step, flags = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     config = config_lib.load('configs/tiny.py', 'steps=10')
     config.unlock()
@@ -48,7 +48,7 @@ KILL_AT_STEP = textwrap.dedent('''
     def kill(info):
       if info.step == kill_step:
         os.kill(os.getpid(), signal.SIGKILL)
-    train.run(config, workdir, extra_hooks=[train.Hook(1, kill)])
+    trainer.run(config, workdir, extra_hooks=[trainer.Hook(1, kill)])
 ''')
 
 
@@ -120,10 +120,10 @@ def test_bad_config_knob_and_file_are_errors():
     config_lib.load('configs/nope.py')
 
 
-def test_bad_schedule_and_data_config_fail_at_load():
+def test_bad_phases_and_data_config_fail_at_load():
   config = config_lib.load('configs/tiny.py')
-  config.schedule.phases = (dict(name='cosine', fraction=1.0, decay='cubic'),)
-  with pytest.raises(ValueError, match='schedule.phases'):
+  config.phases.main.lr.decay = 'cubic'
+  with pytest.raises(ValueError, match=r"config\.phases\.main\.lr\.decay='cubic'"):
     config_lib.validate(config)
   config = config_lib.load('configs/tiny.py')
   config.data.sources = {}
@@ -136,20 +136,20 @@ def test_init_from_starts_from_another_runs_params(tmp_path):
   step start fresh, and the run's own checkpoint still wins on a re-run."""
   import jax
   import numpy as np
-  from lmjax import train
+  from lmjax import trainer
   base = config_lib.load('configs/tiny.py', 'steps=3')
   base.train.update(batch_size=8, seq_len=64, checkpoint_every=3)
-  train.run(base, str(tmp_path / 'base'))
-  finished = train.setup(base, str(tmp_path / 'base'))
+  trainer.run(base, str(tmp_path / 'base'))
+  finished = trainer.setup(base, str(tmp_path / 'base'))
   assert finished.start_step == 3
   cpt = config_lib.load('configs/tiny.py', 'steps=3')
   cpt.train.update(batch_size=8, seq_len=64)
   cpt.init_from = str(tmp_path / 'base')
-  started = train.setup(cpt, str(tmp_path / 'cpt'))
+  started = trainer.setup(cpt, str(tmp_path / 'cpt'))
   assert started.start_step == 0
   for a, b in zip(jax.tree.leaves(started.state['params']), jax.tree.leaves(finished.state['params'])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  scratch = train.setup(base, str(tmp_path / 'scratch'))
+  scratch = trainer.setup(base, str(tmp_path / 'scratch'))
   assert not np.array_equal(np.asarray(scratch.state['params']['embed_vd']),
                             np.asarray(started.state['params']['embed_vd']))
   for r in (finished, started, scratch):
@@ -157,8 +157,8 @@ def test_init_from_starts_from_another_runs_params(tmp_path):
 
 
 def test_batch_not_divisible_by_the_mesh_names_the_field(tmp_path):
-  from lmjax import train
+  from lmjax import trainer
   config = config_lib.load('configs/tiny.py')
   config.train.batch_size = 4  # 8 fake devices on the data axis
   with pytest.raises(ValueError, match='config.train.batch_size=4'):
-    train.setup(config, str(tmp_path))
+    trainer.setup(config, str(tmp_path))

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from lmjax import aot, config as config_lib, model, sharding, train
+from lmjax import aot, batch as batch_lib, config as config_lib, losses, model, sharding, steps as steps_lib
 
 
 def tiny_config(**train_overrides):
@@ -19,30 +19,20 @@ def tiny_config(**train_overrides):
 
 
 def random_batch(seed, batch_size, seq_len, vocab):
-  """Rows of 2 packed documents each, as the pipeline produces them (padding weight 0 at the end)."""
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(0, vocab, (batch_size, seq_len + 1))
-  cut = rng.integers(4, seq_len - 4, batch_size)
-  seg = np.where(np.arange(seq_len + 1)[None] < cut[:, None], 1, 2).astype(np.int32)
-  pos = np.where(seg == 1, np.arange(seq_len + 1), np.arange(seq_len + 1) - cut[:, None])
-  weights = (seg[:, 1:] == seg[:, :-1]).astype(np.float32)
-  return dict(inputs=tokens[:, :-1].astype(np.int32), targets=tokens[:, 1:].astype(np.int32),
-              weights=weights, segment_ids=seg[:, :-1], positions=pos[:, :-1].astype(np.int32))
+  """Rows of 2 packed documents each, as the pipeline produces them (lmjax.batch's spec)."""
+  return batch_lib.synthetic(batch_size, seq_len, vocab, seed, docs_per_row=2)
 
 
 def run_steps(config, devices, n_steps=3):
   mesh = sharding.make_mesh(config.mesh, devices)
-  args = model.resolve(config.model)
-  graphdef, (tx, schedule), _, state_sh, init = train.init_state(config, args, mesh)
-  state = init(0)
-  step = jax.jit(train.make_train_step(graphdef, tx, schedule, config.train),
-                 out_shardings=(state_sh, None))
+  built = steps_lib.build(config, mesh, model.resolve(config.model).vocab_size)
+  state = built.init(0)
   losses = []
   with jax.set_mesh(mesh):
     for i in range(n_steps):
       batch = sharding.global_batch(random_batch(0, config.train.batch_size,
-                                                 config.train.seq_len, args.vocab_size), mesh)
-      state, metrics = step(state, batch)
+                                                 config.train.seq_len, built.args.vocab_size), mesh)
+      state, metrics = built.train_step(state, batch)
       losses.append(float(metrics['loss']))
   return np.array(losses), state
 
@@ -87,7 +77,8 @@ def test_loss_is_token_weighted_cross_entropy():
   args = model.resolve(config.model)
   graphdef, params = model.create(args, 0)
   batch = random_batch(0, 4, 32, args.vocab_size)
-  loss_sum, weight_sum = train.loss_sums(graphdef, params, batch, 0.0)
+  loss_args = losses.resolve(config.loss, args.vocab_size)
+  loss_sum, weight_sum, _, _ = steps_lib.loss_sums(graphdef, params, batch, loss_args, 1)
   logits = np.asarray(model.apply(graphdef, params, batch), np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - logits.max(-1, keepdims=True)
@@ -101,7 +92,7 @@ def test_1b_train_step_compiles_ahead_of_time_for_8_devices():
   config = config_lib.load('configs/pretrain.py', 'size=1b,batch_size=8')
   config.unlock()
   config.mesh.update(data=1, fsdp=4, tensor=2)
-  compiled = aot.compile_train_step(config, 8)
+  compiled = aot.compile_train_step(config, jax.devices())
   memory = compiled.memory_analysis()
   # 1.24B f32 params + 2 Adam moments, split over 8 devices: ~2.3 GiB of arguments per device
   # (replicated norms add a little). Nothing near the 14.8 GB an unsharded copy would need.

@@ -13,8 +13,10 @@ Segment ids number the document pieces in a row 1, 2, ... (0 = padding); positio
 each piece (a document cut by a row boundary continues in the next row as a new piece: the model sees
 no context across rows anyway); weights are 1 where the target is the next token of the same document.
 
-Mixture (after Levanter's block-deterministic mixture, data/mixture.py). Stages are
-[(start_step, {source: weight})]; stage j covers global rows [start_j * B, start_{j+1} * B). Inside a
+Mixture (after Levanter's block-deterministic mixture, data/mixture.py). The stages are the phases of
+`config.phases` (lmjax/phases.py) that have steps: stage j starts at its phase's first step and covers
+global rows [start_j * B, start_{j+1} * B), so the mixture switches at the very step the learning-rate
+shape does. Inside a
 stage the rows are cut into blocks of `mix_block` rows (the last one cut short by the stage end); in a
 block of n rows, source s gets exactly its largest-remainder share of round(w_s * n) rows, in an order
 shuffled with (seed, stage, block). So proportions hold exactly in every block, a zero weight never
@@ -39,6 +41,7 @@ import ml_collections
 import numpy as np
 from array_record.python import array_record_module
 
+from lmjax import batch as batch_lib
 from lmjax.data import corpora
 from lmjax.data import prepare as prepare_lib
 
@@ -46,13 +49,12 @@ _NUM_STEPS = 1 << 50  # length of the (unbounded) step-indexed dataset
 
 
 def defaults() -> ml_collections.ConfigDict:
-  """`config.data`: one source (the Python standard library), one stage, a small BPE tokenizer."""
+  """`config.data`: one source (the Python standard library), a small BPE tokenizer. The mixture
+  weights are the phases' (`config.phases.<name>.weights`)."""
   return ml_collections.ConfigDict(dict(
       # Each source: comma-separated corpus names (lmjax.data.corpora.CORPORA) and a cap on the
       # characters of its train documents (0 = all).
       sources={'code': dict(corpora='python_stdlib', max_chars=0)},
-      # Mixture stages [(start_step, {source: weight})]; the first starts at step 0.
-      stages=[(0, {'code': 1.0})],
       weights_are='proportions',  # proportions | repeats (weight x the source's epoch size)
       mix_block=1024,  # rows per block in which the proportions hold exactly
       allow_missing=True,  # run without sources whose corpora are not installed (they are reported)
@@ -210,8 +212,11 @@ def pack_example(tokens: np.ndarray, pieces: np.ndarray) -> dict[str, np.ndarray
   )
 
 
-def _stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+def _stack(examples: list[dict[str, np.ndarray]], source_ids: list[int]) -> dict[str, np.ndarray]:
+  """A batch in the spec of lmjax/batch.py from rows (pack_example) and their sources."""
+  out = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+  out['source_id'] = np.asarray(source_ids)
+  return {name: out[name].astype(dtype, copy=False) for name, (dtype, _) in batch_lib.FIELDS.items()}
 
 
 def _largest_remainder(weights: np.ndarray, n: int) -> np.ndarray:
@@ -301,11 +306,12 @@ class Pipeline:
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's slice of global batch `step` (rows step*B + offset ... + local batch)."""
     first = step * self._global_batch + self._offset
-    examples = []
+    examples, source_ids = [], []
     for g in range(first, first + self._local_batch):
       s, k = self._mixture.assign(g)
       examples.append(pack_example(*self._rows[s].row(k)))
-    return _stack(examples)
+      source_ids.append(s)
+    return _stack(examples, source_ids)
 
   def dataset(self) -> grain.MapDataset:
     """The step-indexed grain dataset of this process's batches."""
@@ -322,7 +328,7 @@ class Pipeline:
     (it has a single document) is left out.
     """
     out = {}
-    for name, rows in self._eval_rows.items():
+    for source_id, (name, rows) in enumerate(self._eval_rows.items()):
       if rows is None:
         continue
       n = min(self._num_eval_batches, -(-rows.rows_per_epoch // self._global_batch))
@@ -332,19 +338,19 @@ class Pipeline:
         first = b * self._global_batch + self._offset
         out[name].append(_stack([
             pack_example(*(rows.row(g) if g < rows.rows_per_epoch else (padding, padding)))
-            for g in range(first, first + self._local_batch)]))
+            for g in range(first, first + self._local_batch)], [source_id] * self._local_batch))
     return out
 
   def metrics(self, step: int) -> dict[str, float]:
     """Data seen by the first `step` batches (steps 0 .. step-1) of the global stream.
 
-    'data/<source>/epochs': rows drawn / rows per epoch (exact); 'data/stage': the stage of the
-    last of those batches.
+    'data/<source>/epochs': rows drawn / rows per epoch (exact); 'data/phase': the index of the
+    phase (among those with steps) of the last of those batches.
     """
     drawn = self._mixture.drawn_before(step * self._global_batch)
     out = {f'data/{name}/epochs': float(d / r.rows_per_epoch)
            for name, d, r in zip(self.sources, drawn, self._rows)}
-    out['data/stage'] = float(self._mixture.stage(max(step - 1, 0) * self._global_batch))
+    out['data/phase'] = float(self._mixture.stage(max(step - 1, 0) * self._global_batch))
     return out
 
 
@@ -353,34 +359,27 @@ def _name_seed(name: str) -> int:
   return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), 'little')
 
 
-def stage_weights(data_cfg, names: list[str], epoch_rows: dict[str, int]) -> list[tuple[int, np.ndarray]]:
-  """Validated stages as [(start_step, row shares over `names`)]; missing sources get weight 0.
+def stage_weights(phases, data_cfg, names: list[str], epoch_rows: dict[str, int]
+                  ) -> list[tuple[int, np.ndarray]]:
+  """The mixture stages [(start_step, row shares over `names`)] of the phases that have steps.
 
-  With weights_are='repeats' a weight multiplies the source's epoch size (`epoch_rows`), so the
-  epochs sources see grow in the ratio of their weights.
+  `phases`: lmjax.phases.resolve's (weights validated there). Sources not in `names` (not installed)
+  get weight 0. With weights_are='repeats' a weight multiplies the source's epoch size
+  (`epoch_rows`), so the epochs sources see grow in the ratio of their weights.
   """
-  stages = [(int(start), dict(w)) for start, w in data_cfg.stages]
-  if not stages or stages[0][0] != 0:
-    raise ValueError(f'config.data.stages={data_cfg.stages!r}: expected [(0, {{source: weight}}), ...]')
-  if any(a >= b for (a, _), (b, _) in zip(stages, stages[1:])):
-    raise ValueError(f'config.data.stages: start steps {[s for s, _ in stages]} must increase')
   if data_cfg.weights_are not in ('proportions', 'repeats'):
     raise ValueError(f'config.data.weights_are={data_cfg.weights_are!r}: expected proportions or repeats')
   out = []
-  for start, w in stages:
-    for k, v in w.items():
-      if k not in data_cfg.sources:
-        raise ValueError(f'config.data.stages step {start}: unknown source {k!r}; '
-                         f'expected one of {sorted(data_cfg.sources)}')
-      if not v >= 0:
-        raise ValueError(f'config.data.stages step {start}: weight of {k!r} is {v}; expected >= 0')
-    vec = np.array([float(w.get(n, 0.0)) for n in names])
+  for p in phases:
+    if not p.steps:
+      continue
+    vec = np.array([float(p.weights.get(n, 0.0)) for n in names])
     if data_cfg.weights_are == 'repeats':
       vec = vec * np.array([epoch_rows[n] for n in names], np.float64)
     if vec.sum() <= 0:
-      raise ValueError(f'config.data.stages step {start}: no installed source has weight > 0 '
+      raise ValueError(f'config.phases.{p.name}.weights: no installed source has weight > 0 '
                        f'(installed: {names})')
-    out.append((start, vec / vec.sum()))
+    out.append((p.start, vec / vec.sum()))
   return out
 
 
@@ -402,13 +401,15 @@ def validate(data_cfg) -> None:
   if not 0 <= float(data_cfg.eval.max_holdout_fraction) < 1:
     raise ValueError(f'config.data.eval.max_holdout_fraction={data_cfg.eval.max_holdout_fraction}: '
                      'expected a fraction in [0, 1)')
-  stage_weights(data_cfg, list(data_cfg.sources), {n: 1 for n in data_cfg.sources})
+  if data_cfg.weights_are not in ('proportions', 'repeats'):
+    raise ValueError(f'config.data.weights_are={data_cfg.weights_are!r}: expected proportions or repeats')
 
 
-def build(data_cfg, *, seq_len: int, global_batch_size: int, seed: int, workdir: str,
+def build(data_cfg, phases, *, seq_len: int, global_batch_size: int, seed: int, workdir: str,
           process_index: int = 0, process_count: int = 1) -> Pipeline:
   """Prepares (or loads cached) tokenizer and shards, then returns the Pipeline of this process.
 
+  `phases`: the run's resolved phases (lmjax.phases.resolve), whose weights make the mixture.
   The prepared files go to `data_cfg.cache_dir`, else `<workdir>/data` (see prepare.cache_dir).
   """
   validate(data_cfg)
@@ -434,7 +435,7 @@ def build(data_cfg, *, seq_len: int, global_batch_size: int, seed: int, workdir:
     eval_rows[n] = (PackedRows(data, seq_len, 0, bos_id=tok.bos_id, eos_id=tok.eos_id, shuffle=False)
                     if len(data.lengths) else None)
   epoch_rows = {n: r.rows_per_epoch for n, r in zip(names, rows)}
-  mixture = Mixture(stage_weights(data_cfg, names, epoch_rows), global_batch_size,
+  mixture = Mixture(stage_weights(phases, data_cfg, names, epoch_rows), global_batch_size,
                     int(data_cfg.mix_block), seed)
   read = grain.ReadOptions(num_threads=int(data_cfg.num_threads), prefetch_buffer_size=int(data_cfg.prefetch))
   return Pipeline(tok, names, rows, mixture, global_batch_size=global_batch_size,

@@ -16,11 +16,10 @@ atomically (written under a temporary name, then renamed), so concurrent process
 Held-out documents are chosen by document: the documents in content-hash order (see corpora.py) are
 held out until `eval.holdout_chars` characters, at most `eval.max_holdout_fraction` of the documents.
 
-CLI: python -m lmjax.data.prepare --config=configs/tiny_mix.py --workdir=/tmp/run
+CLI: python -m lmjax.prepare --config=configs/tiny_mix.py --workdir=/tmp/run
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -214,30 +213,3 @@ def prepare(data_cfg, workdir: str) -> tuple[tokenizer_lib.Tokenizer, dict[str, 
   dirs = {n: prepare_source(data_cfg, root, n, tok) for n in names}
   return tok, dirs, missing
 
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--config', required=True, help='configs/<name>.py[:knobs]')
-  parser.add_argument('--workdir', required=True, help='run dir; data goes to <workdir>/data '
-                      'unless config.data.cache_dir is set')
-  args = parser.parse_args(argv)
-  from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
-  cfg = config_lib.load(args.config)
-  tok, dirs, missing = prepare(cfg.data, args.workdir)
-  print(f'tokenizer {tok.path}  vocab {tok.vocab_size}')
-  print(f'{"source":10s} {"docs":>8s} {"tokens":>11s} {"chars/tok":>9s} {"eval docs":>9s} '
-        f'{"eval tokens":>11s}  dir')
-  for name, d in dirs.items():
-    with open(os.path.join(d, 'stats.json')) as f:
-      s = json.load(f)
-    tr, ev = s['train'], s['eval']
-    print(f'{name:10s} {tr["documents"]:8d} {tr["tokens"]:11d} {tr["chars"] / max(tr["tokens"], 1):9.2f} '
-          f'{ev["documents"]:9d} {ev["tokens"]:11d}  {d}')
-    for c, line in s['missing_corpora'].items():
-      print(f'  (corpus {c} of {name} not installed: {line})')
-  for name, line in missing.items():
-    print(f'{name:10s} MISSING: install with {line}')
-
-
-if __name__ == '__main__':
-  main()

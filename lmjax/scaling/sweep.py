@@ -122,7 +122,8 @@ def expand(config: ml_collections.ConfigDict, sweep_dir: str) -> list[RunSpec]:
     c = copy.deepcopy(base)
     for field, value in sw.sizes[size].items():
       c.model[field] = value
-    c.data.stages = [(0, _mixture(sw, ratio))]
+    for phase in c.phases.order:  # the sweep's mixture in every phase of the base config
+      c.phases[phase].weights = _mixture(sw, ratio)
     c.train.steps = math.ceil(tokens / tokens_per_step)
     c.init_from = init_from
     return RunSpec(name, kind, size, ratio, tokens, c)
@@ -174,10 +175,10 @@ def run_local(specs: Sequence[RunSpec], sweep_dir: str,
               run_fn: Callable[[ml_collections.ConfigDict, str], object] | None = None,
               on_start: Callable[[RunSpec], None] | None = None) -> list[str]:
   """Runs the unfinished runs one after another with run_fn(config, workdir) (default:
-  lmjax.train.run); returns the names of the runs it started."""
+  lmjax.trainer.run); returns the names of the runs it started."""
   if run_fn is None:
-    from lmjax import train
-    run_fn = train.run
+    from lmjax import trainer
+    run_fn = trainer.run
   started = []
   for spec in specs:
     if finished(spec, sweep_dir):
@@ -205,14 +206,10 @@ def commands(specs: Sequence[RunSpec], config_file: str, config_arg: str, sweep_
 COLUMNS = ('run', 'size', 'n', 'ratio', 'step', 'tokens', 'holdout', 'domain_loss', 'general_loss')
 
 
-def param_count(model_cfg, data_cfg) -> int:
-  """N of a run: lmjax.model.param_count with the vocabulary of the run's tokenizer."""
+def param_count(model_cfg) -> int:
+  """N of a run: lmjax.model.param_count of its model (whose vocabulary is the config's)."""
   from lmjax import model
-  vocab = data_cfg.tokenizer.vocab_size
-  if data_cfg.tokenizer.path:
-    from lmjax.data import tokenizer
-    vocab = tokenizer.load(data_cfg.tokenizer.path).vocab_size
-  return model.param_count(model.resolve(model_cfg, vocab_size=vocab))
+  return model.param_count(model.resolve(model_cfg))
 
 
 def _losses(sw, record: Mapping) -> dict:
@@ -235,7 +232,7 @@ def collect(config: ml_collections.ConfigDict, sweep_dir: str) -> tuple[list[dic
   for spec in expand(config, sweep_dir):
     if not finished(spec, sweep_dir):
       continue
-    n = param_count(spec.config.model, spec.config.data)
+    n = param_count(spec.config.model)
     records = read_metrics(run_dir(sweep_dir, spec.name))
     if spec.kind == 'pretrain':
       start.append(dict(size=spec.size, n=n, **_losses(sw, records[-1])))
@@ -397,16 +394,13 @@ def report(config: ml_collections.ConfigDict, sweep_dir: str,
   return fitted
 
 
-def main(argv):
-  del argv
-  from absl import flags, logging  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
-  config, sweep_dir, mode = flags.FLAGS.config, os.path.abspath(flags.FLAGS.workdir), flags.FLAGS.mode
+def main(config: ml_collections.ConfigDict) -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from lmjax import cli  # pylint: disable=import-outside-toplevel
+  sweep_dir, mode = os.path.abspath(flags.FLAGS.workdir), flags.FLAGS.mode
   specs = expand(config, sweep_dir)
   if mode == 'commands':
-    path = config_flags.get_config_filename(flags.FLAGS['config'])
-    file, _, arg = path.partition(':')
+    file, _, arg = cli.config_file().partition(':')
     print('\n'.join(commands(specs, file, arg, sweep_dir)))
     return
   if mode == 'local':
@@ -425,12 +419,10 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app, flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', None, 'configs/<sweep>.py[:knobs]', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'sweep directory (runs/, data/, results.csv, fit.json, plots)')
+  from absl import flags
+  from lmjax import cli
+  cli.define_flags('sweep directory (runs/, data/, results.csv, fit.json, plots)')
   flags.DEFINE_enum('mode', 'local', ['local', 'commands', 'report'],
                     'local: run unfinished runs here, then report; commands: print one training '
                     'command per run; report: collect, fit and plot the finished runs')
-  flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  cli.run(main)

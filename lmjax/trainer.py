@@ -1,0 +1,251 @@
+"""The training loop, one for every phase (pretrain, anneal, continued pretraining are configs).
+
+`setup` builds a run from a config (written once, big_vision style, the resume order: a checkpoint in
+the workdir, else `config.init_from` (another run's params), else scratch); `train` runs its steps.
+Checkpointing, evaluation and metric logging are hooks with intervals (Levanter style); they all run
+once more at the end. This is a library: the CLI (`python -m lmjax.train`, lmjax/train.py) adds the
+progress bar and printing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable, Iterable
+
+import jax
+import ml_collections
+import numpy as np
+
+from lmjax import checkpoint, model, phases as phases_lib, sharding, steps as steps_lib
+from lmjax.data import pipeline as data_pipeline
+
+# Dense bf16 peak FLOP/s per chip, for MFU (vendor datasheets).
+PEAK_FLOPS = {
+    'NVIDIA H200': 989e12, 'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H100': 989e12,
+    'NVIDIA A100-SXM4-80GB': 312e12, 'NVIDIA A100-SXM4-40GB': 312e12,
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5': 459e12, 'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12, 'TPU v6e': 918e12,
+}
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """config.train."""
+  return ml_collections.ConfigDict(dict(
+      steps=200,
+      batch_size=8,           # global batch, sequences
+      seq_len=128,
+      microbatches=1,         # gradient accumulation: the batch is split into this many parts
+      log_every=10,
+      eval_every=100,
+      checkpoint_every=100,
+      keep_checkpoints=3,
+      async_checkpoint=True,
+  ))
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  for field in ('steps', 'batch_size', 'seq_len', 'microbatches', 'log_every', 'eval_every',
+                'checkpoint_every', 'keep_checkpoints'):
+    if cfg[field] <= 0:
+      raise ValueError(f'config.train.{field}={cfg[field]}: expected a positive integer')
+  if cfg.batch_size % cfg.microbatches:
+    raise ValueError(f'config.train.microbatches={cfg.microbatches} must divide '
+                     f'config.train.batch_size={cfg.batch_size}')
+
+
+# ----------------------------------------------------------------------------- hooks
+
+
+@dataclasses.dataclass
+class StepInfo:
+  """What a hook sees after a step: `metrics` holds device arrays until a hook fetches them."""
+  step: int
+  state: dict
+  metrics: dict
+  final: bool = False
+
+
+@dataclasses.dataclass
+class Hook:
+  every: int
+  fn: Callable[[StepInfo], None]
+
+  def __call__(self, info: StepInfo) -> None:
+    if info.step % self.every == 0 or info.final:
+      self.fn(info)
+
+
+class MetricsWriter:
+  """Appends one JSON object per record to `metrics.jsonl` and mirrors scalars to TensorBoard;
+  `echo(step, record)`, if given, also sees every record (the CLI prints evaluations with it)."""
+
+  def __init__(self, workdir: str, echo: Callable[[int, dict], None] | None = None):
+    from tensorboardX import SummaryWriter
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb = SummaryWriter(os.path.join(workdir, 'tb')) if jax.process_index() == 0 else None
+    self._echo = echo
+
+  def write(self, step: int, record: dict) -> None:
+    if jax.process_index() != 0:  # every process computes the (global) metrics; one writes them
+      return
+    record = {'step': step, **{k: float(v) if isinstance(v, (float, int, np.generic, np.ndarray, jax.Array))
+                               else v for k, v in record.items()}}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    for k, v in record.items():
+      if k != 'step' and isinstance(v, float):
+        self._tb.add_scalar(k, v, step)
+    self._tb.flush()
+    if self._echo:
+      self._echo(step, record)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything `train` needs, built once from the config (see `setup`)."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  pipeline: data_pipeline.Pipeline
+  steps: steps_lib.Steps
+  state: dict
+  checkpointer: checkpoint.Checkpointer
+  data_iter: object
+  start_step: int
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Builds mesh, data and steps, and restores (workdir checkpoint > init_from > scratch)."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh)
+  batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
+  if config.train.batch_size % (batch_shards * config.train.microbatches):
+    raise ValueError(f'config.train.batch_size={config.train.batch_size} must be divisible by '
+                     f'data x fsdp = {batch_shards} devices times microbatches='
+                     f'{config.train.microbatches}')
+  phases = phases_lib.resolve(config.phases, config.train.steps, list(config.data.sources))
+  pipeline = data_pipeline.build(
+      config.data, phases, seq_len=config.train.seq_len,
+      global_batch_size=config.train.batch_size, seed=config.seed, workdir=workdir,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  steps = steps_lib.build(config, mesh, pipeline.tokenizer.vocab_size, pipeline.sources,
+                          pipeline.tokenizer.path)
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                         keep=config.train.keep_checkpoints,
+                                         async_save=config.train.async_checkpoint)
+  data_iter = pipeline.train_iter()
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state, data_state = checkpointer.restore(latest, steps.abstract_state)
+    data_iter.set_state(data_state)
+  else:
+    state = steps.init(config.seed)
+    if config.init_from:
+      state['params'] = checkpoint.restore_params(
+          os.path.join(config.init_from, 'checkpoints'), steps.abstract_state['params'])
+  if jax.process_index() == 0:
+    _write_atomically(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=1))
+    _save_provenance(workdir, pipeline)
+  return Run(config, workdir, mesh, pipeline, steps, state, checkpointer, data_iter,
+             int(state['step']))
+
+
+def _write_atomically(path: str, text: str) -> None:
+  with open(path + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(path + '.tmp', path)
+
+
+def _save_provenance(workdir: str, pipeline) -> None:
+  """Git revision and versions beside the checkpoints, so a run can be reproduced."""
+  try:
+    rev = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                         cwd=os.path.dirname(__file__), check=False).stdout.strip()
+  except OSError:
+    rev = ''
+  info = {'git_revision': rev, 'jax': jax.__version__, 'argv': sys.argv,
+          'devices': [d.device_kind for d in jax.devices()], 'data_sources': list(pipeline.sources)}
+  _write_atomically(os.path.join(workdir, 'provenance.json'), json.dumps(info, indent=1))
+
+
+def default_hooks(run: Run, writer: MetricsWriter) -> list[Hook]:
+  """Logging (train metrics, tokens/s, MFU), per-source evaluation, checkpointing."""
+  cfg = run.config.train
+  tokens_per_step = cfg.batch_size * cfg.seq_len
+  flops_per_step = model.flops_per_token(run.steps.args, cfg.seq_len) * tokens_per_step
+  peak = PEAK_FLOPS.get(jax.devices()[0].device_kind)
+  eval_batches = run.pipeline.eval_batches()
+  clock = {'time': time.perf_counter(), 'step': run.start_step}
+
+  def log(info: StepInfo):
+    metrics = jax.device_get(info.metrics)
+    source_loss, source_weight = metrics.pop('source_loss_sums'), metrics.pop('source_weight_sums')
+    now = time.perf_counter()
+    steps = info.step - clock['step']
+    record = {**metrics, 'tokens': info.step * tokens_per_step, **run.pipeline.metrics(info.step)}
+    record.update({f'train/{name}/loss': float(loss / w)
+                   for name, loss, w in zip(run.steps.sources, source_loss, source_weight) if w > 0})
+    if steps > 0:
+      step_time = (now - clock['time']) / steps
+      record.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time)
+      if peak:
+        record['mfu'] = flops_per_step / step_time / (peak * jax.device_count())
+    clock.update(time=now, step=info.step)
+    writer.write(info.step, record)
+
+  def evaluate(info: StepInfo):
+    record = {'tokens': info.step * tokens_per_step}
+    for source, batches in eval_batches.items():
+      sums = [run.steps.eval_step(info.state['params'], sharding.global_batch(b, run.mesh))
+              for b in batches]
+      loss_sum, weight_sum = np.sum(jax.device_get(sums), axis=0)
+      record[f'eval/{source}/loss'] = float(loss_sum / max(weight_sum, 1.0))
+    writer.write(info.step, record)
+
+  def save(info: StepInfo):
+    if run.checkpointer.latest_step() != info.step:
+      run.checkpointer.save(info.step, info.state, run.data_iter.get_state())
+
+  return [Hook(cfg.log_every, log), Hook(cfg.eval_every, evaluate),
+          Hook(cfg.checkpoint_every, save)]
+
+
+def train(run: Run, hooks: Iterable[Hook]) -> dict:
+  """Runs steps start_step+1 .. config.train.steps; returns the final state.
+
+  SIGTERM (preemption) stops after the current step and runs the final hooks, which checkpoint."""
+  hooks = list(hooks)
+  stop = {'now': False}
+  previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+  state, total = run.state, run.config.train.steps
+  try:
+    with jax.set_mesh(run.mesh):
+      for step in range(run.start_step + 1, total + 1):
+        batch = sharding.global_batch(next(run.data_iter), run.mesh)
+        state, metrics = run.steps.train_step(state, batch)
+        info = StepInfo(step, state, metrics, final=step == total or stop['now'])
+        for hook in hooks:
+          hook(info)
+        if stop['now']:
+          break
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    run.checkpointer.wait()
+  return state
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, extra_hooks: Iterable[Hook] = ()) -> dict:
+  """Trains `config` in `workdir` (resuming if possible) with the default hooks plus `extra_hooks`."""
+  r = setup(config, workdir)
+  try:
+    return train(r, default_hooks(r, MetricsWriter(workdir)) + list(extra_hooks))
+  finally:
+    r.checkpointer.close()
