@@ -29,7 +29,7 @@ def defaults() -> ml_collections.ConfigDict:
       name='ce',                   # one of LOSSES
       implementation='chunked',    # materialize | chunked
       z_loss=0.0,                  # PaLM's z-loss coefficient (section 5): z * logsumexp^2 per token
-      chunk_tokens=8192,           # chunked: tokens (batch rows x positions) per block of logits
+      chunk_tokens=1024,           # chunked: tokens (batch rows x positions) per block of logits
   ))
 
 

