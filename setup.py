@@ -21,6 +21,8 @@ PINNED = [
     "tqdm==4.70.1",
     "tensorboardX==2.6.5",
     "matplotlib==3.11.2",
+    "safetensors==0.8.0",
+    "tokenizers==0.23.3",
 ]
 
 setup(
@@ -45,6 +47,8 @@ setup(
         "tqdm",
         "tensorboardX",
         "matplotlib",
+        "safetensors>=0.8",
+        "tokenizers>=0.21",
     ],
     extras_require={
         "cpu": ["jax[cpu]==0.10.2", *PINNED],

@@ -130,8 +130,9 @@ def test_llama3_8b_parameter_count():
   assert model.param_count(args) == 1_235_814_400
 
 
-def test_param_count_matches_created_params():
-  args = tiny_args(tie_embeddings=False, n_layers=3, d_ff=200)
+@pytest.mark.parametrize('overrides', [dict(), dict(qkv_bias=True, d_head=48)])
+def test_param_count_matches_created_params(overrides):
+  args = tiny_args(tie_embeddings=False, n_layers=3, d_ff=200, **overrides)
   _, params = model.create(args, seed=0)
   assert model.param_count(args) == sum(x.size for x in jax.tree.leaves(params))
 
@@ -176,4 +177,12 @@ def test_bad_model_config_names_the_field():
   cfg = model.defaults()
   cfg.attention = 'flash'
   with pytest.raises(ValueError, match='config.model.attention'):
+    model.validate(cfg)
+  cfg = model.defaults()
+  cfg.rope_scaling_factor = 0.5
+  with pytest.raises(ValueError, match='config.model.rope_scaling_factor=0.5'):
+    model.validate(cfg)
+  cfg = model.defaults()
+  cfg.d_head = 33
+  with pytest.raises(ValueError, match='config.model.d_head'):
     model.validate(cfg)

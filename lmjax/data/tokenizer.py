@@ -1,23 +1,51 @@
-"""SentencePiece tokenizer: train one on a weighted sample of the sources, or load a .model file.
+"""Tokenizers behind one interface: sentencepiece models (trained here or loaded from a .model file)
+and Hugging Face `tokenizer.json` files (the tokenizer of a checkpoint we continue from).
 
-The trainer settings make `decode(encode(text)) == text` for any text: identity normalization, no
-whitespace collapsing, no dummy prefix, byte fallback for characters outside the vocabulary, and
-whitespace-only pieces (code indentation). Newline and tab are user-defined pieces because training
-sentences are lines, so the trainer itself never sees them.
+`load(path)` picks by file: a `tokenizer.json` (or a directory holding one) is a Hugging Face
+tokenizer, anything else a sentencepiece model. `encode` never adds BOS/EOS: the data pipeline
+places them around each document.
+
+The sentencepiece trainer settings make `decode(encode(text)) == text` for any text: identity
+normalization, no whitespace collapsing, no dummy prefix, byte fallback for characters outside the
+vocabulary, and whitespace-only pieces (code indentation). Newline and tab are user-defined pieces
+because training sentences are lines, so the trainer itself never sees them.
 """
 from __future__ import annotations
 
 import io
+import json
 import os
+from typing import Protocol
 
 import numpy as np
 import sentencepiece as spm
+import tokenizers
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+# Where a Hugging Face checkpoint names its special tokens, most specific first.
+HF_SPECIAL_FILES = ('tokenizer_config.json', 'special_tokens_map.json', 'generation_config.json',
+                    'config.json')
 
 
-class Tokenizer:
-  """A loaded sentencepiece model with the interface the training loop uses."""
+class Tokenizer(Protocol):
+  """What the data pipeline and sampling use. `path` is the file the ids depend on (data
+  preparation hashes it)."""
+  path: str
+  vocab_size: int
+  bos_id: int
+  eos_id: int
+
+  def encode(self, text: str) -> list[int]: ...
+
+  def encode_batch(self, texts: list[str], num_threads: int = 0) -> list[list[int]]: ...
+
+  def decode(self, ids) -> str: ...
+
+  def id_to_piece(self, i: int) -> str: ...
+
+
+class SentencePieceTokenizer:
+  """A loaded sentencepiece model."""
 
   def __init__(self, model_proto: bytes, path: str = ''):
     self.path = path
@@ -40,14 +68,82 @@ class Tokenizer:
     return self._sp.id_to_piece(int(i))
 
 
+class HFTokenizer:
+  """A Hugging Face `tokenizer.json`; BOS/EOS from the files beside it (`HF_SPECIAL_FILES`).
+
+  A checkpoint that names no BOS (Qwen2's tokenizer files name none) gets its EOS as BOS, so each
+  packed document still starts with a separator token.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # the library raises a bare Exception
+      raise ValueError(f'tokenizer {path!r} is not a Hugging Face tokenizer.json: {e}') from None
+    self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+    directory = os.path.dirname(os.path.abspath(path))
+    self.eos_id = self._special_id(directory, 'eos')
+    if self.eos_id is None:
+      raise ValueError(f'tokenizer {path!r}: no EOS token named by {", ".join(HF_SPECIAL_FILES)} '
+                       f'in {directory}')
+    bos = self._special_id(directory, 'bos')
+    self.bos_id = self.eos_id if bos is None else bos
+
+  def _special_id(self, directory: str, kind: str) -> int | None:
+    """The first of `{kind}_token` (a string or {content: ...}) and `{kind}_token_id` (an int or a
+    list, first taken) found in the special-token files."""
+    for file in HF_SPECIAL_FILES:
+      path = os.path.join(directory, file)
+      if not os.path.isfile(path):
+        continue
+      with open(path) as f:
+        cfg = json.load(f)
+      token = cfg.get(f'{kind}_token')
+      if isinstance(token, dict):
+        token = token.get('content')
+      if isinstance(token, str):
+        i = self._tok.token_to_id(token)
+        if i is None:
+          raise ValueError(f'{path}: {kind}_token={token!r} is not in the vocabulary of {self.path}')
+        return int(i)
+      i = cfg.get(f'{kind}_token_id')
+      if isinstance(i, list):
+        i = i[0] if i else None
+      if isinstance(i, int):
+        return i
+    return None
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
+    """Encodes many texts at once on the tokenizers library's own thread pool (its size is the
+    RAYON_NUM_THREADS environment variable; `num_threads` is accepted for the interface)."""
+    return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+  def decode(self, ids) -> str:
+    return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=False)
+
+  def id_to_piece(self, i: int) -> str:
+    return self._tok.id_to_token(int(i))
+
+
 def load(path: str) -> Tokenizer:
-  """Loads a sentencepiece .model file; a missing or unreadable file is an error naming it."""
+  """Loads a tokenizer.json (or a directory holding one) or a sentencepiece .model file; a missing
+  or unreadable file is an error naming it."""
+  if os.path.isdir(path):
+    if not os.path.isfile(os.path.join(path, 'tokenizer.json')):
+      raise FileNotFoundError(f'tokenizer directory {path!r} holds no tokenizer.json')
+    path = os.path.join(path, 'tokenizer.json')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'tokenizer model {path!r} does not exist')
+  if path.endswith('.json'):
+    return HFTokenizer(path)
   with open(path, 'rb') as f:
     proto = f.read()
   try:
-    return Tokenizer(proto, path)
+    return SentencePieceTokenizer(proto, path)
   except RuntimeError as e:
     raise ValueError(f'tokenizer model {path!r} is not a sentencepiece model: {e}') from None
 
@@ -97,7 +193,7 @@ def train(sentences: list[str], path: str, *, vocab_size: int, model_type: str =
   with open(tmp, 'wb') as f:
     f.write(model.getvalue())
   os.replace(tmp, path)
-  return Tokenizer(model.getvalue(), path)
+  return SentencePieceTokenizer(model.getvalue(), path)
 
 
 def _train(sentences, model, vocab_size, model_type, character_coverage, num_threads):
