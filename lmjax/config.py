@@ -26,7 +26,10 @@ def base() -> ml_collections.ConfigDict:
       optim=optim.defaults(),
       train=trainer.defaults(),
       mesh=dict(data=-1, fsdp=1, tensor=1),
-      init_from='',  # '' (scratch) | workdir of another lmjax run: its latest params start this run
+      # '' (scratch) | 'lmjax:DIR' (another run's latest params) | 'hf:DIR' (Hugging Face weights);
+      # the run inherits the parent's tokenizer (lmjax/init_from.py).
+      init_from='',
+      init_skip=(),  # regexes of parameter paths that start fresh instead (e.g. a replaced head)
   ))
 
 

@@ -37,7 +37,7 @@ def main(config: ml_collections.ConfigDict) -> None:
       bar.write(f'step {step} eval loss: ' + '  '.join(f'{k} {v:.3f}' for k, v in losses.items()))
 
   try:
-    writer = trainer.MetricsWriter(workdir, echo=print_eval)
+    writer = trainer.MetricsWriter(workdir, r.start_step, echo=print_eval)
     trainer.train(r, trainer.default_hooks(r, writer) + [trainer.Hook(1, progress)])
   finally:
     bar.close()

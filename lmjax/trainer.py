@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from lmjax import checkpoint, model, phases as phases_lib, sharding, steps as steps_lib
+from lmjax import checkpoint, init_from, model, phases as phases_lib, resume, sharding, steps as steps_lib
 from lmjax.data import pipeline as data_pipeline
 
 # Dense bf16 peak FLOP/s per chip, for MFU (vendor datasheets).
@@ -82,12 +82,19 @@ class Hook:
 
 class MetricsWriter:
   """Appends one JSON object per record to `metrics.jsonl` and mirrors scalars to TensorBoard;
-  `echo(step, record)`, if given, also sees every record (the CLI prints evaluations with it)."""
+  `echo(step, record)`, if given, also sees every record (the CLI prints evaluations with it).
 
-  def __init__(self, workdir: str, echo: Callable[[int, dict], None] | None = None):
+  A resumed run first drops the records past the step it resumed from (they were logged by the run
+  that was killed and are about to be logged again), from metrics.jsonl and TensorBoard alike, so
+  both read as one clean run."""
+
+  def __init__(self, workdir: str, start_step: int, echo: Callable[[int, dict], None] | None = None):
     from tensorboardX import SummaryWriter
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._tb = SummaryWriter(os.path.join(workdir, 'tb')) if jax.process_index() == 0 else None
+    self._tb = None
+    if jax.process_index() == 0:
+      resume.truncate_metrics(self.path, start_step)
+      self._tb = SummaryWriter(os.path.join(workdir, 'tb'), purge_step=start_step + 1)
     self._echo = echo
 
   def write(self, step: int, record: dict) -> None:
@@ -122,8 +129,12 @@ class Run:
   start_step: int
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Builds mesh, data and steps, and restores (workdir checkpoint > init_from > scratch)."""
+def setup(config: ml_collections.ConfigDict, workdir: str, accept_changes: bool = False) -> Run:
+  """Builds mesh, data and steps, and restores (workdir checkpoint > init_from > scratch).
+
+  A resumed run's config must equal the one it was started with in everything that changes the
+  model, the data order or the optimizer state (lmjax/resume.py); `accept_changes` takes the
+  changes anyway and records them in config_changes.jsonl."""
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
@@ -131,6 +142,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     raise ValueError(f'config.train.batch_size={config.train.batch_size} must be divisible by '
                      f'data x fsdp = {batch_shards} devices times microbatches='
                      f'{config.train.microbatches}')
+  if config.init_from:
+    init_from.inherit_tokenizer(config)
   phases = phases_lib.resolve(config.phases, config.train.steps, list(config.data.sources))
   pipeline = data_pipeline.build(
       config.data, phases, seq_len=config.train.seq_len,
@@ -142,17 +155,21 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
                                          keep=config.train.keep_checkpoints,
                                          async_save=config.train.async_checkpoint)
   data_iter = pipeline.train_iter()
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state, data_state = checkpointer.restore(latest, steps.abstract_state)
+  config_path = os.path.join(workdir, 'config.json')
+  if checkpointer.latest_step() is not None:
+    saved = resume.read_config(config_path)
+    step, state, data_state = checkpointer.restore_latest(steps.abstract_state)
     data_iter.set_state(data_state)
+    changes = resume.check(saved, config, step, accept_changes)
+    if changes and jax.process_index() == 0:
+      resume.record(os.path.join(workdir, 'config_changes.jsonl'), changes)
   else:
     state = steps.init(config.seed)
     if config.init_from:
-      state['params'] = checkpoint.restore_params(
-          os.path.join(config.init_from, 'checkpoints'), steps.abstract_state['params'])
+      state['params'] = init_from.load(config, steps.args, state['params'],
+                                       steps.abstract_state['params'], mesh)
   if jax.process_index() == 0:
-    _write_atomically(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=1))
+    _write_atomically(config_path, config.to_json_best_effort(indent=1))
     _save_provenance(workdir, pipeline)
   return Run(config, workdir, mesh, pipeline, steps, state, checkpointer, data_iter,
              int(state['step']))
@@ -172,7 +189,8 @@ def _save_provenance(workdir: str, pipeline) -> None:
   except OSError:
     rev = ''
   info = {'git_revision': rev, 'jax': jax.__version__, 'argv': sys.argv,
-          'devices': [d.device_kind for d in jax.devices()], 'data_sources': list(pipeline.sources)}
+          'devices': [d.device_kind for d in jax.devices()], 'data_sources': list(pipeline.sources),
+          'tokenizer': os.path.abspath(pipeline.tokenizer.path)}
   _write_atomically(os.path.join(workdir, 'provenance.json'), json.dumps(info, indent=1))
 
 
@@ -246,6 +264,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, extra_hooks: Iterable[H
   """Trains `config` in `workdir` (resuming if possible) with the default hooks plus `extra_hooks`."""
   r = setup(config, workdir)
   try:
-    return train(r, default_hooks(r, MetricsWriter(workdir)) + list(extra_hooks))
+    return train(r, default_hooks(r, MetricsWriter(workdir, r.start_step)) + list(extra_hooks))
   finally:
     r.checkpointer.close()

@@ -5,21 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax import model, train
+from lmjax import batch as batch_lib, losses, model, steps
 from pallas_kernels.flash_attention import api
 
 pytestmark = pytest.mark.skipif(not api._is_hopper(), reason='needs a Hopper GPU (sm_90)')
-
-
-def packed_batch(seed, b, t, vocab):
-  rng = np.random.default_rng(seed)
-  seg = np.cumsum(rng.random((b, t + 1)) < 3.0 / t, axis=1).astype(np.int32) + 1
-  pos = np.zeros_like(seg)
-  for j in range(1, t + 1):
-    pos[:, j] = np.where(seg[:, j] == seg[:, j - 1], pos[:, j - 1] + 1, 0)
-  tokens = rng.integers(0, vocab, (b, t + 1)).astype(np.int32)
-  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=seg[:, :-1],
-              positions=pos[:, :-1], weights=(seg[:, 1:] == seg[:, :-1]).astype(np.float32))
 
 
 @pytest.mark.parametrize('attention', ['pallas', 'cudnn'])
@@ -30,10 +19,12 @@ def test_train_step_loss_and_grads_match_xla(attention):
   graphdef_ref, params = model.create(ref_args, seed=0)
   cfg.attention = attention
   graphdef, _ = model.create(model.resolve(cfg), seed=0)
-  batch = jax.tree.map(jnp.asarray, packed_batch(np.random.SeedSequence().entropy % 2**31, 2, 1024, 1024))
+  seed = np.random.SeedSequence().entropy % 2**31
+  batch = jax.tree.map(jnp.asarray, batch_lib.synthetic(2, 1024, 1024, seed, docs_per_row=4))
+  loss_args = losses.resolve(losses.defaults(), ref_args.vocab_size)
 
   def loss(g, p):
-    loss_sum, weight_sum = train.loss_sums(g, p, batch, 0.0)
+    loss_sum, weight_sum, _, _ = steps.loss_sums(g, p, batch, loss_args, 1)
     return loss_sum / weight_sum
 
   ref_loss, ref_grads = jax.jit(jax.value_and_grad(lambda p: loss(graphdef_ref, p)))(params)

@@ -1,0 +1,25 @@
+"""The records that flow between the prepare stages: a document, and a document some stage dropped.
+
+Every stage (readers, normalize, langid, quality, dedup) is a pure function from a batch of `Doc`s
+to (kept `Doc`s, `Drop`s), so a local runner and a Beam pipeline call the same functions. Both
+records are NamedTuples of plain str/int: picklable, and cheap to count by (source, stage, reason).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Doc(NamedTuple):
+  """One document of one source."""
+  source: str  # the source (mixture domain) it belongs to, e.g. 'code'
+  doc_id: str  # where it came from: 'path' (a txt file), 'path:line' (jsonl), 'path:row' (parquet)
+  text: str
+
+
+class Drop(NamedTuple):
+  """A document (or a whole unreadable file) that a stage removed, and why."""
+  source: str
+  doc_id: str  # as in Doc; the file's path when the whole file (or its rest) is lost
+  stage: str  # 'read', 'normalize', 'langid', 'quality' or 'dedup'
+  reason: str  # e.g. 'invalid_json', 'gopher_quality.word_count', 'near_duplicate'
+  chars: int  # characters removed (bytes when the input could not be decoded; 0 when unknown)
