@@ -7,6 +7,8 @@ Re-running the same command resumes from the latest checkpoint in the workdir. T
 """
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 import jax
@@ -19,7 +21,15 @@ from lmjax import cli, distributed, trainer
 def main(config: ml_collections.ConfigDict) -> None:
   from tqdm import tqdm
   workdir = flags.FLAGS.workdir
-  r = trainer.setup(config, workdir)
+  lead = jax.process_index() == 0
+  if lead:
+    print('setting up: data preparation on first use takes a while (tokenizer, shards)', file=sys.stderr)
+  r = trainer.setup(config, workdir, accept_changes=flags.FLAGS.accept_config_changes)
+  if lead:
+    summary = trainer.summary(r)
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=1)
+    print(trainer.format_summary(summary), file=sys.stderr)
   if r.start_step:
     print(f'resuming from step {r.start_step} (checkpoint in {r.checkpointer.directory})',
           file=sys.stderr)
@@ -46,5 +56,8 @@ def main(config: ml_collections.ConfigDict) -> None:
 
 if __name__ == '__main__':
   cli.define_flags('run directory (checkpoints, metrics, tokenizer)')
+  flags.DEFINE_bool('accept_config_changes', False, 'resume even though the config changed in fields '
+                    'that alter the model, data order or optimizer state (recorded in '
+                    'config_changes.jsonl)')
   distributed.initialize()
   cli.run(main)

@@ -194,6 +194,39 @@ def _save_provenance(workdir: str, pipeline) -> None:
   _write_atomically(os.path.join(workdir, 'provenance.json'), json.dumps(info, indent=1))
 
 
+def summary(run: Run) -> dict:
+  """What the run will do, before it starts: model size and FLOPs, tokens per step, each phase's steps,
+  LR shape and mixture, each source's tokens and the epochs of it the run reads. Saved as
+  summary.json in the workdir by `setup`'s caller; the CLI prints it."""
+  cfg, args = run.config.train, run.steps.args
+  return dict(
+      parameters=model.param_count(args), flops_per_token=model.flops_per_token(args, cfg.seq_len),
+      tokens_per_step=cfg.batch_size * cfg.seq_len, steps=cfg.steps,
+      tokens=cfg.steps * cfg.batch_size * cfg.seq_len, start_step=run.start_step,
+      phases=[dict(name=p.name, first_step=p.start + 1, last_step=p.start + p.steps, lr=p.lr,
+                   weights=p.weights) for p in run.steps.phases],
+      sources=run.pipeline.plan(cfg.steps), missing_sources=dict(run.pipeline.missing))
+
+
+def format_summary(s: dict) -> str:
+  """summary() as lines of text."""
+  lines = [f"model {s['parameters'] / 1e6:,.2f}M parameters, {s['flops_per_token'] / 1e6:,.1f} MFLOP/token; "
+           f"{s['tokens_per_step']:,} tokens/step x {s['steps']:,} steps = {s['tokens'] / 1e6:,.2f}M tokens"]
+  for p in s['phases']:
+    lr = p['lr']
+    shape = lr['shape'] + (f" ({lr['decay']} decay)" if lr['shape'] == 'wsd' else '')
+    warm = lr['warmup_steps'] if lr['warmup_steps'] is not None else f"{lr['warmup_fraction'] or 0:g} of the phase"
+    mix = ', '.join(f'{k} {v:g}' for k, v in p['weights'].items() if v)
+    lines.append(f"phase {p['name']}: steps {p['first_step']}-{p['last_step']}, LR {shape} "
+                 f"{lr['init']:g}->{lr['peak']:g}->{lr['end']:g} of peak, warmup {warm}; mixture {mix}")
+  for name, src in s['sources'].items():
+    lines.append(f"source {name}: {src['tokens'] / 1e6:,.2f}M train tokens, {src['epochs']:.2f} epochs "
+                 'over the run')
+  for name, line in s['missing_sources'].items():
+    lines.append(f'source {name}: not installed, left out ({line})')
+  return '\n'.join(lines)
+
+
 def default_hooks(run: Run, writer: MetricsWriter) -> list[Hook]:
   """Logging (train metrics, tokens/s, MFU), per-source evaluation, checkpointing."""
   cfg = run.config.train

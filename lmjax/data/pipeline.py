@@ -341,6 +341,13 @@ class Pipeline:
             for g in range(first, first + self._local_batch)], [source_id] * self._local_batch))
     return out
 
+  def plan(self, steps: int) -> dict[str, dict]:
+    """Per source: its train tokens, rows per epoch, and the epochs the first `steps` steps read."""
+    epochs = self.metrics(steps)
+    return {name: dict(tokens=int(r.data.stats['train']['tokens']), rows_per_epoch=r.rows_per_epoch,
+                       epochs=epochs[f'data/{name}/epochs'])
+            for name, r in zip(self.sources, self._rows)}
+
   def metrics(self, step: int) -> dict[str, float]:
     """Data seen by the first `step` batches (steps 0 .. step-1) of the global stream.
 

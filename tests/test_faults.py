@@ -1,0 +1,187 @@
+"""Run safety: nothing is lost but the steps since the last good checkpoint, and a user's mistake is one
+line naming the culprit. Kill -9 many times (scripts/fault_soak.py), damaged checkpoints, a full disk,
+damaged data and tokenizer files, SIGTERM, a resume with a changed config, metrics after a resume."""
+import glob
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lmjax import config as config_lib, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+
+
+def _soak_module():
+  spec = importlib.util.spec_from_file_location('fault_soak', os.path.join(ROOT, 'scripts', 'fault_soak.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+  """Prepared data shared by the tests of this file (the tokenizer is trained once)."""
+  return str(tmp_path_factory.mktemp('data'))
+
+
+def tiny(cache, steps=4, **train):
+  config = config_lib.load(os.path.join(ROOT, 'configs', 'tiny.py'), f'steps={steps}')
+  config.train.update(dict(batch_size=8, seq_len=32, log_every=1, eval_every=1000, checkpoint_every=2,
+                           async_checkpoint=False), **train)
+  config.data.cache_dir = cache
+  return config
+
+
+def train_steps(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [r['step'] for r in map(json.loads, f) if 'loss' in r]
+
+
+@pytest.mark.slow
+def test_twenty_kills_lose_nothing(tmp_path):
+  figures = _soak_module().soak(str(tmp_path), kills=20, steps=50, seed=0)
+  assert figures['kills'] == 20 and figures['kills_during_checkpoint_write'] >= 2
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'no_commit_marker'])
+def test_damaged_latest_checkpoint_restores_the_previous(cache, tmp_path, damage, caplog):
+  workdir = str(tmp_path / 'run')
+  trainer.run(tiny(cache), workdir)  # checkpoints at steps 2 and 4
+  latest = os.path.join(workdir, 'checkpoints', '4')
+  if damage == 'truncate':
+    files = [p for p in glob.glob(os.path.join(latest, 'state', '**', '*'), recursive=True)
+             if os.path.isfile(p)]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, 'r+b') as f:
+      f.truncate(os.path.getsize(biggest) // 2)
+  else:
+    os.remove(os.path.join(latest, 'commit_success.txt'))
+  run = trainer.setup(tiny(cache), workdir)
+  run.checkpointer.close()
+  assert run.start_step == 2
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints_corrupt', '4'))  # kept aside, not deleted
+  assert 'checkpoint' in caplog.text and 'unreadable' in caplog.text
+  # Training on redoes steps 3 and 4; metrics.jsonl reads as one run.
+  trainer.run(tiny(cache), workdir)
+  assert train_steps(workdir) == [1, 2, 3, 4]
+
+
+def _mount_tmpfs(path, size):
+  os.makedirs(path, exist_ok=True)
+  try:
+    subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', path], check=True,
+                   capture_output=True)
+  except (OSError, subprocess.CalledProcessError) as e:
+    pytest.skip(f'cannot mount a small tmpfs here (needs root): {e}')
+
+
+def test_full_disk_fails_the_save_clearly_and_keeps_the_previous(cache, tmp_path):
+  """A 20 MiB filesystem holds one checkpoint of the tiny run (~12.6 MB: params and two Adam
+  moments) but not two: the second save fails with the disk's error, the first stays restorable."""
+  disk = str(tmp_path / 'disk')
+  _mount_tmpfs(disk, '20m')
+  try:
+    workdir = os.path.join(disk, 'run')
+    with pytest.raises(Exception, match='No space left on device|RESOURCE_EXHAUSTED|ENOSPC'):
+      trainer.run(tiny(cache, keep_checkpoints=3), workdir)
+    run = trainer.setup(tiny(cache), workdir)
+    run.checkpointer.close()
+    assert run.start_step == 2
+  finally:
+    subprocess.run(['umount', disk], check=False)
+
+
+def test_damaged_data_shard_and_tokenizer_are_errors_naming_them(tmp_path):
+  cache = str(tmp_path / 'data')
+  trainer.run(tiny(cache, steps=1), str(tmp_path / 'first'))
+  (shard,) = glob.glob(os.path.join(cache, 'code-*', 'train-00000.arrayrecord'))
+  with open(shard, 'r+b') as f:
+    f.seek(100)
+    f.write(b'\xff' * 16)
+  with pytest.raises(ValueError, match=f'data shard {shard!r} fails its checksum'):
+    trainer.setup(tiny(cache, steps=1), str(tmp_path / 'second'))
+  (model,) = glob.glob(os.path.join(cache, 'tokenizer-*.model'))
+  with open(model, 'r+b') as f:
+    f.truncate(50)
+  with pytest.raises(ValueError, match=f'tokenizer model {model!r} is not a sentencepiece model'):
+    trainer.setup(tiny(cache, steps=1), str(tmp_path / 'third'))
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_zero(cache, tmp_path):
+  workdir = str(tmp_path / 'run')
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'lmjax.train', '--config=configs/tiny.py:steps=100000', f'--workdir={workdir}',
+       '--config.train.batch_size=8', '--config.train.seq_len=32', '--config.train.checkpoint_every=100000',
+       '--config.train.log_every=1', f'--config.data.cache_dir={cache}'],
+      cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 300
+  while time.time() < deadline and not (os.path.isfile(metrics) and len(open(metrics).readlines()) >= 3):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  last = train_steps(workdir)[-1]
+  assert sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()) == [last]
+
+
+def test_resume_with_a_changed_config_is_refused_then_recorded(cache, tmp_path):
+  workdir = str(tmp_path / 'run')
+  trainer.run(tiny(cache), workdir)
+  changed = tiny(cache, steps=6)  # extending the run: allowed and recorded
+  changed.optim.lr = 1e-2         # a new LR: changes the optimizer's path
+  with pytest.raises(ValueError, match=r'resuming at step 4 with a changed config \(config\.optim\.lr: '
+                                       r'0\.003 -> 0\.01\).*--accept_config_changes'):
+    trainer.setup(changed, workdir)
+  run = trainer.setup(changed, workdir, accept_changes=True)
+  run.checkpointer.close()
+  with open(os.path.join(workdir, 'config_changes.jsonl')) as f:
+    recorded = [json.loads(l) for l in f]
+  assert recorded == [dict(field='optim.lr', old=0.003, new=0.01, step=4),
+                      dict(field='train.steps', old=4, new=6, step=4)]
+  free = tiny(cache, steps=6, log_every=3)  # logging intervals may change freely
+  free.optim.lr = 1e-2
+  trainer.setup(free, workdir).checkpointer.close()
+
+
+def test_metrics_after_a_resume_read_as_one_run(cache, tmp_path):
+  """A run killed at step 3 logged step 3 after its last checkpoint (2); the resumed run drops it
+  and logs it again: each step once, in order."""
+  workdir = str(tmp_path / 'run')
+
+  def stop_at_3(info):
+    if info.step == 3:
+      raise KeyboardInterrupt  # dies without the final hooks, as a killed run would
+  with pytest.raises(KeyboardInterrupt):
+    trainer.run(tiny(cache), workdir, extra_hooks=[trainer.Hook(1, stop_at_3)])
+  assert train_steps(workdir) == [1, 2, 3]
+  trainer.run(tiny(cache), workdir)
+  assert train_steps(workdir) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_user_mistakes_are_one_line_naming_the_culprit(tmp_path):
+  cases = [
+      (['--config=configs/tiny.py', '--config.optim.lrr=1e-3'],
+       'lmjax.train: error: configs/tiny.py: config.optim.lrr: no such field (did you mean config.optim.lr?)'),
+      (['--config=configs/nope.py'], "lmjax.train: error: config file 'configs/nope.py' does not exist"),
+      (['--config=configs/tiny.py', '--config.data.sources.web=x'],
+       "lmjax.train: error: configs/tiny.py: config.data.sources.web: no such field; config.data.sources "
+       "has ['code'] (new keys cannot be added from the command line; edit the config file)"),
+      (['--config=configs/tiny.py', '--config.optim.lr=-1'],
+       'lmjax.train: error: configs/tiny.py: config.optim.lr=-1.0: expected a number >= 0'),
+  ]
+  for flags, line in cases:
+    run = subprocess.run([sys.executable, '-m', 'lmjax.train', *flags, f'--workdir={tmp_path}'], cwd=ROOT,
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    ours = [l for l in run.stderr.splitlines() if 'error' in l.lower() and 'lmjax' in l]
+    assert run.returncode == 2 and ours == [line], run.stderr[-2000:]
+    assert 'Traceback' not in run.stderr
