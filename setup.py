@@ -65,6 +65,7 @@ setup(
         "test": ["pytest==9.2.0", "nbclient==0.11.0", "nbformat==5.11.1",
                  "ipykernel==7.4.0", "datasketch==2.0.0", "pyarrow==26.0.1", *PINNED],
         "parquet": ["pyarrow==26.0.1"],
+        "wandb": ["wandb==0.31.0"],
         "bench": ["datasketch==2.0.0", "rensa==0.5.0", "py3langid==0.4.0",
                   "lingua-language-detector==2.1.1"],
         "notebooks": ["jupyter==1.1.1"],

@@ -163,8 +163,48 @@ def _layerwise_scale(gamma: float, num_layers: int) -> optax.GradientTransformat
   return optax.stateless(lambda updates, params: jax.tree_util.tree_map_with_path(scale, updates))
 
 
-def make_optimizer(optim_cfg, schedule: optax.Schedule, params) -> optax.GradientTransformation:
-  """The optax transformation for `params` (nested dict of arrays; stacked 'layers') and an LR schedule."""
+def _compile_patterns(field: str, patterns, paths: list[str]) -> list[re.Pattern]:
+  out = []
+  for p in patterns:
+    try:
+      out.append(re.compile(p))
+    except re.error as e:
+      raise ValueError(f'{field} pattern {p!r}: not a valid regex ({e})') from None
+    if not any(out[-1].fullmatch(path) for path in paths):
+      raise ValueError(f'{field} pattern {p!r} matches no parameter path; paths are {paths}')
+  return out
+
+
+def _phase_freeze(phases: Sequence[phases_lib.Phase], params) -> optax.GradientTransformation:
+  """Zeroes the leaves frozen in the current phase (`phase.freeze`), by the optimizer's step count.
+
+  The chain applies it first (frozen gradients do not move Adam's moments) and last (AdamW's decoupled
+  weight decay does not move a frozen parameter either)."""
+  paths = [_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(params)]
+  starts = jnp.asarray([p.start for p in phases])
+  masks = []
+  for p in phases:
+    patterns = _compile_patterns(f'config.phases.{p.name}.freeze', p.freeze, paths)
+    masks.append(jax.tree_util.tree_map_with_path(
+        lambda kp, _: any(r.fullmatch(_path(kp)) for r in patterns), params))
+  frozen_by_phase = jax.tree.map(lambda *m: jnp.asarray(m), *masks)  # leaf -> [phases] bool
+
+  def init(_):
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    phase = jnp.searchsorted(starts, state.count, side='right') - 1
+    updates = jax.tree.map(lambda u, f: jnp.where(f[phase], jnp.zeros_like(u), u), updates, frozen_by_phase)
+    return updates, optax.ScaleByScheduleState(count=state.count + 1)
+
+  return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(optim_cfg, schedule: optax.Schedule, params,
+                   phases: Sequence[phases_lib.Phase] = ()) -> optax.GradientTransformation:
+  """The optax transformation for `params` (nested dict of arrays; stacked 'layers') and an LR schedule;
+  `phases` with a `freeze` add progressive unfreezing."""
   c = optim_cfg
   for k, lo, hi in (('b1', 0.0, 1.0), ('b2', 0.0, 1.0)):
     if not lo <= c[k] < hi:
@@ -177,7 +217,8 @@ def make_optimizer(optim_cfg, schedule: optax.Schedule, params) -> optax.Gradien
     raise ValueError(f'optim.clip_norm={c.clip_norm!r}: expected None, 0 (off) or a number > 0')
   if not 0 < c.layerwise_lr_decay <= 1:
     raise ValueError(f'optim.layerwise_lr_decay={c.layerwise_lr_decay!r}: expected a number in (0, 1]')
-  chain = []
+  progressive = any(p.freeze for p in phases)
+  chain = [_phase_freeze(phases, params)] if progressive else []
   if c.clip_norm:
     chain.append(optax.clip_by_global_norm(c.clip_norm))
   chain.append(optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
@@ -187,18 +228,13 @@ def make_optimizer(optim_cfg, schedule: optax.Schedule, params) -> optax.Gradien
       raise ValueError('optim.layerwise_lr_decay: expected params with a stacked "layers" subtree')
     num_layers = jax.tree_util.tree_leaves(params['layers'])[0].shape[0]
     chain.append(_layerwise_scale(float(c.layerwise_lr_decay), num_layers))
+  if progressive:
+    chain.append(_phase_freeze(phases, params))
   tx = optax.chain(*chain)
 
   if c.freeze:
     paths = [_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(params)]
-    patterns = []
-    for p in c.freeze:
-      try:
-        patterns.append(re.compile(p))
-      except re.error as e:
-        raise ValueError(f'optim.freeze pattern {p!r}: not a valid regex ({e})') from None
-      if not any(patterns[-1].fullmatch(path) for path in paths):
-        raise ValueError(f'optim.freeze pattern {p!r} matches no parameter path; paths are {paths}')
+    patterns = _compile_patterns('optim.freeze', c.freeze, paths)
     labels = jax.tree_util.tree_map_with_path(
         lambda kp, _: 'frozen' if any(r.fullmatch(_path(kp)) for r in patterns) else 'trained', params)
     tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)

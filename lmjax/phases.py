@@ -15,6 +15,9 @@ in `config.phases.order` (a ConfigDict does not keep the order of its keys). Eac
     A re-warm (continued pretraining) is a phase whose warmup starts at `init` > 0.
   - `weights`: the data mixture `{source: weight}` (proportions, or repeats with
     `config.data.weights_are='repeats'`); empty = the previous phase's (the first phase: equal).
+  - `freeze`: regexes (re.fullmatch on '/'-joined parameter paths) of parameters that get no update
+    during the phase: progressive unfreezing is phases that freeze less and less (ULMFiT). Parameters
+    frozen for the whole run belong in `config.optim.freeze` instead (they then hold no Adam state).
 The anneal of the playbook is one phase: the LR decays while the high-quality sources are upsampled,
 both from the same step, with nothing kept aligned by hand.
 """
@@ -45,7 +48,7 @@ def lr_defaults() -> dict:
 
 
 def phase(*, steps: int | None = None, fraction: float | None = None, weights: dict | None = None,
-          **lr) -> ml_collections.ConfigDict:
+          freeze: tuple[str, ...] = (), **lr) -> ml_collections.ConfigDict:
   """One phase entry for `config.phases`, every field present (so each can be overridden by flag).
 
   phase(fraction=0.2, weights={'math': 0.5, 'en': 0.5}, shape='linear', end=0.0)
@@ -58,6 +61,7 @@ def phase(*, steps: int | None = None, fraction: float | None = None, weights: d
       fraction=ml_collections.FieldReference(None, field_type=float),
       lr=lr_defaults(),
       weights=dict(weights or {}),
+      freeze=tuple(freeze),
   ))
   entry.steps, entry.fraction = steps, fraction
   entry.lr.update(lr)
@@ -83,6 +87,7 @@ class Phase:
   steps: int
   lr: dict
   weights: dict[str, float]
+  freeze: tuple[str, ...] = ()
 
 
 def _length(field: str, entry, total_steps: int) -> float | None:
@@ -118,9 +123,9 @@ def resolve(phases_cfg, total_steps: int, sources: Sequence[str]) -> list[Phase]
     field = f'config.phases.{name}'
     if not isinstance(entry, (dict, ml_collections.ConfigDict)):
       raise ValueError(f'{field}={entry!r}: expected lmjax.phases.phase(...)')
-    unknown = sorted(set(entry.keys()) - {'steps', 'fraction', 'lr', 'weights'})
+    unknown = sorted(set(entry.keys()) - {'steps', 'fraction', 'lr', 'weights', 'freeze'})
     if unknown:
-      raise ValueError(f'{field}: unknown keys {unknown}; expected steps, fraction, lr, weights')
+      raise ValueError(f'{field}: unknown keys {unknown}; expected steps, fraction, lr, weights, freeze')
     given.append(_length(field, entry, int(total_steps)))
   rest = [n for n, g in zip(names, given) if g is None]
   if len(rest) > 1:
@@ -149,7 +154,7 @@ def resolve(phases_cfg, total_steps: int, sources: Sequence[str]) -> list[Phase]
                        f'{sorted(lr_defaults())}')
     if entry.get('weights'):
       weights = _weights(f'config.phases.{name}.weights', dict(entry['weights']), sources)
-    out.append(Phase(name, start, end - start, lr, weights))
+    out.append(Phase(name, start, end - start, lr, weights, tuple(entry.get('freeze') or ())))
   return out
 
 

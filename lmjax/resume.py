@@ -14,8 +14,8 @@ import os
 
 # Dotted config paths (a path and everything under it) that a resume may change freely.
 FREE = ('train.log_every', 'train.eval_every', 'train.checkpoint_every', 'train.keep_checkpoints',
-        'train.async_checkpoint', 'train.trackers', 'data.num_threads', 'data.prefetch',
-        'data.verify_checksums', 'data.cache_dir', 'data.eval.num_batches', 'model.attention',
+        'train.async_checkpoint', 'train.trackers', 'train.wandb_project', 'data.num_threads',
+        'data.prefetch', 'data.verify_checksums', 'data.cache_dir', 'data.eval.num_batches', 'model.attention',
         'model.remat', 'mesh', 'init_from', 'init_skip', 'loss.implementation', 'loss.chunk_tokens')
 RECORDED = ('train.steps',)
 

@@ -107,7 +107,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, vocab_size
   schedule = optim.make_schedule(phases, config.optim.lr)
   graphdef, shapes, axes = model.abstract(args)
   param_sh = sharding.param_shardings(shapes, axes, mesh)
-  tx = optim.make_optimizer(config.optim, schedule, shapes)
+  tx = optim.make_optimizer(config.optim, schedule, shapes, phases)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, shapes), param_sh,
                                  transform_non_params=lambda _: replicated)

@@ -46,11 +46,12 @@ def main(config: ml_collections.ConfigDict) -> None:
     if losses:
       bar.write(f'step {step} eval loss: ' + '  '.join(f'{k} {v:.3f}' for k, v in losses.items()))
 
+  writer = trainer.MetricsWriter(r, echo=print_eval)
   try:
-    writer = trainer.MetricsWriter(workdir, r.start_step, echo=print_eval)
     trainer.train(r, trainer.default_hooks(r, writer) + [trainer.Hook(1, progress)])
   finally:
     bar.close()
+    writer.close()
     r.checkpointer.close()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -33,6 +34,9 @@ PEAK_FLOPS = {
 }
 
 
+TRACKERS = ('tensorboard', 'wandb')
+
+
 def defaults() -> ml_collections.ConfigDict:
   """config.train."""
   return ml_collections.ConfigDict(dict(
@@ -45,6 +49,8 @@ def defaults() -> ml_collections.ConfigDict:
       checkpoint_every=100,
       keep_checkpoints=3,
       async_checkpoint=True,
+      trackers=('tensorboard',),  # and/or 'wandb' (pip install -e '.[wandb]'; WANDB_MODE=offline works)
+      wandb_project='lmjax',
   ))
 
 
@@ -56,6 +62,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.batch_size % cfg.microbatches:
     raise ValueError(f'config.train.microbatches={cfg.microbatches} must divide '
                      f'config.train.batch_size={cfg.batch_size}')
+  unknown = sorted(set(cfg.trackers) - set(TRACKERS))
+  if unknown:
+    raise ValueError(f'config.train.trackers: unknown {unknown}; expected some of {TRACKERS}')
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -81,35 +90,67 @@ class Hook:
 
 
 class MetricsWriter:
-  """Appends one JSON object per record to `metrics.jsonl` and mirrors scalars to TensorBoard;
-  `echo(step, record)`, if given, also sees every record (the CLI prints evaluations with it).
+  """Appends one JSON object per record to `metrics.jsonl` and mirrors scalars to the trackers of
+  `config.train.trackers` (TensorBoard under <workdir>/tb; Weights & Biases, whose run id is kept in
+  <workdir>/wandb_id so a resumed run continues it); `echo(step, record)`, if given, also sees every
+  record (the CLI prints evaluations with it).
 
   A resumed run first drops the records past the step it resumed from (they were logged by the run
   that was killed and are about to be logged again), from metrics.jsonl and TensorBoard alike, so
   both read as one clean run."""
 
-  def __init__(self, workdir: str, start_step: int, echo: Callable[[int, dict], None] | None = None):
-    from tensorboardX import SummaryWriter
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._tb = None
-    if jax.process_index() == 0:
-      resume.truncate_metrics(self.path, start_step)
-      self._tb = SummaryWriter(os.path.join(workdir, 'tb'), purge_step=start_step + 1)
+  def __init__(self, run: 'Run', echo: Callable[[int, dict], None] | None = None):
+    self.path = os.path.join(run.workdir, 'metrics.jsonl')
+    self._tb = self._wandb = None
     self._echo = echo
+    if jax.process_index() != 0:  # every process computes the (global) metrics; one writes them
+      return
+    resume.truncate_metrics(self.path, run.start_step)
+    trackers = run.config.train.trackers
+    if 'tensorboard' in trackers:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(run.workdir, 'tb'), purge_step=run.start_step + 1)
+    if 'wandb' in trackers:
+      self._wandb = _wandb_run(run)
 
   def write(self, step: int, record: dict) -> None:
-    if jax.process_index() != 0:  # every process computes the (global) metrics; one writes them
+    if jax.process_index() != 0:
       return
     record = {'step': step, **{k: float(v) if isinstance(v, (float, int, np.generic, np.ndarray, jax.Array))
                                else v for k, v in record.items()}}
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
-    for k, v in record.items():
-      if k != 'step' and isinstance(v, float):
+    scalars = {k: v for k, v in record.items() if k != 'step' and isinstance(v, float)}
+    if self._tb:
+      for k, v in scalars.items():
         self._tb.add_scalar(k, v, step)
-    self._tb.flush()
+      self._tb.flush()
+    if self._wandb:
+      self._wandb.log(scalars, step=step)
     if self._echo:
       self._echo(step, record)
+
+  def close(self) -> None:
+    if self._tb:
+      self._tb.close()
+    if self._wandb:
+      self._wandb.finish()
+
+
+def _wandb_run(run: 'Run'):
+  try:
+    import wandb
+  except ImportError:
+    raise ValueError("config.train.trackers has 'wandb' but wandb is not installed: "
+                     "pip install -e '.[wandb]'") from None
+  id_path = os.path.join(run.workdir, 'wandb_id')
+  if not os.path.isfile(id_path):
+    _write_atomically(id_path, secrets.token_hex(4))
+  with open(id_path) as f:
+    run_id = f.read().strip()
+  return wandb.init(project=run.config.train.wandb_project, id=run_id, resume='allow', dir=run.workdir,
+                    name=os.path.basename(os.path.abspath(run.workdir)),
+                    config=json.loads(run.config.to_json_best_effort()))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -296,7 +337,9 @@ def train(run: Run, hooks: Iterable[Hook]) -> dict:
 def run(config: ml_collections.ConfigDict, workdir: str, extra_hooks: Iterable[Hook] = ()) -> dict:
   """Trains `config` in `workdir` (resuming if possible) with the default hooks plus `extra_hooks`."""
   r = setup(config, workdir)
+  writer = MetricsWriter(r)
   try:
-    return train(r, default_hooks(r, MetricsWriter(workdir, r.start_step)) + list(extra_hooks))
+    return train(r, default_hooks(r, writer) + list(extra_hooks))
   finally:
+    writer.close()
     r.checkpointer.close()

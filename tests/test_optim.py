@@ -232,6 +232,39 @@ def test_frozen_params_unchanged_and_stateless():
   assert moment_sizes == sorted(2 * [v.size for v in trained.values()])
 
 
+def test_progressive_unfreezing_by_phase():
+  """Phase 1 (steps 0-1) freezes the layers and the embedding, phase 2 (step 2) only the embedding,
+  phase 3 nothing: a leaf moves exactly in the phases that leave it free, and the free leaves train
+  as the float64 AdamW would on the gradients it sees (frozen gradients never reach the moments)."""
+  params = _params()
+  grads = _grads(4)
+  timeline = phases_lib.resolve(phases_lib.timeline(
+      a=phases_lib.phase(steps=2, shape='constant', freeze=('layers/.*', 'embed/.*')),
+      b=phases_lib.phase(steps=1, shape='constant', freeze=('embed/.*',)),
+      c=phases_lib.phase(shape='constant')), 10, [])
+  tx = optim.make_optimizer(_config(), optim.make_schedule(timeline, 1e-2), params, timeline)
+  state, update, history = tx.init(params), jax.jit(tx.update), [_flat(jax.tree.map(np.asarray, params))]
+  current = params
+  for g in grads:
+    updates, state = update(g, state, current)
+    current = optax.apply_updates(current, updates)
+    history.append(_flat(jax.tree.map(np.asarray, current)))
+  for k in history[0]:
+    moved = [not np.array_equal(history[i + 1][k], history[i][k]) for i in range(4)]
+    want = {'embed': [False, False, False, True], 'layer': [False, False, True, True]}.get(k[:5], [True] * 4)
+    assert moved == want, (k, moved)
+  # The head trains from step 0 as plain AdamW. A layer's moments stay zero while it is frozen and the
+  # step count (bias correction) runs on, so its first update is float64 AdamW's third step on the
+  # gradients (0, 0, g_2), with neither update nor decay before it.
+  head = _numpy_adamw(_unflatten({'lm_head/kernel': history[0]['lm_head/kernel']}), grads)
+  np.testing.assert_allclose(history[4]['lm_head/kernel'], head['lm_head/kernel'], rtol=1e-5)
+  layer = 'layers/mlp/up/kernel'
+  p, g = history[0][layer].astype(np.float64), _flat(grads[2])[layer].astype(np.float64)
+  m, v = (1 - 0.9) * g, (1 - 0.95) * g * g
+  p = p - 1e-2 * ((m / (1 - 0.9 ** 3)) / (np.sqrt(v / (1 - 0.95 ** 3)) + 1e-8) + 0.1 * p)
+  np.testing.assert_allclose(history[3][layer], p, rtol=1e-5)
+
+
 def test_freeze_with_int_keys():
   params = {'blocks': {0: {'w': np.ones((2,), np.float32)}, 1: {'w': np.ones((2,), np.float32)}}}
   grads = [jax.tree.map(np.ones_like, params)]
