@@ -30,7 +30,9 @@ def measure(variant, batch, seq, steps, attention, remat, loss):
                            f'steps={steps},attention={attention},remat={remat}')
   config.unlock()
   config.mesh.update(data=-1, fsdp=1, tensor=1)
-  config.loss.implementation = loss
+  config.loss.implementation, _, chunk = loss.partition('@')  # 'chunked@4096': 4096-token blocks
+  if chunk:
+    config.loss.chunk_tokens = int(chunk)
   mesh = sharding.make_mesh(config.mesh)
   built = steps_lib.build(config, mesh, model.resolve(config.model).vocab_size)
   state = built.init(0)
@@ -62,7 +64,8 @@ def main():
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--attention', default='cudnn,xla')
   parser.add_argument('--remat', default='none')
-  parser.add_argument('--loss', default='chunked', help='config.loss.implementation(s), comma-separated')
+  parser.add_argument('--loss', default='materialize', help='config.loss.implementation(s), comma-separated; '
+                      'chunked@N sets chunk_tokens=N')
   parser.add_argument('--peer', default='', help="a PyTorch peer's JSON: {'B<b> T<t> ...': {'tokens_per_s'}}")
   parser.add_argument('--out', default=os.environ.get('OUT', '.'))
   parser.add_argument('--one', default='', help=argparse.SUPPRESS)  # internal: attention,remat,loss
