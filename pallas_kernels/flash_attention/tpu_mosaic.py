@@ -11,6 +11,12 @@ Three pallas_calls, following the FlashAttention-2 split (Dao 2023, Alg. 1 and 2
   dQ        grid (B, Hq, T/bq, S/bk).
 Causal: blocks wholly above the diagonal are skipped (pl.when) and their index maps clamped to a
 needed block, so the pipeline does not fetch them. Tested on CPU with interpret=True.
+
+Placement: XLA cannot split a Mosaic kernel across devices, so on a mesh of more than one device the
+caller runs this inside jax.shard_map (batch and heads split, T and head_dim whole; K/V heads split
+like Q heads). Lowering reads the target chip from the current mesh (jax.set_mesh or shard_map's), so
+a call compiles for a TPU topology from a CPU host; inputs placed on a one-device mesh with no mesh
+set get that mesh from their own sharding (tests/test_tpu_compile.py).
 """
 import functools
 
@@ -18,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.flash_attention import reference
 
@@ -154,6 +161,11 @@ def _seg_specs(block_q, block_k, q_map, kv_map):
           pl.BlockSpec((None, 1, block_k), lambda *g: (g[0], 0, kv_map(*g)))]
 
 
+def _struct(shape, dtype, like):
+  """A pallas_call output type; inside shard_map it varies over the same mesh axes as `like`."""
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
+
+
 def _params(n_parallel):
   return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_parallel + ("arbitrary",))
 
@@ -174,7 +186,7 @@ def _forward(q, k, v, seg, causal, scale, interpret):
       grid=(b, h, t // bq, s // bk),
       in_specs=[*seg_specs, q_spec, kv_spec, kv_spec],
       out_specs=[q_spec, pl.BlockSpec((None, None, bq, 1), lambda b_, h_, i, j: (b_, h_, i, 0))],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t, 1), jnp.float32)],
+      out_shape=[_struct(q.shape, q.dtype, q), _struct((b, h, t, 1), jnp.float32, q)],
       scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                       pltpu.VMEM((bq, d), jnp.float32)],
       compiler_params=_params(3),
@@ -202,7 +214,7 @@ def _backward(q, k, v, seg, o, lse, do, causal, scale, interpret):
       grid=(b, hkv, s // bk, group * nq),
       in_specs=[*seg_specs, row(d), kv_spec, kv_spec, row(d), row(1), row(1)],
       out_specs=[kv_spec, kv_spec],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_shape=[_struct(k.shape, k.dtype, k), _struct(v.shape, v.dtype, v)],
       scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
       compiler_params=_params(3),
       interpret=interpret,
@@ -217,7 +229,7 @@ def _backward(q, k, v, seg, o, lse, do, causal, scale, interpret):
       grid=(b, h, nq, s // bk),
       in_specs=[*seg_specs, q_spec(d), kv_spec, kv_spec, q_spec(d), q_spec(1), q_spec(1)],
       out_specs=q_spec(d),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_shape=_struct(q.shape, q.dtype, q),
       scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
       compiler_params=_params(3),
       interpret=interpret,
@@ -244,6 +256,33 @@ def _attention_bwd(causal, scale, interpret, res, do):
 _attention_bhtd.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _vary_alike(xs):
+  """Inside shard_map: every input varies over the union of the inputs' varying mesh axes, so the
+  kernels' outputs have one type; autodiff turns the cast into the psum a replicated K/V gradient needs."""
+  leaves = jax.tree.leaves(xs)
+  union = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in leaves))
+  missing = lambda x: tuple(sorted(union - jax.typeof(x).manual_axis_type.varying))
+  return jax.tree.map(lambda x: jax.lax.pcast(x, missing(x), to="varying"), xs)
+
+
+def _placement_mesh(q):
+  """The mesh to lower the kernels under, or None when the current context already names the chip.
+
+  Lowering asks the current mesh (else the default device) which TPU it targets. Inputs placed on a
+  one-device mesh with no mesh set (jit of ShapeDtypeStructs on a compile-only topology) name it
+  through their sharding. More than one device outside shard_map cannot work: XLA cannot split a
+  Mosaic kernel, so that is an error naming the fix.
+  """
+  current = jax.sharding.get_abstract_mesh()
+  mesh = current if not current.empty else jax.typeof(q).sharding.mesh
+  auto = {a: n for a, n in mesh.shape.items() if n > 1 and a not in mesh.manual_axes}
+  if auto:
+    raise ValueError(f"mosaic_tpu: called on a mesh with axes {auto} outside jax.shard_map; XLA cannot "
+                     "partition a Mosaic kernel, so call flash_attention inside jax.shard_map over that mesh "
+                     "(batch and heads split, T and head_dim whole)")
+  return mesh if current.empty and not mesh.empty else None
+
+
 def flash_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale=None, interpret=False):
   """Same contract as `api.flash_attention` ([B,T,H,D] in and out); `interpret` runs it on CPU."""
   reference.check_inputs(q, k, v, segment_ids)
@@ -255,5 +294,12 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale=Non
     seg_bt = segment_ids.astype(jnp.int32)
     seg = (seg_bt[:, :, None], seg_bt[:, None, :])
   to_bhtd = lambda x: jnp.swapaxes(x, 1, 2)
-  o = _attention_bhtd(to_bhtd(q), to_bhtd(k), to_bhtd(v), seg, causal, scale, interpret)
-  return to_bhtd(o)
+
+  def attention(q, k, v, seg):
+    q, k, v, seg = _vary_alike((q, k, v, seg))
+    return to_bhtd(_attention_bhtd(to_bhtd(q), to_bhtd(k), to_bhtd(v), seg, causal, scale, interpret))
+
+  mesh = None if interpret else _placement_mesh(q)
+  if mesh is not None:
+    attention = jax.shard_map(attention, mesh=mesh, in_specs=P(), out_specs=P())
+  return attention(q, k, v, seg)
