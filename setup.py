@@ -63,7 +63,9 @@ setup(
         "gpu": ["jax[cuda13]==0.10.2", *PINNED],
         "tpu": ["jax[tpu]==0.10.2", *PINNED],
         "test": ["pytest==9.2.0", "nbclient==0.11.0", "nbformat==5.11.1",
-                 "ipykernel==7.4.0", "datasketch==2.0.0", "pyarrow==26.0.1", *PINNED],
+                 "ipykernel==7.4.0", "datasketch==2.0.0", "pyarrow==26.0.1",
+                 "libtpu==0.0.42.1",  # the TPU compiler, for compile-only tests on CPU (lmjax.aot)
+                 "wandb==0.31.0", *PINNED],
         "parquet": ["pyarrow==26.0.1"],
         "wandb": ["wandb==0.31.0"],
         "bench": ["datasketch==2.0.0", "rensa==0.5.0", "py3langid==0.4.0",

@@ -24,7 +24,7 @@ from flax import nnx
 
 from lmjax import sharding
 
-# Named sizes (gemma / MaxText style). `1b` has Llama-3.2-1B's shapes and `8b` Llama-3-8B's, so
+# Named sizes (gemma / MaxText style). `1b` has Llama-3.2-1B's shapes, `8b` Llama-3-8B's, `70b` Llama-3-70B's, so
 # throughput and parameter counts compare with published and peer figures.
 # Rope scaling is off unless a variant sets `rope_scaling_factor`; `1b` has Llama-3.2's (factor 32,
 # low/high frequency factors 1 and 4, original context 8192; Llama-3.1 uses factor 8).
@@ -38,6 +38,9 @@ VARIANTS = {
                rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_position=8192),
     '8b': dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14_336, vocab_size=128_256,
                tie_embeddings=False, rope_theta=500_000.0),
+    # Llama-3-70B's shapes: for planning what a slice holds (python -m lmjax.aot --topology=...).
+    '70b': dict(d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28_672, vocab_size=128_256,
+                tie_embeddings=False, rope_theta=500_000.0),
 }
 ATTENTION = ('xla', 'cudnn', 'pallas')
 REMAT = ('none', 'full', 'dots', 'dots_no_batch')

@@ -1,0 +1,55 @@
+"""lmjax.aot: the real train step compiled for TPU slices by the TPU compiler on this CPU host (needs
+libtpu), verdicts against HBM; and the fake-CPU-device mode against a named accelerator."""
+import importlib.util
+import os
+
+import jax
+import pytest
+
+from lmjax import aot, config as config_lib, model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                                  reason="needs libtpu: pip install -e '.[test]' (or '.[tpu]')")
+
+
+def tiny(**train):
+  config = config_lib.load(os.path.join(ROOT, 'configs', 'pretrain.py'), 'runlocal=True')
+  config.train.update(train)
+  return config
+
+
+@needs_libtpu
+@pytest.mark.parametrize('name', ['v5e-8', 'v5p-8'])
+def test_tiny_train_step_compiles_for_tpu_slices(name):
+  lines = aot.report(tiny(), topology_name=name)
+  assert lines[0].startswith(f'compiled for {name}: ')
+  assert lines[1].startswith('memory per device: fits: ')
+  assert lines[2].startswith("estimate (roofline from the model's FLOPs")
+
+
+@needs_libtpu
+def test_a_step_that_cannot_fit_is_a_verdict_with_the_shortfall():
+  """The tiny model with 2M tokens a step and no remat on one v5e chip (15.75 GiB)."""
+  config = tiny(batch_size=256, seq_len=8192)
+  config.mesh.update(fsdp=1, data=1)
+  lines = aot.report(config, topology_name='v5e-1')
+  assert lines[1].startswith('memory per device: does not fit: needs ') and 'short by' in lines[1]
+  assert len(lines) == 2  # no estimate for a program that did not compile
+
+
+def test_fake_devices_against_a_named_accelerator():
+  config = tiny()
+  lines = aot.report(config, devices=8, accelerator_name='h100')
+  assert lines[0].startswith('compiled for 8 devices') and lines[2].startswith('on h100: fits: ')
+  with pytest.raises(ValueError, match=r"--accelerator='tpu9'"):
+    aot.accelerator('tpu9')
+
+
+def test_estimate_is_the_roofline_of_the_model_counts():
+  config = tiny()
+  parts = dict(arguments=10e9, outputs=10e9, temporaries=5e9)
+  e = aot.estimate(config, 4, parts, peak_flops=100e12, hbm_bytes_per_s=1e12)
+  flops = model.flops_per_token(model.resolve(config.model), 128) * 8 * 128 / 4
+  assert e['compute_s'] == pytest.approx(flops / 100e12) and e['memory_s'] == pytest.approx(30e9 / 1e12)
+  assert e['step_s'] == max(e['compute_s'], e['memory_s'])
