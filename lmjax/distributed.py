@@ -3,7 +3,7 @@
 - `launch/local.py` (N processes on one machine) sets LMJAX_COORDINATOR, LMJAX_NUM_PROCESSES and
   LMJAX_PROCESS_ID.
 - On a Cloud TPU pod slice or a SLURM / GKE GPU cluster, set LMJAX_DISTRIBUTED=auto on every host
-  and JAX detects the cluster itself (`launch/tpu_vm.sh` does this).
+  and JAX detects the cluster itself (`python -m launch.tpu run` does this).
 - Otherwise this is a single-process run and nothing happens.
 """
 import os

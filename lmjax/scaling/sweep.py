@@ -195,7 +195,7 @@ def run_local(specs: Sequence[RunSpec], sweep_dir: str,
 
 def commands(specs: Sequence[RunSpec], config_file: str, config_arg: str, sweep_dir: str) -> list[str]:
   """One training command per run, pretraining first, for a launcher (launch/local.py,
-  launch/tpu_vm.sh). The config file must pass `run` and `sweep_dir` knobs to `run_config`."""
+  python -m launch.tpu sweep). The config file must pass `run` and `sweep_dir` knobs to `run_config`."""
   knobs = f'{config_arg},' if config_arg else ''
   return [f'python -m lmjax.train --config={config_file}:{knobs}run={s.name},sweep_dir={sweep_dir} '
           f'--workdir={run_dir(sweep_dir, s.name)}' for s in specs]
