@@ -1,5 +1,7 @@
 """Train-step tests without the data pipeline: sharded == single device, gradient accumulation ==
 one big batch, ahead-of-time compilation of the 1b step for 8 devices."""
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -37,6 +39,13 @@ def run_steps(config, devices, n_steps=3):
   return np.array(losses), state
 
 
+@functools.cache
+def one_device_losses():
+  single = tiny_config()
+  single.mesh.update(data=1, fsdp=1, tensor=1)
+  return run_steps(single, jax.devices()[:1])[0]
+
+
 def test_sharded_mesh_matches_one_device():
   assert jax.device_count() == 8, 'tests/conftest.py sets 8 fake CPU devices'
   single = tiny_config()
@@ -56,6 +65,18 @@ def test_sharded_mesh_matches_one_device():
   for a, b in zip(jax.tree.leaves(state_8['params']), jax.tree.leaves(state_1['params'])):
     a, b = np.asarray(a), np.asarray(b)
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-4
+
+
+@pytest.mark.parametrize('mesh', [dict(data=8, fsdp=1, tensor=1), dict(data=1, fsdp=8, tensor=1),
+                                  dict(data=1, fsdp=4, tensor=2), dict(data=2, fsdp=1, tensor=4)],
+                         ids=['data', 'fsdp', 'fsdp_x_tensor', 'data_x_tensor'])
+def test_every_mesh_matches_one_device(mesh):
+  """The meshes the multi-GPU runs use (1b: data, fsdp; 8b: fsdp, fsdp x tensor): three steps, f32."""
+  losses_1 = one_device_losses()
+  sharded = tiny_config()
+  sharded.mesh.update(mesh)
+  losses_8, _ = run_steps(sharded, jax.devices())
+  np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
 
 
 def test_gradient_accumulation_equals_one_large_batch():
