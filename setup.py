@@ -61,13 +61,14 @@ setup(
     extras_require={
         "cpu": ["jax[cpu]==0.10.2", *PINNED],
         "gpu": ["jax[cuda13]==0.10.2", *PINNED],
-        "tpu": ["jax[tpu]==0.10.2", *PINNED],
+        "tpu": ["jax[tpu]==0.10.2", "gcsfs==2026.10.1", *PINNED],
         "test": ["pytest==9.2.0", "nbclient==0.11.0", "nbformat==5.11.1",
                  "ipykernel==7.4.0", "datasketch==2.0.0", "pyarrow==26.0.1",
                  "libtpu==0.0.42.1",  # the TPU compiler, for compile-only tests on CPU (lmjax.aot)
                  "wandb==0.31.0", *PINNED],
         "parquet": ["pyarrow==26.0.1"],
         "wandb": ["wandb==0.31.0"],
+        "gcs": ["gcsfs==2026.10.1"],
         "bench": ["datasketch==2.0.0", "rensa==0.5.0", "py3langid==0.4.0",
                   "lingua-language-detector==2.1.1"],
         "notebooks": ["jupyter==1.1.1"],

@@ -7,21 +7,32 @@ process killed mid-write leaves no step directory that restores wrongly: `latest
 finished ones. Saves are asynchronous: training continues while arrays are written. A step directory that exists
 but does not restore (damaged later, or its commit marker missing) is moved aside and the previous
 checkpoint restored (`restore_latest`).
+
+The directory is a local path or a gs:// URL: orbax reads and writes GCS itself (etils.epath and
+tensorstore; on GCS it commits a step with commit_success.txt instead of a rename). Moving a damaged
+step aside goes through lmjax/fs.py.
 """
 from __future__ import annotations
 
 import os
-import shutil
 
 import orbax.checkpoint as ocp
 from absl import logging
+
+from lmjax import fs
+
+
+def orbax_path(directory: str) -> str:
+  """`directory` as orbax takes it: a local path made absolute, a URL as it is, except file://
+  (which etils.epath does not know): its local path."""
+  return fs.abspath(directory.removeprefix('file://'))
 
 
 class Checkpointer:
   """Keeps the last `keep` checkpoints of a run under `directory`."""
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = orbax_path(directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -41,7 +52,7 @@ class Checkpointer:
     warning, and the one before it is tried; none restoring is an error naming the directory."""
     for step in sorted(self._manager.all_steps(), reverse=True):
       path = os.path.join(self.directory, str(step))
-      if os.path.isfile(os.path.join(path, 'commit_success.txt')):
+      if fs.isfile(os.path.join(path, 'commit_success.txt')):
         try:
           return step, *self.restore(step, abstract_state)
         except Exception as e:  # orbax and tensorstore raise many kinds for a damaged file
@@ -51,9 +62,9 @@ class Checkpointer:
       aside = os.path.join(self.directory + '_corrupt', f'{step}')
       logging.warning('checkpoint %s is unreadable (%s); moved to %s, restoring the one before',
                       path, problem, aside)
-      os.makedirs(os.path.dirname(aside), exist_ok=True)
-      shutil.rmtree(aside, ignore_errors=True)
-      os.replace(path, aside)
+      fs.makedirs(os.path.dirname(aside))
+      fs.rmtree(aside)
+      fs.replace(path, aside)
       self._manager.reload()
     raise FileNotFoundError(f'no checkpoint in {self.directory} restores (the unreadable ones are in '
                             f'{self.directory}_corrupt); delete the run directory to start afresh')

@@ -3,6 +3,9 @@
   init_from = 'lmjax:DIR'   another lmjax run's workdir (its latest checkpoint's params); a bare DIR too
   init_from = 'hf:DIR'      a Hugging Face checkpoint (safetensors + config.json; lmjax/convert.py)
 
+An lmjax DIR may be a URL (gs://bucket/runs/1b): its provenance.json and tokenizer are read through
+lmjax/fs.py, its checkpoint by orbax.
+
 The run inherits the parent's tokenizer: with `config.data.tokenizer.path` unset it takes the parent's
 (an lmjax run records its tokenizer in provenance.json; a Hugging Face directory holds tokenizer.json);
 a different tokenizer is an error naming both, since the parent's weights mean its token ids.
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lmjax import model, sharding
+from lmjax import checkpoint, fs, model, sharding
 
 KINDS = ('lmjax', 'hf')
 # Parameters with a vocabulary axis, and which axis it is: they may grow (see the module docstring).
@@ -33,11 +36,11 @@ VOCAB_AXIS = {'embed_vd': 0, 'head_dv': 1}
 
 
 def parse(spec: str) -> tuple[str, str]:
-  """'hf:DIR' -> ('hf', DIR); 'lmjax:DIR' or a bare 'DIR' -> ('lmjax', DIR)."""
+  """'hf:DIR' -> ('hf', DIR); 'lmjax:DIR' or a bare 'DIR' (a URL too) -> ('lmjax', DIR)."""
   kind, sep, rest = spec.partition(':')
   if sep and kind in KINDS:
     return kind, rest
-  if sep and '/' not in kind and kind not in ('gs', 'file'):
+  if sep and '/' not in kind and not rest.startswith('//'):
     raise ValueError(f'config.init_from={spec!r}: expected lmjax:DIR, hf:DIR or a run directory')
   return 'lmjax', spec
 
@@ -49,19 +52,18 @@ def parent_tokenizer(spec: str) -> str | None:
     path = os.path.join(directory, 'tokenizer.json')
     return path if os.path.isfile(path) else None
   provenance = os.path.join(directory, 'provenance.json')
-  if not os.path.isfile(provenance):
+  if not fs.isfile(provenance):
     raise FileNotFoundError(f'config.init_from={spec!r}: {provenance} does not exist (not an lmjax run '
                             'directory?)')
-  with open(provenance) as f:
-    path = json.load(f).get('tokenizer')
-  if not path or not os.path.isfile(path):
+  path = json.loads(fs.read_text(provenance)).get('tokenizer')
+  if not path or not fs.isfile(path):
     raise FileNotFoundError(f'config.init_from={spec!r}: the run records no tokenizer that exists '
                             f'({path!r} in {provenance}); set config.data.tokenizer.path to it')
   return path
 
 
 def _digest(path: str) -> str:
-  with open(path, 'rb') as f:
+  with fs.open(path, 'rb') as f:
     return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
 
 
@@ -73,7 +75,7 @@ def inherit_tokenizer(config) -> None:
   own = config.data.tokenizer.path
   if not own:
     config.data.tokenizer.path = parent
-  elif _digest(os.path.join(own, 'tokenizer.json') if os.path.isdir(own) else own) != _digest(parent):
+  elif _digest(os.path.join(own, 'tokenizer.json') if fs.isdir(own) else own) != _digest(parent):
     raise ValueError(f'config.data.tokenizer.path={own!r} is not the tokenizer of config.init_from='
                      f'{config.init_from!r} ({parent}): its weights mean that tokenizer\'s ids; '
                      'leave config.data.tokenizer.path empty to inherit it')
@@ -86,8 +88,8 @@ def _path(key_path) -> str:
 def _lmjax_params(directory: str, target_abstract: dict, mesh) -> dict:
   """The latest checkpoint's params, each read onto the target's sharding (or replicated, where its
   shape differs: it is adapted afterwards)."""
-  root = os.path.join(directory, 'checkpoints')
-  manager = ocp.CheckpointManager(os.path.abspath(root))
+  root = checkpoint.orbax_path(os.path.join(directory, 'checkpoints'))
+  manager = ocp.CheckpointManager(root)
   step = manager.latest_step()
   manager.close()
   if step is None:
@@ -101,7 +103,7 @@ def _lmjax_params(directory: str, target_abstract: dict, mesh) -> dict:
     t = targets.get(path)
     sh = t.sharding if t is not None and tuple(t.shape) == tuple(m.shape) else replicated
     _set(abstract, path, jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sh))
-  manager = ocp.CheckpointManager(os.path.abspath(root))
+  manager = ocp.CheckpointManager(root)
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item={'params': abstract},
       restore_args=ocp.checkpoint_utils.construct_restore_args({'params': abstract}),

@@ -10,7 +10,8 @@ config_changes.jsonl with the step they took effect.
 from __future__ import annotations
 
 import json
-import os
+
+from lmjax import fs
 
 # Dotted config paths (a path and everything under it) that a resume may change freely.
 FREE = ('train.log_every', 'train.eval_every', 'train.checkpoint_every', 'train.keep_checkpoints',
@@ -35,10 +36,9 @@ def _under(field: str, paths) -> bool:
 
 
 def read_config(path: str) -> dict | None:
-  if not os.path.isfile(path):
+  if not fs.isfile(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(fs.read_text(path))
 
 
 def check(saved: dict | None, config, step: int, accept: bool) -> list[dict]:
@@ -59,20 +59,15 @@ def check(saved: dict | None, config, step: int, accept: bool) -> list[dict]:
 
 
 def record(path: str, changes: list[dict]) -> None:
-  with open(path, 'a') as f:
-    for c in changes:
-      f.write(json.dumps(c) + '\n')
+  fs.append_text(path, ''.join(json.dumps(c) + '\n' for c in changes))
 
 
 def truncate_metrics(path: str, start_step: int) -> None:
   """Drops the records of steps after `start_step` from metrics.jsonl (atomically)."""
-  if not os.path.isfile(path):
+  if not fs.isfile(path):
     return
-  with open(path) as f:
-    lines = f.readlines()
+  lines = fs.read_text(path).splitlines(keepends=True)
   kept = [l for l in lines if l.strip() and json.loads(l).get('step', 0) <= start_step]
   if len(kept) == len(lines):
     return
-  with open(path + '.tmp', 'w') as f:
-    f.writelines(kept)
-  os.replace(path + '.tmp', path)
+  fs.write_atomic(path, ''.join(kept))

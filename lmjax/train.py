@@ -15,7 +15,7 @@ import jax
 import ml_collections
 from absl import flags
 
-from lmjax import cli, distributed, trainer
+from lmjax import cli, distributed, fs, trainer
 
 
 def main(config: ml_collections.ConfigDict) -> None:
@@ -27,8 +27,7 @@ def main(config: ml_collections.ConfigDict) -> None:
   r = trainer.setup(config, workdir, accept_changes=flags.FLAGS.accept_config_changes)
   if lead:
     summary = trainer.summary(r)
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=1)
+    fs.write_atomic(os.path.join(workdir, 'summary.json'), json.dumps(summary, indent=1))
     print(trainer.format_summary(summary), file=sys.stderr)
   if r.start_step:
     print(f'resuming from step {r.start_step} (checkpoint in {r.checkpointer.directory})',

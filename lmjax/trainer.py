@@ -12,9 +12,11 @@ import dataclasses
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable, Iterable
 
@@ -22,7 +24,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from lmjax import checkpoint, init_from, model, phases as phases_lib, resume, sharding, steps as steps_lib
+from lmjax import (checkpoint, fs, init_from, model, phases as phases_lib, resume, sharding,
+                   steps as steps_lib)
 from lmjax.data import pipeline as data_pipeline
 
 # Dense bf16 peak FLOP/s per chip, for MFU (vendor datasheets).
@@ -97,11 +100,17 @@ class MetricsWriter:
 
   A resumed run first drops the records past the step it resumed from (they were logged by the run
   that was killed and are about to be logged again), from metrics.jsonl and TensorBoard alike, so
-  both read as one clean run."""
+  both read as one clean run.
+
+  With a workdir on an object store (gs://), each record rewrites metrics.jsonl (lmjax/fs.py), and
+  TensorBoard writes its event files into a local temporary directory that is copied to <workdir>/tb
+  after every record: one code path for any URL, which a memory:// test covers."""
 
   def __init__(self, run: 'Run', echo: Callable[[int, dict], None] | None = None):
     self.path = os.path.join(run.workdir, 'metrics.jsonl')
     self._tb = self._wandb = None
+    self._tb_dir = os.path.join(run.workdir, 'tb')
+    self._tb_local = None  # where TensorBoard writes when _tb_dir is a URL (copied there)
     self._echo = echo
     if jax.process_index() != 0:  # every process computes the (global) metrics; one writes them
       return
@@ -109,7 +118,9 @@ class MetricsWriter:
     trackers = run.config.train.trackers
     if 'tensorboard' in trackers:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(run.workdir, 'tb'), purge_step=run.start_step + 1)
+      if not fs.is_local(self._tb_dir):
+        self._tb_local = tempfile.mkdtemp(prefix='lmjax_tb_')
+      self._tb = SummaryWriter(self._tb_local or self._tb_dir, purge_step=run.start_step + 1)
     if 'wandb' in trackers:
       self._wandb = _wandb_run(run)
 
@@ -118,13 +129,14 @@ class MetricsWriter:
       return
     record = {'step': step, **{k: float(v) if isinstance(v, (float, int, np.generic, np.ndarray, jax.Array))
                                else v for k, v in record.items()}}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    fs.append_text(self.path, json.dumps(record) + '\n')
     scalars = {k: v for k, v in record.items() if k != 'step' and isinstance(v, float)}
     if self._tb:
       for k, v in scalars.items():
         self._tb.add_scalar(k, v, step)
       self._tb.flush()
+      if self._tb_local:
+        fs.upload(self._tb_local, self._tb_dir)
     if self._wandb:
       self._wandb.log(scalars, step=step)
     if self._echo:
@@ -133,6 +145,9 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb:
       self._tb.close()
+    if self._tb_local:
+      fs.upload(self._tb_local, self._tb_dir)
+      shutil.rmtree(self._tb_local, ignore_errors=True)
     if self._wandb:
       self._wandb.finish()
 
@@ -144,12 +159,13 @@ def _wandb_run(run: 'Run'):
     raise ValueError("config.train.trackers has 'wandb' but wandb is not installed: "
                      "pip install -e '.[wandb]'") from None
   id_path = os.path.join(run.workdir, 'wandb_id')
-  if not os.path.isfile(id_path):
-    _write_atomically(id_path, secrets.token_hex(4))
-  with open(id_path) as f:
-    run_id = f.read().strip()
-  return wandb.init(project=run.config.train.wandb_project, id=run_id, resume='allow', dir=run.workdir,
-                    name=os.path.basename(os.path.abspath(run.workdir)),
+  if not fs.isfile(id_path):
+    fs.write_atomic(id_path, secrets.token_hex(4))
+  run_id = fs.read_text(id_path).strip()
+  # W&B keeps its files in a local directory: the workdir, or (a URL workdir) its default, ./wandb.
+  return wandb.init(project=run.config.train.wandb_project, id=run_id, resume='allow',
+                    dir=run.workdir if fs.is_local(run.workdir) else None,
+                    name=os.path.basename(fs.abspath(run.workdir).rstrip('/')),
                     config=json.loads(run.config.to_json_best_effort()))
 
 
@@ -175,8 +191,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, accept_changes: bool 
 
   A resumed run's config must equal the one it was started with in everything that changes the
   model, the data order or the optimizer state (lmjax/resume.py); `accept_changes` takes the
-  changes anyway and records them in config_changes.jsonl."""
-  os.makedirs(workdir, exist_ok=True)
+  changes anyway and records them in config_changes.jsonl. `workdir` is a local path or a URL
+  (gs://; lmjax/fs.py)."""
+  fs.makedirs(workdir)
   mesh = sharding.make_mesh(config.mesh)
   batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
   if config.train.batch_size % (batch_shards * config.train.microbatches):
@@ -210,16 +227,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str, accept_changes: bool 
       state['params'] = init_from.load(config, steps.args, state['params'],
                                        steps.abstract_state['params'], mesh)
   if jax.process_index() == 0:
-    _write_atomically(config_path, config.to_json_best_effort(indent=1))
+    fs.write_atomic(config_path, config.to_json_best_effort(indent=1))
     _save_provenance(workdir, pipeline)
   return Run(config, workdir, mesh, pipeline, steps, state, checkpointer, data_iter,
              int(state['step']))
-
-
-def _write_atomically(path: str, text: str) -> None:
-  with open(path + '.tmp', 'w') as f:
-    f.write(text)
-  os.replace(path + '.tmp', path)
 
 
 def _save_provenance(workdir: str, pipeline) -> None:
@@ -231,8 +242,8 @@ def _save_provenance(workdir: str, pipeline) -> None:
     rev = ''
   info = {'git_revision': rev, 'jax': jax.__version__, 'argv': sys.argv,
           'devices': [d.device_kind for d in jax.devices()], 'data_sources': list(pipeline.sources),
-          'tokenizer': os.path.abspath(pipeline.tokenizer.path)}
-  _write_atomically(os.path.join(workdir, 'provenance.json'), json.dumps(info, indent=1))
+          'tokenizer': fs.abspath(pipeline.tokenizer.path)}
+  fs.write_atomic(os.path.join(workdir, 'provenance.json'), json.dumps(info, indent=1))
 
 
 def summary(run: Run) -> dict:

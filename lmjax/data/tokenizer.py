@@ -2,8 +2,8 @@
 and Hugging Face `tokenizer.json` files (the tokenizer of a checkpoint we continue from).
 
 `load(path)` picks by file: a `tokenizer.json` (or a directory holding one) is a Hugging Face
-tokenizer, anything else a sentencepiece model. `encode` never adds BOS/EOS: the data pipeline
-places them around each document.
+tokenizer, anything else a sentencepiece model; paths are local or URLs (gs://; lmjax/fs.py).
+`encode` never adds BOS/EOS: the data pipeline places them around each document.
 
 The sentencepiece trainer settings make `decode(encode(text)) == text` for any text: identity
 normalization, no whitespace collapsing, no dummy prefix, byte fallback for characters outside the
@@ -20,6 +20,8 @@ from typing import Protocol
 import numpy as np
 import sentencepiece as spm
 import tokenizers
+
+from lmjax import fs
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 # Where a Hugging Face checkpoint names its special tokens, most specific first.
@@ -78,11 +80,11 @@ class HFTokenizer:
   def __init__(self, path: str):
     self.path = path
     try:
-      self._tok = tokenizers.Tokenizer.from_file(path)
+      self._tok = tokenizers.Tokenizer.from_str(fs.read_text(path))
     except Exception as e:  # the library raises a bare Exception
       raise ValueError(f'tokenizer {path!r} is not a Hugging Face tokenizer.json: {e}') from None
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
-    directory = os.path.dirname(os.path.abspath(path))
+    directory = os.path.dirname(fs.abspath(path))
     self.eos_id = self._special_id(directory, 'eos')
     if self.eos_id is None:
       raise ValueError(f'tokenizer {path!r}: no EOS token named by {", ".join(HF_SPECIAL_FILES)} '
@@ -95,10 +97,9 @@ class HFTokenizer:
     list, first taken) found in the special-token files."""
     for file in HF_SPECIAL_FILES:
       path = os.path.join(directory, file)
-      if not os.path.isfile(path):
+      if not fs.isfile(path):
         continue
-      with open(path) as f:
-        cfg = json.load(f)
+      cfg = json.loads(fs.read_text(path))
       token = cfg.get(f'{kind}_token')
       if isinstance(token, dict):
         token = token.get('content')
@@ -132,15 +133,15 @@ class HFTokenizer:
 def load(path: str) -> Tokenizer:
   """Loads a tokenizer.json (or a directory holding one) or a sentencepiece .model file; a missing
   or unreadable file is an error naming it."""
-  if os.path.isdir(path):
-    if not os.path.isfile(os.path.join(path, 'tokenizer.json')):
+  if fs.isdir(path):
+    if not fs.isfile(os.path.join(path, 'tokenizer.json')):
       raise FileNotFoundError(f'tokenizer directory {path!r} holds no tokenizer.json')
     path = os.path.join(path, 'tokenizer.json')
-  if not os.path.isfile(path):
+  if not fs.isfile(path):
     raise FileNotFoundError(f'tokenizer model {path!r} does not exist')
   if path.endswith('.json'):
     return HFTokenizer(path)
-  with open(path, 'rb') as f:
+  with fs.open(path, 'rb') as f:
     proto = f.read()
   try:
     return SentencePieceTokenizer(proto, path)
@@ -188,11 +189,8 @@ def train(sentences: list[str], path: str, *, vocab_size: int, model_type: str =
                        f'character_coverage={character_coverage} keeps; raise config.data.tokenizer.'
                        f'vocab_size or lower its character_coverage ({e})') from None
     raise
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(model.getvalue())
-  os.replace(tmp, path)
+  fs.makedirs(os.path.dirname(fs.abspath(path)))
+  fs.write_atomic(path, model.getvalue())
   return SentencePieceTokenizer(model.getvalue(), path)
 
 

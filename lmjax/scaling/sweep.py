@@ -32,6 +32,7 @@ from typing import Callable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from lmjax import fs
 from lmjax.scaling import fit, laws
 
 
@@ -155,10 +156,10 @@ def read_metrics(workdir: str) -> list[dict]:
   """Evaluation records of a run's metrics.jsonl, one per step (a resumed run may log a step twice:
   the later record wins), in step order."""
   path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.isfile(path):
+  if not fs.isfile(path):
     return []
   by_step = {}
-  with open(path) as f:
+  with fs.open(path) as f:
     for line in f:
       if line.strip():
         record = json.loads(line)
@@ -246,7 +247,7 @@ def collect(config: ml_collections.ConfigDict, sweep_dir: str) -> tuple[list[dic
 
 def write_csv(path: str, rows: Sequence[Mapping]) -> None:
   columns = list(dict.fromkeys(k for row in rows for k in row))
-  with open(path, 'w', newline='') as f:
+  with fs.open(path, 'w') as f:
     writer = csv.DictWriter(f, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
@@ -267,7 +268,7 @@ def read_csv(path: str, required: Sequence[str] = COLUMNS) -> dict[str, np.ndarr
   """Columns of a results CSV (strings for run/size, float64 otherwise), checked: a missing column,
   or a row whose n, tokens or loss is not a positive number, whose ratio is not in [0, 1] or whose
   holdout is not 0/1, is an error naming the file, the row (1 = first data row) and the column."""
-  with open(path, newline='') as f:
+  with fs.open(path) as f:
     reader = csv.DictReader(f)
     header = reader.fieldnames or []
     missing = [c for c in required if c not in header]
@@ -387,7 +388,7 @@ def report(config: ml_collections.ConfigDict, sweep_dir: str,
     write_csv(os.path.join(sweep_dir, 'start.csv'), start)
   table = read_csv(results_path)
   fitted = fit_sweep(table, config.sweep, start, domain_corpus_tokens(config, sweep_dir), options)
-  with open(os.path.join(sweep_dir, 'fit.json'), 'w') as f:
+  with fs.open(os.path.join(sweep_dir, 'fit.json'), 'w') as f:
     json.dump(fitted, f, indent=1)
   report_lib.plot_sweep(table, fitted, start, os.path.join(sweep_dir, 'fit.png'))
   report_lib.plot_tradeoff(fitted, start, os.path.join(sweep_dir, 'tradeoff.png'))
@@ -397,7 +398,7 @@ def report(config: ml_collections.ConfigDict, sweep_dir: str,
 def main(config: ml_collections.ConfigDict) -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
   from lmjax import cli  # pylint: disable=import-outside-toplevel
-  sweep_dir, mode = os.path.abspath(flags.FLAGS.workdir), flags.FLAGS.mode
+  sweep_dir, mode = fs.abspath(flags.FLAGS.workdir), flags.FLAGS.mode
   specs = expand(config, sweep_dir)
   if mode == 'commands':
     file, _, arg = cli.config_file().partition(':')
