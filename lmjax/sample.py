@@ -12,10 +12,17 @@ on each row's first real token (as transformers' generate does from the attentio
 
 Cache: k and v [L, B, S, K, Dh] in compute dtype, S = prompt length + max_new_tokens, slot s of row
 b holding the token at column s of the padded prompt followed by the generated tokens.
+
+From the command line, a run's latest params (or `--checkpoint=STEP`) and its tokenizer; the prompt
+follows BOS, as every training document does, and the text is printed up to EOS:
+
+  python -m lmjax.sample --config=configs/tiny_mix.py --workdir=RUN --prompt="Permission is" \
+      [--max_new_tokens=64 --temperature=0.8 --top_p=0.95 --seed=0]
 """
 from __future__ import annotations
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -138,3 +145,34 @@ def _pick(logits_bv, temperature, top_p, key):
   threshold_b = jnp.min(jnp.where(keep_bv, sorted_bv, jnp.inf), axis=-1)
   sampled_b = jax.random.categorical(key, jnp.where(scaled_bv >= threshold_b[:, None], scaled_bv, -jnp.inf))
   return jnp.where(temperature > 0, sampled_b, jnp.argmax(logits_bv, axis=-1)).astype(jnp.int32)
+
+
+def main(config) -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from lmjax import evaluate  # pylint: disable=import-outside-toplevel
+  f = flags.FLAGS
+  ev = evaluate.build(config, f.workdir, data=False)
+  _, params = evaluate.load_params(ev, f.workdir, f.checkpoint)
+  tok = ev.tokenizer
+  new = generate(ev.steps.graphdef, params, [[tok.bos_id] + tok.encode(f.prompt)], f.max_new_tokens,
+                 temperature=f.temperature, top_p=f.top_p, seed=f.seed, eos_id=tok.eos_id)[0].tolist()
+  if tok.eos_id in new:
+    new = new[:new.index(tok.eos_id)]
+  past = [i for i, t in enumerate(new) if t >= tok.vocab_size]
+  if past:  # a padding row of the model's vocabulary (past the tokenizer's): no text
+    print(f'(stopped at token {new[past[0]]}, past the tokenizer\'s {tok.vocab_size})', file=sys.stderr)
+    new = new[:past[0]]
+  print(f.prompt + tok.decode(new))
+
+
+if __name__ == '__main__':
+  from absl import flags
+  from lmjax import cli
+  cli.define_flags('run directory (its checkpoints and provenance.json, which names the tokenizer)')
+  flags.DEFINE_string('prompt', None, 'text to continue', required=True)
+  flags.DEFINE_integer('max_new_tokens', 64, 'tokens to generate')
+  flags.DEFINE_float('temperature', 0.0, '0 = greedy; otherwise sample softmax(logits / temperature)')
+  flags.DEFINE_float('top_p', 1.0, 'sample from the smallest set of tokens whose probability reaches it')
+  flags.DEFINE_integer('seed', 0, 'sampling seed')
+  flags.DEFINE_integer('checkpoint', None, 'step to load (default: the latest)', lower_bound=0)
+  cli.run(main)
