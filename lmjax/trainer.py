@@ -86,6 +86,7 @@ class StepInfo:
 class Hook:
   every: int
   fn: Callable[[StepInfo], None]
+  at_start: bool = False  # also run once before the first step of a run that starts from step 0
 
   def __call__(self, info: StepInfo) -> None:
     if info.step % self.every == 0 or info.final:
@@ -317,7 +318,9 @@ def default_hooks(run: Run, writer: MetricsWriter) -> list[Hook]:
     if run.checkpointer.latest_step() != info.step:
       run.checkpointer.save(info.step, info.state, run.data_iter.get_state())
 
-  return [Hook(cfg.log_every, log), Hook(cfg.eval_every, evaluate),
+  # Evaluation also runs before the first step: the starting point of a continued-pretraining run's
+  # forgetting report (lmjax/evaluate.py), and the untrained baseline of any other.
+  return [Hook(cfg.log_every, log), Hook(cfg.eval_every, evaluate, at_start=True),
           Hook(cfg.checkpoint_every, save)]
 
 
@@ -331,6 +334,10 @@ def train(run: Run, hooks: Iterable[Hook]) -> dict:
   state, total = run.state, run.config.train.steps
   try:
     with jax.set_mesh(run.mesh):
+      if run.start_step == 0:
+        for hook in hooks:
+          if hook.at_start:
+            hook.fn(StepInfo(0, state, {}))
       for step in range(run.start_step + 1, total + 1):
         batch = sharding.global_batch(next(run.data_iter), run.mesh)
         state, metrics = run.steps.train_step(state, batch)
