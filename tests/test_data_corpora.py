@@ -100,14 +100,17 @@ def test_split_holds_out_whole_documents_by_content_hash():
 
 
 @pytest.fixture()
-def small_cfg(tmp_path):
+def small_cfg(tmp_path, monkeypatch):
+  # 'gone' names an optional corpus that is not installed (as fortunes is without apt).
+  monkeypatch.setitem(corpora.CORPORA, 'absent', corpora.Corpus('en', 'apt-get install absent',
+                                                                lambda: [], lambda paths: []))
   src = tmp_path / 'src'
   src.mkdir()
   for i in range(30):
     (src / f'{i}.txt').write_text(f'document number {i}: ' + 'lorem ipsum dolor sit amet ' * (i % 7 + 1) + '\n')
   cfg = pipeline.defaults()
   cfg.sources = {'a': dict(corpora=f'txt:{src}/*.txt', max_chars=0),
-                 'gone': dict(corpora=f'txt:{tmp_path}/none/*.txt', max_chars=0)}
+                 'gone': dict(corpora='absent', max_chars=0)}
   cfg.tokenizer.vocab_size = 300
   cfg.eval.holdout_chars = 200
   return cfg
@@ -130,6 +133,14 @@ def test_prepare_writes_stats_and_reports_missing_sources(small_cfg, tmp_path):
   assert stats['train']['tokens'] == tokens
   small_cfg.allow_missing = False
   with pytest.raises(FileNotFoundError, match='gone'):
+    _build(small_cfg, tmp_path / 'run')
+
+
+def test_a_glob_that_matches_nothing_is_an_error_naming_it(small_cfg, tmp_path):
+  """A typo in the user's own file glob must not drop the source and train on the rest."""
+  small_cfg.sources = {'a': small_cfg.sources.a,
+                       'web': dict(corpora=f'txt:{tmp_path}/sorce/*.txt', max_chars=0)}
+  with pytest.raises(FileNotFoundError, match=rf"config\.data\.sources\.web\.corpora: 'txt:{tmp_path}/sorce/\*\.txt' matches no file"):
     _build(small_cfg, tmp_path / 'run')
 
 

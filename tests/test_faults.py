@@ -185,3 +185,17 @@ def test_user_mistakes_are_one_line_naming_the_culprit(tmp_path):
     ours = [l for l in run.stderr.splitlines() if 'error' in l.lower() and 'lmjax' in l]
     assert run.returncode == 2 and ours == [line], run.stderr[-2000:]
     assert 'Traceback' not in run.stderr
+
+
+def test_startup_summary(cache, tmp_path):
+  """What the run will do, before it starts: sizes, the phases, each source's share of its data."""
+  from lmjax import model
+  run = trainer.setup(tiny(cache, steps=4), str(tmp_path / 'run'))
+  run.checkpointer.close()
+  s = trainer.summary(run)
+  assert s['parameters'] == model.param_count(run.steps.args) and s['tokens_per_step'] == 8 * 32
+  assert [(p['name'], p['first_step'], p['last_step']) for p in s['phases']] == [('main', 1, 4)]
+  rows_per_epoch = s['sources']['code']['rows_per_epoch']
+  assert s['sources']['code']['epochs'] == pytest.approx(4 * 8 / rows_per_epoch)
+  text = trainer.format_summary(s)
+  assert 'phase main: steps 1-4, LR cosine 0->1->0.1 of peak' in text and 'source code:' in text

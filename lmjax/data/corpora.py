@@ -43,6 +43,11 @@ class Corpus:
   def available(self) -> bool:
     return bool(self.paths())
 
+  @property
+  def is_glob(self) -> bool:
+    """The user's own files (txt:/jsonl: globs), as opposed to an optional installable corpus."""
+    return self.install.startswith('(files matching')
+
 
 def _read_text(path: str) -> str:
   with open(path, encoding='utf-8', errors='replace') as f:

@@ -57,7 +57,7 @@ def defaults() -> ml_collections.ConfigDict:
       sources={'code': dict(corpora='python_stdlib', max_chars=0)},
       weights_are='proportions',  # proportions | repeats (weight x the source's epoch size)
       mix_block=1024,  # rows per block in which the proportions hold exactly
-      allow_missing=True,  # run without sources whose corpora are not installed (they are reported)
+      allow_missing=True,  # run without sources whose optional corpora are not installed (reported)
       tokenizer=dict(
           path='',  # an existing sentencepiece .model; '' = train one (cached in the cache dir)
           vocab_size=2048,

@@ -84,10 +84,16 @@ def split_documents(docs: list[str], eval_cfg, max_chars: int) -> tuple[list[str
 
 
 def available_sources(data_cfg) -> tuple[list[str], dict[str, str]]:
-  """(names of sources with at least one installed corpus, {missing source: install lines})."""
+  """(names of sources with at least one installed corpus, {missing source: install lines}).
+
+  Only the optional named corpora (those with an install line) may be missing; a file glob the user
+  named that matches nothing is an error naming it (a typo must not drop a source silently)."""
   present, missing = [], {}
   for name, src in data_cfg.sources.items():
     gone = corpora.missing(src.corpora)
+    for corpus_name in gone:
+      if corpora.corpus(corpus_name).is_glob:
+        raise FileNotFoundError(f'config.data.sources.{name}.corpora: {corpus_name!r} matches no file')
     if len(gone) == len(corpora.corpus_names(src.corpora)):
       missing[name] = ' ; '.join(sorted(set(gone.values())))
     else:
