@@ -213,7 +213,7 @@ def hook(run: trainer.Run, writer: trainer.MetricsWriter, every: int | None = No
     metrics = heldout(ev, info.state['params'])
     writer.write(info.step, {f'eval/{s}/bpb': m['bpb'] for s, m in metrics.items()})
 
-  return trainer.Hook(every or run.config.train.eval_every, record)
+  return trainer.Hook(every or run.config.train.eval_every, record, at_start=True)
 
 
 # ----------------------------------------------------------------------------- multiple-choice tasks

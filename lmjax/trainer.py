@@ -345,6 +345,10 @@ def train(run: Run, hooks: Iterable[Hook]) -> dict:
         for hook in hooks:
           hook(info)
         if stop['now']:
+          if not info.final:  # the signal came during this step's hooks: run the ones that did not
+            for hook in hooks:
+              if info.step % hook.every:
+                hook.fn(info)
           break
   finally:
     signal.signal(signal.SIGTERM, previous)
