@@ -53,9 +53,8 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lmjax import (batch as batch_lib, checkpoint, init_from, losses, model, phases as phases_lib,
-                   sharding, steps as steps_lib, trainer)
-from lmjax.data import pipeline as data_pipeline
+from lmjax import (batch as batch_lib, checkpoint, init_from, losses, model, sharding,
+                   steps as steps_lib, trainer)
 from lmjax.data import tokenizer as tokenizer_lib
 
 EVALUATIONS = 'evaluations.jsonl'  # what this module's CLI records in a run directory
@@ -127,13 +126,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, data: bool = True) ->
   provenance.json, so the run must have started."""
   mesh = sharding.make_mesh(config.mesh)
   if data:
-    if config.init_from:
-      init_from.inherit_tokenizer(config)
-    phases = phases_lib.resolve(config.phases, config.train.steps, list(config.data.sources))
-    pipeline = data_pipeline.build(
-        config.data, phases, seq_len=config.train.seq_len,
-        global_batch_size=config.train.batch_size, seed=config.seed, workdir=workdir,
-        process_index=jax.process_index(), process_count=jax.process_count())
+    pipeline = trainer.build_pipeline(config, workdir)
     tok, sources, batches = pipeline.tokenizer, pipeline.sources, pipeline.eval_batches()
   else:
     tok, sources, batches = tokenizer_lib.load(run_tokenizer_path(workdir)), None, {}

@@ -187,6 +187,17 @@ class Run:
   start_step: int
 
 
+def build_pipeline(config: ml_collections.ConfigDict, workdir: str) -> data_pipeline.Pipeline:
+  """This process's data pipeline of the run (the parent's tokenizer inherited first)."""
+  if config.init_from:
+    init_from.inherit_tokenizer(config)
+  phases = phases_lib.resolve(config.phases, config.train.steps, list(config.data.sources))
+  return data_pipeline.build(
+      config.data, phases, seq_len=config.train.seq_len,
+      global_batch_size=config.train.batch_size, seed=config.seed, workdir=workdir,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+
 def setup(config: ml_collections.ConfigDict, workdir: str, accept_changes: bool = False) -> Run:
   """Builds mesh, data and steps, and restores (workdir checkpoint > init_from > scratch).
 
@@ -201,13 +212,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, accept_changes: bool 
     raise ValueError(f'config.train.batch_size={config.train.batch_size} must be divisible by '
                      f'data x fsdp = {batch_shards} devices times microbatches='
                      f'{config.train.microbatches}')
-  if config.init_from:
-    init_from.inherit_tokenizer(config)
-  phases = phases_lib.resolve(config.phases, config.train.steps, list(config.data.sources))
-  pipeline = data_pipeline.build(
-      config.data, phases, seq_len=config.train.seq_len,
-      global_batch_size=config.train.batch_size, seed=config.seed, workdir=workdir,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  pipeline = build_pipeline(config, workdir)
   steps = steps_lib.build(config, mesh, pipeline.tokenizer.vocab_size, pipeline.sources,
                           pipeline.tokenizer.path)
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
