@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -53,7 +54,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lmjax import (batch as batch_lib, checkpoint, init_from, losses, model, sharding,
+from lmjax import (batch as batch_lib, checkpoint, fs, init_from, losses, model, sharding,
                    steps as steps_lib, trainer)
 from lmjax.data import tokenizer as tokenizer_lib
 
@@ -137,11 +138,10 @@ def build(config: ml_collections.ConfigDict, workdir: str, data: bool = True) ->
 def run_tokenizer_path(workdir: str) -> str:
   """The tokenizer file a run trained with, as its provenance.json records it."""
   path = os.path.join(workdir, 'provenance.json')
-  if not os.path.isfile(path):
+  if not fs.isfile(path):
     raise FileNotFoundError(f'{path} does not exist: expected the directory of a run that has started')
-  with open(path) as f:
-    tok = json.load(f).get('tokenizer')
-  if not tok or not os.path.exists(tok):
+  tok = json.loads(fs.read_text(path)).get('tokenizer')
+  if not tok or not fs.exists(tok):
     raise FileNotFoundError(f'{path}: the tokenizer it records ({tok!r}) does not exist')
   return tok
 
@@ -157,8 +157,8 @@ def load_params(ev: Evaluator, workdir: str, step: int | None = None) -> tuple[i
     return 0, params
   directory = os.path.join(workdir, 'checkpoints')
   # Finished checkpoints only (a save in flight has no commit marker yet); nothing is moved or deleted.
-  saved = sorted(int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else [])
-                 if d.isdigit() and os.path.isfile(os.path.join(directory, d, 'commit_success.txt')))
+  saved = sorted(int(d) for d in fs.listdir(directory)
+                 if d.isdigit() and fs.isfile(os.path.join(directory, d, 'commit_success.txt')))
   if not saved or (step is not None and step not in saved):
     want = 'a finished checkpoint' if step is None else f'checkpoint {step}'
     raise FileNotFoundError(f'{directory}: expected {want}; found steps {saved} '
@@ -401,9 +401,9 @@ def scores(ev: Evaluator, params: dict, tasks: Sequence[str] = ()) -> dict[str, 
 def save_record(workdir: str, step: int, record: Mapping[str, float]) -> None:
   """Appends {step, **record} to <workdir>/evaluations.jsonl (process 0 only)."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, EVALUATIONS), 'a') as f:
-      f.write(json.dumps({'step': step, **{k: float(v) for k, v in record.items()}}) + '\n')
+    fs.makedirs(workdir)
+    fs.append_text(os.path.join(workdir, EVALUATIONS),
+                   json.dumps({'step': step, **{k: float(v) for k, v in record.items()}}) + '\n')
 
 
 # ----------------------------------------------------------------------------- the forgetting report
@@ -415,9 +415,9 @@ def eval_records(run_dir: str) -> dict[int, dict[str, float]]:
   out: dict[int, dict[str, float]] = {}
   for name in ('metrics.jsonl', EVALUATIONS):
     path = os.path.join(run_dir, name)
-    if not os.path.isfile(path):
+    if not fs.isfile(path):
       continue
-    with open(path) as f:
+    with fs.open(path) as f:
       for line in f:
         if line.strip():
           r = json.loads(line)
@@ -508,7 +508,9 @@ def plot_forgetting(rows: Sequence[dict], path: str, domain: str, metric: str = 
     ax.set_xlabel('step')
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=120)
+  fs.write_atomic(path, png.getvalue())
   plt.close(fig)
 
 

@@ -63,6 +63,23 @@ def isdir(path: str) -> bool:
   return fs.isdir(p)
 
 
+def exists(path: str) -> bool:
+  if is_local(path):
+    return os.path.exists(path)
+  fs, p = _fs(path)
+  return fs.exists(p)
+
+
+def listdir(path: str) -> list[str]:
+  """Names (not paths) of the entries of the directory `path`; a missing directory has none."""
+  if is_local(path):
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+  fs, p = _fs(path)
+  if not fs.isdir(p):
+    return []
+  return sorted(os.path.basename(e.rstrip('/')) for e in fs.ls(p, detail=False))
+
+
 def makedirs(path: str) -> None:
   """Creates `path` and its parents where missing (on GCS directories are implicit: it only checks
   that the bucket exists)."""

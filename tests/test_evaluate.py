@@ -238,6 +238,28 @@ def test_forgetting_table_against_the_step_0_evaluation(tmp_path):
   assert (tmp_path / 'f.png').read_bytes()[:4] == b'\x89PNG'
 
 
+def test_records_and_the_forgetting_plot_live_in_a_url_workdir(tmp_path):
+  """The run-directory files of this module go through lmjax.fs: a memory:// workdir (the tests'
+  stand-in for gs://) holds evaluations.jsonl, reads back the same records, and takes the plot."""
+  import uuid  # pylint: disable=import-outside-toplevel
+  from lmjax import fs  # pylint: disable=import-outside-toplevel
+  run = f'memory://lmjax-test-{uuid.uuid4().hex}/r0'
+  fs.write_atomic(f'{run}/metrics.jsonl', json.dumps(losses(10, 4.0, 3.5, 6.0)) + '\n')
+  evaluate.save_record(run, 0, {k: v for k, v in losses(0, 5.0, 3.0, 5.0).items() if k != 'step'})
+  evaluate.save_record(run, 10, {'task/cloze/acc': 0.25})
+  assert evaluate.eval_records(run) == {0: {'eval/legal/loss': 5.0, 'eval/en/loss': 3.0, 'eval/zh/loss': 5.0},
+                                        10: {'eval/legal/loss': 4.0, 'eval/en/loss': 3.5, 'eval/zh/loss': 6.0,
+                                             'task/cloze/acc': 0.25}}
+  rows = evaluate.forgetting([run], 'legal')
+  assert rows[1]['domain_gain'] == 1.0 and rows[1]['general_change'] == pytest.approx(0.75)
+  evaluate.plot_forgetting(rows, f'{run}/forgetting.png', 'legal')
+  with fs.open(f'{run}/forgetting.png', 'rb') as f:
+    assert f.read(4) == b'\x89PNG'
+  fs.write_atomic(f'{run}/provenance.json', json.dumps({'tokenizer': f'{run}/missing.model'}))
+  with pytest.raises(FileNotFoundError, match='missing.model'):
+    evaluate.run_tokenizer_path(run)
+
+
 def test_forgetting_without_a_step_0_evaluation_says_how_to_make_one(tmp_path):
   a = write_run(tmp_path / 'r', [losses(10, 4.0, 3.5, 6.0)])
   with pytest.raises(ValueError, match=r'no eval/legal/loss at step 0.*--checkpoint=0'):
