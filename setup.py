@@ -63,10 +63,18 @@ setup(
         "gpu": ["jax[cuda13]==0.10.2", *PINNED],
         "tpu": ["jax[tpu]==0.10.2", "gcsfs==2026.10.1", *PINNED],
         "test": ["pytest==9.2.0", "nbclient==0.11.0", "nbformat==5.11.1",
-                 "ipykernel==7.4.0", "datasketch==2.0.0", "pyarrow==26.0.1",
+                 "ipykernel==7.4.0", "datasketch==2.0.0",
+                 "apache-beam==2.77.0", "pyarrow==25.0.1",  # beam 2.77 needs pyarrow < 26
                  "libtpu==0.0.42.1",  # the TPU compiler, for compile-only tests on CPU (lmjax.aot)
                  "wandb==0.31.0", *PINNED],
-        "parquet": ["pyarrow==26.0.1"],
+        "parquet": ["pyarrow==25.0.1"],
+        # prepare --runner=beam (lmjax/data/beam.py): DirectRunner here, Dataflow/Flink/Spark on a cluster
+        "beam": ["apache-beam==2.77.0", "pyarrow==25.0.1"],
+        # seqio Tasks/Mixtures as sources, prepared sources as seqio Tasks (lmjax/data/seqio_tasks.py).
+        # TensorFlow comes with it, and seqio needs protobuf >= 7 where beam needs < 7: it cannot share
+        # an environment with [beam] (or [test]), so its tests run in a venv of their own (.ci/run).
+        "seqio": ["seqio==0.0.20", "tensorflow==2.21.0", "tensorflow-text==2.21.1",
+                  "tensorflow-datasets==4.9.10", "clu==0.0.12", "keras==3.15.1", "protobuf==7.36.2"],
         "wandb": ["wandb==0.31.0"],
         "gcs": ["gcsfs==2026.10.1"],
         "bench": ["datasketch==2.0.0", "rensa==0.5.0", "py3langid==0.4.0",

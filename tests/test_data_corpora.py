@@ -1,8 +1,10 @@
 """Corpus readers, the prepare step (stats, held-out split) and errors for missing or corrupt data."""
+import hashlib
 import json
 import os
 import re
 
+import numpy as np
 import pytest
 
 from lmjax import phases
@@ -87,16 +89,16 @@ def test_missing_corpus_names_its_install_line(monkeypatch):
 def test_split_holds_out_whole_documents_by_content_hash():
   cfg = pipeline.defaults()
   cfg.eval.holdout_chars, cfg.eval.max_holdout_fraction = 50, 0.5
-  docs = sorted([f'doc {i} ' * (i + 1) for i in range(10)], key=corpora.doc_key)
-  train, held = prepare.split_documents(docs, cfg.eval, max_chars=0)
-  assert train + held and set(train).isdisjoint(held) and sorted(train + held) == sorted(docs)
-  assert sum(map(len, held[:-1])) < 50 <= sum(map(len, held))
-  assert held == docs[:len(held)]  # the lowest hashes: stable when other documents come or go
-  train2, held2 = prepare.split_documents([d for d in docs if d != train[0]], cfg.eval, max_chars=0)
-  assert held2 == held
+  lengths = np.array([7 * (i + 1) for i in range(10)])
+  n_eval, n_train = prepare.split(lengths, cfg.eval, max_chars=0)
+  assert n_eval + n_train == 10
+  assert lengths[:n_eval - 1].sum() < 50 <= lengths[:n_eval].sum()
+  assert prepare.split(lengths[:-1], cfg.eval, 0)[0] == n_eval  # stable when later docs go
   cfg.eval.holdout_chars = 10 ** 9
-  assert len(prepare.split_documents(docs, cfg.eval, 0)[1]) == 5  # at most half
-  assert sum(map(len, prepare.split_documents(docs, cfg.eval, max_chars=30)[0])) < 30 + max(map(len, docs))
+  assert prepare.split(lengths, cfg.eval, 0)[0] == 5  # at most half
+  cfg.eval.holdout_chars = 0
+  n_eval, n_train = prepare.split(lengths, cfg.eval, max_chars=30)
+  assert n_eval == 0 and lengths[:n_train - 1].sum() < 30 <= lengths[:n_train].sum()
 
 
 @pytest.fixture()
@@ -127,10 +129,14 @@ def test_prepare_writes_stats_and_reports_missing_sources(small_cfg, tmp_path):
   (d,) = [x for x in os.listdir(tmp_path / 'run' / 'data') if x.startswith('a-')]
   with open(tmp_path / 'run' / 'data' / d / 'stats.json') as f:
     stats = json.load(f)
-  docs = corpora.source_documents(small_cfg.sources.a.corpora)
+  # Own files are 'raw' (taken as they are, deduplicated): all 30 distinct texts, in content-hash
+  # order, the first held out.
+  docs = sorted(corpora.source_documents(small_cfg.sources.a.corpora),
+                key=lambda t: hashlib.blake2b(t.encode(), digest_size=16).digest())
   assert stats['train']['documents'] + stats['eval']['documents'] == 30 == len(docs)
-  tokens = sum(len(p.tokenizer.encode(t)) for t in prepare.split_documents(docs, small_cfg.eval, 0)[0])
-  assert stats['train']['tokens'] == tokens
+  train = docs[stats['eval']['documents']:]
+  assert stats['train']['tokens'] == sum(len(p.tokenizer.encode(t)) for t in train)
+  assert stats['train']['chars'] == sum(map(len, train))
   small_cfg.allow_missing = False
   with pytest.raises(FileNotFoundError, match='gone'):
     _build(small_cfg, tmp_path / 'run')

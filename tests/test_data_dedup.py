@@ -1,5 +1,6 @@
 """Dedup: shingles against a Python reference, the estimator against exact Jaccard, recall and false
 positives on a planted set, agreement with datasketch's MinHashLSH, union-find, exact dedup."""
+import hashlib
 import itertools
 import random
 
@@ -181,7 +182,7 @@ def test_bucket_pairs_verify_and_cap_large_buckets():
   near = sig.copy()
   near[0, :20] += 2000  # agrees with a in 92/112 = 0.82, with b in 72/112
   sigs = np.concatenate([sig, other, near])
-  assert dedup.bucket_pairs(['a', 'b', 'c'], sigs, CFG) == [('c', 'a')]
+  assert list(dedup.bucket_pairs(['a', 'b', 'c'], sigs, CFG)) == [('c', 'a')]
   cfg = dedup.defaults()
   cfg.max_bucket = 1
   big = np.repeat(sig, 5, axis=0)
@@ -208,13 +209,18 @@ def test_near_dedup_keeps_one_per_cluster_whatever_the_order(planted):
   assert len({family[int(d.doc_id)] for d in kept}) == max(family) + 1  # every family keeps one
 
 
-def test_exact_dedup_keeps_the_smallest_source_and_id_across_sources():
+def test_exact_dedup_keeps_the_copy_with_the_smallest_id_hash_across_sources():
   docs = [Doc('web', 'b', 'same text\n'), Doc('books', 'z', 'same text\n'),
           Doc('web', 'a', 'other\n'), Doc('web', 'c', 'same text\n')]
   kept, drops = dedup.dedup(docs, CFG)
-  assert kept == [Doc('books', 'z', 'same text\n'), Doc('web', 'a', 'other\n')]
-  assert sorted((d.source, d.doc_id, d.stage, d.reason) for d in drops) == [
-      ('web', 'b', 'dedup', 'exact_duplicate'), ('web', 'c', 'dedup', 'exact_duplicate')]
+  id_hash = lambda d: hashlib.blake2b(f'{d.source}\0{d.doc_id}'.encode(), digest_size=8).digest()
+  first = min(docs[:2] + docs[3:], key=id_hash)
+  assert kept == [d for d in docs if d in (first, docs[2])]
+  assert sorted((d.source, d.doc_id, d.stage, d.reason) for d in drops) == sorted(
+      (d.source, d.doc_id, 'dedup', 'exact_duplicate') for d in docs if d not in (first, docs[2]))
+  # The streaming form (key rows) keeps the same copy.
+  keys = dedup.key_rows(docs)
+  assert dedup.exact_rows(keys).tolist() == [docs.index(first)] * 2 + [2, docs.index(first)]
   cfg = dedup.defaults()
   cfg.exact = False  # then the copies are near-duplicates (estimated Jaccard 1)
   kept, drops = dedup.dedup(docs, cfg)
@@ -226,3 +232,23 @@ def test_band_settings_are_checked():
   cfg.bands = 15
   with pytest.raises(ValueError, match='bands \\* rows'):
     dedup.band_hashes(np.zeros((2, cfg.num_perm), np.uint32), cfg)
+
+
+def test_streaming_dedup_equals_in_memory_dedup(planted, tmp_path):
+  """dedup.duplicate_rows (signatures spilled to a file, one band in memory) drops exactly what
+  dedup.dedup drops, with the same kept document per cluster; also for a bucket larger than
+  max_bucket."""
+  texts, *_ = planted
+  docs = [Doc('s', f'{i}', t) for i, t in enumerate(texts)] + [Doc('t', '0', texts[0])]
+  for max_bucket in (200, 2):
+    cfg = dedup.defaults()
+    cfg.max_bucket = max_bucket
+    kept, drops = dedup.dedup(docs, cfg)
+    keys = dedup.key_rows(docs)
+    sig_path = str(tmp_path / 'sigs.bin')
+    dedup.signatures([d.text for d in docs], cfg).tofile(sig_path)
+    kept_row, exact = dedup.duplicate_rows(keys, sig_path, cfg, str(tmp_path))
+    assert [d for i, d in enumerate(docs) if kept_row[i] == i] == kept
+    reasons = {d.doc_id + d.source: d.reason for d in drops}
+    assert {docs[i].doc_id + docs[i].source: 'exact_duplicate' if exact[i] else 'near_duplicate'
+            for i in np.flatnonzero(kept_row != np.arange(len(docs)))} == reasons

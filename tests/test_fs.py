@@ -193,8 +193,8 @@ def test_a_run_on_a_url_workdir_writes_and_resumes_through_the_layer(tmp_path):
   config.data.cache_dir = str(tmp_path / 'data')
   trainer.run(config, workdir)
   local = str(tmp_path / 'run')
-  assert sorted(os.listdir(local)) == ['checkpoints', 'config.json', 'metrics.jsonl', 'provenance.json',
-                                       'tb']
+  assert sorted(os.listdir(local)) == ['checkpoints', 'config.json', 'data_report.json', 'data_report.png',
+                                       'metrics.jsonl', 'provenance.json', 'tb']
   assert glob.glob(os.path.join(local, 'tb', 'events.out.tfevents.*'))
   assert json.loads(fs.read_text(os.path.join(workdir, 'provenance.json')))['tokenizer'].startswith(
       str(tmp_path / 'data'))

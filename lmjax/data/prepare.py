@@ -1,47 +1,91 @@
-"""Turns the configured sources into a tokenizer and ArrayRecord shards of token ids (cached).
+"""Turns the configured sources into cleaned documents, a tokenizer and ArrayRecord shards (cached).
 
-Layout under the cache dir (`config.data.cache_dir`, else `<workdir>/data`; a local path):
+Steps (docs/data.md has the whole story):
+1. Clean (`clean`): every source's files stream through normalize -> langid -> quality filters
+   (lmjax/data/stages.py), then exact and near-duplicates are removed across all sources, by the
+   local runner (stages.run, the default) or by Apache Beam (beam.py; config.data.clean.runner or
+   `python -m lmjax.prepare --runner=beam`). Both write the same *clean store*:
+     docs/<source>-NNNNN-of-NNNNN.jsonl    the kept documents, {"id", "text"} per line
+     drops-NNNNN-of-NNNNN.jsonl            every dropped document (records.drop_record)
+     counters.json                         documents and characters per (source, stage, outcome)
+2. Split (`split`): a source's kept documents in content-hash order (dedup.content_key) are held out
+   until `eval.holdout_chars` characters (at most `eval.max_holdout_fraction` of them); the train
+   documents are the next ones, up to the source's `max_chars` (0: all).
+3. The tokenizer is trained on a weighted sample of the cleaned train documents (or loaded from
+   `tokenizer.path`, a local path or URL).
+4. Shards: each source's train and held-out documents tokenized into ArrayRecord files.
+5. The report (report.py): per stage and source, documents and tokens in, kept and dropped by
+   reason, example drops and duplicate clusters; JSON and a PNG bar chart.
 
-  tokenizer-<key>.model                   trained sentencepiece model (unless tokenizer.path is set)
+Layout under the cache dir (`config.data.cache_dir`, else `<workdir>/data`; a local path or a URL
+such as gs://, through lmjax/fs.py):
+
+  clean-<key>/                            the clean store (local cache dirs only: for a URL it is
+                                          built in a local temporary directory and removed)
+  tokenizer-<key>.model                   the trained sentencepiece model (unless tokenizer.path)
   <source>-<key>/train-00000.arrayrecord  one record per document: its token ids (no BOS/EOS)
   <source>-<key>/eval.arrayrecord         the held-out documents
   <source>-<key>/stats.json               documents, tokens, chars, shard files with sizes and checksums
   <source>-<key>/train_lengths.npy        token count per train document (the pipeline packs from these)
   <source>-<key>/eval_lengths.npy
+  report-<key>.json, report-<key>.png     the report (also copied to <workdir>/data_report.json, .png)
 
-Each key hashes everything the files depend on (corpus files, caps, hold-out, tokenizer bytes), so a
-changed config prepares anew and runs with the same config share the files. Directories appear
-atomically (written under a temporary name, then renamed), so concurrent processes are safe.
+Each key hashes everything the files depend on (corpus files, cleaning config, caps, hold-out,
+tokenizer bytes), so a changed config prepares anew and runs with the same config share the files.
+A directory appears whole: on a disk it is written under a temporary name and renamed; on an object
+store its stats.json (or counters.json) is written last and marks it complete. Concurrent processes
+are safe (they write identical files).
 
-Held-out documents are chosen by document: the documents in content-hash order (see corpora.py) are
-held out until `eval.holdout_chars` characters, at most `eval.max_holdout_fraction` of the documents.
-
-CLI: python -m lmjax.prepare --config=configs/tiny_mix.py --workdir=/tmp/run
+CLI: python -m lmjax.prepare --config=configs/tiny_mix.py --workdir=/tmp/run [--runner=beam]
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
+import sys
+import tempfile
+from typing import Iterator, NamedTuple
 
+import fsspec
 import numpy as np
+import tqdm
 from array_record.python import array_record_module
 
+from lmjax import fs
 from lmjax.data import corpora
+from lmjax.data import dedup
+from lmjax.data import readers
+from lmjax.data import report as report_lib
+from lmjax.data import stages
 from lmjax.data import tokenizer as tokenizer_lib
 
-FORMAT_VERSION = 2  # bump when the documents or the shard format change
+FORMAT_VERSION = 3  # bump when the documents or the shard format change
 WRITER_OPTIONS = 'group_size:1,uncompressed'  # one record per chunk: cheap random access by document
+RUNNERS = ('local', 'beam')
+_ENCODE_BATCH = 256  # documents per tokenizer call
+# A source's kind and languages when its config does not say: by the domain of its first corpus;
+# your own files ('' domain) are taken as they are. Formal math (metamath) is filtered as code.
+_KIND_OF_DOMAIN = {'code': 'code', 'math': 'code', 'zh': 'zh', 'en': 'en', 'legal': 'en', '': 'raw'}
+_LANGUAGES_OF_KIND = {'code': '', 'zh': 'zh', 'en': 'en', 'raw': ''}
+
+
+def defaults():
+  """`config.data.clean`: the runner and every stage's thresholds (stages.defaults: normalize,
+  langid, quality per kind, dedup) plus the readers' limit."""
+  cfg = stages.defaults()
+  cfg.runner = 'local'  # local | beam (DirectRunner unless beam_args names another)
+  cfg.beam_args = ''  # Beam pipeline options, e.g. '--runner=DataflowRunner --project=P --region=R'
+  cfg.read = readers.defaults()
+  return cfg
 
 
 def cache_dir(data_cfg, workdir: str) -> str:
-  """`data_cfg.cache_dir`, else `<workdir>/data`, else (workdir a URL such as gs://) ~/.cache/lmjax/data."""
-  if data_cfg.cache_dir:
-    return data_cfg.cache_dir
-  if '://' in workdir:
-    return os.path.join(os.path.expanduser('~'), '.cache', 'lmjax', 'data')
-  return os.path.join(workdir, 'data')
+  """`data_cfg.cache_dir`, else `<workdir>/data` (a local path or a URL)."""
+  return data_cfg.cache_dir or os.path.join(workdir, 'data')
 
 
 def _hash(obj) -> str:
@@ -50,37 +94,25 @@ def _hash(obj) -> str:
 
 def file_checksum(path: str) -> str:
   h = hashlib.blake2b(digest_size=16)
-  with open(path, 'rb') as f:
+  with fs.open(path, 'rb') as f:
     for block in iter(lambda: f.read(1 << 22), b''):
       h.update(block)
   return h.hexdigest()
 
 
-def _corpus_fingerprint(spec: str) -> list:
-  """Names, sizes and mtimes of the corpus files: a cheap key that changes when they change."""
-  out = []
-  for name in corpora.corpus_names(spec):
-    for p in corpora.corpus(name).paths():
-      st = os.stat(p)
-      out.append([name, p, st.st_size, int(st.st_mtime)])
-  return out
-
-
-def split_documents(docs: list[str], eval_cfg, max_chars: int) -> tuple[list[str], list[str]]:
-  """(train, held-out) documents; `docs` are in content-hash order. max_chars=0: no cap on train."""
-  limit = max(1, int(len(docs) * eval_cfg.max_holdout_fraction)) if len(docs) > 1 else 0
-  n_eval, chars = 0, 0
-  while n_eval < limit and chars < eval_cfg.holdout_chars:
-    chars += len(docs[n_eval])
-    n_eval += 1
-  train = docs[n_eval:]
+def split(lengths: np.ndarray, eval_cfg, max_chars: int) -> tuple[int, int]:
+  """(held-out, train) document counts of a source whose documents, in content-hash order, have
+  `lengths` characters: the first n_eval are held out, the next n_train are trained on (max_chars=0:
+  all the rest)."""
+  n = len(lengths)
+  limit = max(1, int(n * eval_cfg.max_holdout_fraction)) if n > 1 else 0
+  before = np.concatenate([[0], np.cumsum(lengths)])  # characters before each document
+  n_eval = min(limit, int(np.searchsorted(before, eval_cfg.holdout_chars, side='left')))
+  n_train = n - n_eval
   if max_chars:
-    total, n = 0, 0
-    while n < len(train) and total < max_chars:
-      total += len(train[n])
-      n += 1
-    train = train[:n]
-  return train, docs[:n_eval]
+    rest = before[n_eval:] - before[n_eval]
+    n_train = min(n_train, int(np.searchsorted(rest, max_chars, side='left')))
+  return n_eval, n_train
 
 
 def available_sources(data_cfg) -> tuple[list[str], dict[str, str]]:
@@ -101,45 +133,196 @@ def available_sources(data_cfg) -> tuple[list[str], dict[str, str]]:
   return present, missing
 
 
-def _source_spec(data_cfg, name: str) -> dict:
+def source_kind(data_cfg, name: str) -> tuple[str, str]:
+  """(kind, languages) of source `name`: its config's `kind` and `languages` if set, else by the
+  domain of its first corpus (code and math: 'code', no langid; zh: 'zh'; en and legal: 'en'; your
+  own txt:/jsonl:/parquet: files: 'raw', only deduplicated -- set kind to filter them)."""
   src = data_cfg.sources[name]
-  return dict(name=name, corpora=src.corpora, max_chars=int(src.max_chars),
-              files=_corpus_fingerprint(src.corpora),
-              holdout=[int(data_cfg.eval.holdout_chars), float(data_cfg.eval.max_holdout_fraction)])
+  domain = corpora.corpus(corpora.corpus_names(src.corpora)[0]).domain
+  kind = src.get('kind') or _KIND_OF_DOMAIN[domain]
+  if kind not in stages.KINDS:
+    raise ValueError(f'config.data.sources.{name}.kind={kind!r}: expected one of {stages.KINDS}')
+  languages = src.get('languages')
+  return kind, _LANGUAGES_OF_KIND[kind] if languages is None else languages
 
 
-def _load_split(data_cfg, name: str) -> tuple[list[str], list[str]]:
-  return split_documents(corpora.source_documents(data_cfg.sources[name].corpora), data_cfg.eval,
-                         int(data_cfg.sources[name].max_chars))
+def _fingerprint(spec: str) -> list:
+  """Names, sizes and mtimes of the corpus files: a cheap key that changes when they change."""
+  out = []
+  for name, path, _ in corpora.files(spec):
+    if fs.is_local(path):
+      st = os.stat(path)
+      out.append([name, path, st.st_size, int(st.st_mtime)])
+    else:  # size and version (generation, etag or mtime) as the object store reports them
+      info = fsspec.core.url_to_fs(path)[0].info(path)
+      out.append([name, path, info.get('size'),
+                  str(info.get('generation') or info.get('etag') or info.get('mtime') or '')])
+  return out
 
 
-def prepare_tokenizer(data_cfg, root: str, names: list[str]) -> tokenizer_lib.Tokenizer:
-  """Loads `tokenizer.path`, or trains (once; cached by key) on a weighted sample of train docs."""
+def _clean_key(data_cfg, names: list[str]) -> str:
+  return _hash(dict(v=FORMAT_VERSION, clean={k: v for k, v in data_cfg.clean.to_dict().items()
+                                             if k not in ('runner', 'beam_args')},
+                    sources=[[n, data_cfg.sources[n].corpora, *source_kind(data_cfg, n),
+                              _fingerprint(data_cfg.sources[n].corpora)] for n in names]))
+
+
+def _split_spec(data_cfg, name: str) -> list:
+  return [name, int(data_cfg.sources[name].max_chars), int(data_cfg.eval.holdout_chars),
+          float(data_cfg.eval.max_holdout_fraction)]
+
+
+# ----------------------------------------------------------------------------- 1. clean
+def clean(data_cfg, names: list[str], store: str, runner: str, verbose: bool) -> None:
+  """Writes the clean store of sources `names` to the local directory `store` (see the module
+  docstring) with the local or the Beam runner; counters.json is written last."""
+  if runner not in RUNNERS:
+    raise ValueError(f'config.data.clean.runner={runner!r}: expected one of {RUNNERS}')
+  specs = [(n, data_cfg.sources[n].corpora, *source_kind(data_cfg, n)) for n in names]
+  os.makedirs(os.path.join(store, 'docs'), exist_ok=True)
+  if runner == 'beam':
+    from lmjax.data import beam  # pylint: disable=import-outside-toplevel  (the [beam] extra)
+    counters = beam.run(specs, data_cfg.clean, store)
+  else:
+    counters = _clean_local(specs, data_cfg.clean, store, verbose)
+  fs.write_atomic(os.path.join(store, 'counters.json'), json.dumps(counters.rows(), indent=0))
+
+
+def _clean_local(specs, cfg, store: str, verbose: bool) -> stages.Counters:
+  counters = stages.Counters()
+  sources = [stages.Source(n, corpora.records(spec, n, cfg.read), kind, languages)
+             for n, spec, kind, languages in specs]
+  bar = tqdm.tqdm(desc='prepare: clean', unit=' docs', disable=not verbose, file=sys.stderr,
+                  mininterval=1.0)
+  with contextlib.ExitStack() as stack:
+    out = {n: stack.enter_context(open(os.path.join(store, 'docs', f'{n}-00000-of-00001.jsonl'), 'w',
+                                       encoding='utf-8')) for n, *_ in specs}
+    drops = stack.enter_context(open(os.path.join(store, 'drops-00000-of-00001.jsonl'), 'w',
+                                     encoding='utf-8'))
+    write_drop = lambda record: drops.write(json.dumps(record, ensure_ascii=False) + '\n')
+    for doc in stages.run(sources, cfg, counters, spill_dir=store, on_drop=write_drop,
+                          progress=bar.update):
+      out[doc.source].write(doc_line(doc.doc_id, doc.text))
+  bar.close()
+  return counters
+
+
+def doc_line(doc_id: str, text: str) -> str:
+  """A line of the clean store's docs files."""
+  return json.dumps(dict(id=doc_id, text=text), ensure_ascii=False) + '\n'
+
+
+def read_counters(store: str) -> stages.Counters:
+  counters = stages.Counters()
+  for row in json.loads(fs.read_text(os.path.join(store, 'counters.json'))):
+    counters.add(row['source'], row['stage'], row['outcome'], row['docs'], row['chars'])
+  return counters
+
+
+class SourceIndex(NamedTuple):
+  """A source's kept documents in content-hash order: where each line is, and its length."""
+  keys: np.ndarray  # uint64[n, 3], dedup.key_rows, sorted
+  chars: np.ndarray  # int64[n]
+  file: np.ndarray  # int32[n], index into files
+  offset: np.ndarray  # int64[n], byte offset of the line
+  files: list[str]
+
+
+def index_source(store: str, name: str) -> SourceIndex:
+  """Indexes the docs files of source `name` in a clean store (one pass; ~44 bytes per document)."""
+  files = sorted(glob.glob(os.path.join(store, 'docs', f'{name}-*-of-*.jsonl')))
+  keys, chars, file, offset = [], [], [], []
+  for i, path in enumerate(files):
+    with open(path, 'rb') as f:
+      pos = 0
+      for line in f:
+        doc = json.loads(line)
+        keys.append(dedup.content_key(doc['text']) + dedup.id_key(name, doc['id']))
+        chars.append(len(doc['text']))
+        file.append(i)
+        offset.append(pos)
+        pos += len(line)
+  keys = np.frombuffer(b''.join(keys), '>u8').astype(np.uint64).reshape(-1, 3)
+  order = np.lexsort((keys[:, 2], keys[:, 1], keys[:, 0]))
+  return SourceIndex(keys[order], np.asarray(chars, np.int64)[order],
+                     np.asarray(file, np.int32)[order], np.asarray(offset, np.int64)[order], files)
+
+
+def read_docs(index: SourceIndex, rows) -> Iterator[dict]:
+  """The {"id", "text"} documents of `rows` of the index, in that order (random access)."""
+  with contextlib.ExitStack() as stack:
+    handles = {}
+    for r in rows:
+      f = int(index.file[r])
+      if f not in handles:
+        handles[f] = stack.enter_context(open(index.files[f], 'rb'))
+      handles[f].seek(int(index.offset[r]))
+      yield json.loads(handles[f].readline())
+
+
+def find_doc(index: SourceIndex, content: bytes) -> dict | None:
+  """The kept document whose content_key is `content`, or None."""
+  hi, lo = np.frombuffer(content, '>u8').astype(np.uint64)
+  r = int(np.searchsorted(index.keys[:, 0], hi))
+  while r < len(index.keys) and index.keys[r, 0] == hi:
+    if index.keys[r, 1] == lo:
+      return next(read_docs(index, [r]))
+    r += 1
+  return None
+
+
+# ----------------------------------------------------------------------------- 3. tokenizer
+def _tokenizer_path(data_cfg, root: str, key: str, names: list[str]) -> str:
   tcfg = data_cfg.tokenizer
-  if tcfg.path:
-    return tokenizer_lib.load(tcfg.path)
   weights = {k: float(v) for k, v in tcfg.sample_weights.items()}
   for k in weights:
     if k not in data_cfg.sources:
       raise ValueError(f'config.data.tokenizer.sample_weights: unknown source {k!r}; '
                        f'expected one of {sorted(data_cfg.sources)}')
-  key = _hash(dict(v=FORMAT_VERSION, sources=[_source_spec(data_cfg, n) for n in names],
-                   vocab_size=int(tcfg.vocab_size), model_type=tcfg.model_type,
-                   sample_chars=int(tcfg.sample_chars), weights=weights,
-                   coverage=float(tcfg.character_coverage)))
-  path = os.path.join(root, f'tokenizer-{key}.model')
-  if os.path.isfile(path):
-    return tokenizer_lib.load(path)
-  docs = {n: _load_split(data_cfg, n)[0] for n in names}
-  sentences = tokenizer_lib.sample(docs, weights, int(tcfg.sample_chars))
+  tkey = _hash(dict(clean=key, splits=[_split_spec(data_cfg, n) for n in names],
+                    vocab_size=int(tcfg.vocab_size), model_type=tcfg.model_type,
+                    sample_chars=int(tcfg.sample_chars), weights=weights,
+                    coverage=float(tcfg.character_coverage)))
+  return os.path.join(root, f'tokenizer-{tkey}.model')
+
+
+def train_tokenizer(data_cfg, path: str, indexes: dict[str, SourceIndex]) -> tokenizer_lib.Tokenizer:
+  """Trains the tokenizer on a weighted sample of the cleaned train documents (tokenizer.sample)."""
+  tcfg = data_cfg.tokenizer
+
+  def train_texts(name):
+    index = indexes[name]
+    n_eval, n_train = split(index.chars, data_cfg.eval, int(data_cfg.sources[name].max_chars))
+    return (d['text'] for d in read_docs(index, range(n_eval, n_eval + n_train)))
+
+  sentences = tokenizer_lib.sample({n: train_texts(n) for n in indexes},
+                                   {k: float(v) for k, v in tcfg.sample_weights.items()},
+                                   int(tcfg.sample_chars))
   return tokenizer_lib.train(sentences, path, vocab_size=int(tcfg.vocab_size),
                              model_type=tcfg.model_type, character_coverage=tcfg.character_coverage,
                              num_threads=int(data_cfg.num_threads) or 1)
 
 
-def _write_shards(token_docs: list[np.ndarray], directory: str, prefix: str,
-                  shard_bytes: int) -> list[dict]:
-  shards, writer, path, size, count = [], None, '', 0, 0
+# ----------------------------------------------------------------------------- 4. shards
+def token_dtype(vocab_size: int) -> np.dtype:
+  return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def _tokenizer_hash(tok) -> str:
+  with fs.open(tok.path, 'rb') as f:
+    return hashlib.blake2b(f.read(), digest_size=8).hexdigest()
+
+
+def source_dir(data_cfg, root: str, key: str, name: str, tok_hash: str) -> str:
+  skey = _hash(dict(clean=key, split=_split_spec(data_cfg, name), tokenizer=tok_hash,
+                    shard_bytes=int(data_cfg.shard_bytes)))
+  return os.path.join(root, f'{name}-{skey}')
+
+
+def _write_shards(token_docs: Iterator[np.ndarray], directory: str, prefix: str,
+                  shard_bytes: int) -> tuple[list[dict], list[int]]:
+  """(shard entries of stats.json, token count per document)."""
+  shards, lengths, writer, path, size, count = [], [], None, '', 0, 0
 
   def close():
     writer.close()
@@ -156,55 +339,68 @@ def _write_shards(token_docs: list[np.ndarray], directory: str, prefix: str,
     writer.write(data)
     size += len(data)
     count += 1
+    lengths.append(len(ids))
   if writer is not None:
     close()
-  return shards
+  return shards, lengths
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-  return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
-
-
-def prepare_source(data_cfg, root: str, name: str, tok: tokenizer_lib.Tokenizer) -> str:
-  """Writes (or finds) the shards of source `name`; returns their directory."""
-  with open(tok.path, 'rb') as f:
-    tok_hash = hashlib.blake2b(f.read(), digest_size=8).hexdigest()
-  key = _hash(dict(v=FORMAT_VERSION, spec=_source_spec(data_cfg, name), tokenizer=tok_hash,
-                   shard_bytes=int(data_cfg.shard_bytes)))
-  final = os.path.join(root, f'{name}-{key}')
-  if os.path.isfile(os.path.join(final, 'stats.json')):
-    return final
-  tmp = f'{final}.tmp{os.getpid()}'
+def write_source(data_cfg, final: str, name: str, index: SourceIndex, tok, tok_hash: str,
+                 missing_corpora: dict) -> None:
+  """Writes the shards, lengths and stats.json of source `name` to the directory `final`."""
+  local = fs.is_local(final)
+  tmp = f'{final}.tmp{os.getpid()}' if local else tempfile.mkdtemp(prefix='lmjax-shards-')
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
-  train, held = _load_split(data_cfg, name)
   dtype = token_dtype(tok.vocab_size)
   threads = int(data_cfg.num_threads) or 1
-  stats = dict(source=name, corpora=data_cfg.sources[name].corpora,
-               missing_corpora=corpora.missing(data_cfg.sources[name].corpora),
+  n_eval, n_train = split(index.chars, data_cfg.eval, int(data_cfg.sources[name].max_chars))
+  stats = dict(source=name, corpora=data_cfg.sources[name].corpora, missing_corpora=missing_corpora,
                dtype=dtype.name, tokenizer=os.path.basename(tok.path), tokenizer_hash=tok_hash)
-  for split, docs in (('train', train), ('eval', held)):
-    ids = [np.asarray(x, dtype) for x in tok.encode_batch(docs, num_threads=threads)]
-    lengths = np.array([len(x) for x in ids], np.int64)
-    np.save(os.path.join(tmp, f'{split}_lengths.npy'), lengths)
-    shard_bytes = int(data_cfg.shard_bytes) if split == 'train' else 0
-    stats[split] = dict(documents=len(docs), tokens=int(lengths.sum()),
-                        chars=sum(len(d) for d in docs),
-                        shards=_write_shards(ids, tmp, split, shard_bytes))
+  for split_name, rows in (('train', range(n_eval, n_eval + n_train)), ('eval', range(n_eval))):
+
+    def encoded():
+      batch = []
+      for doc in read_docs(index, rows):
+        batch.append(doc['text'])
+        if len(batch) == _ENCODE_BATCH:
+          yield from (np.asarray(x, dtype) for x in tok.encode_batch(batch, num_threads=threads))
+          batch = []
+      yield from (np.asarray(x, dtype) for x in tok.encode_batch(batch, num_threads=threads))
+
+    shard_bytes = int(data_cfg.shard_bytes) if split_name == 'train' else 0
+    shards, lengths = _write_shards(encoded(), tmp, split_name, shard_bytes)
+    lengths = np.asarray(lengths, np.int64)
+    np.save(os.path.join(tmp, f'{split_name}_lengths.npy'), lengths)
+    stats[split_name] = dict(documents=len(rows), tokens=int(lengths.sum()),
+                             chars=int(index.chars[rows.start:rows.stop].sum()), shards=shards)
   with open(os.path.join(tmp, 'stats.json'), 'w') as f:
     json.dump(stats, f, indent=1)
-  try:
-    os.rename(tmp, final)
-  except OSError:  # another process finished first; its files are identical
-    shutil.rmtree(tmp, ignore_errors=True)
-  return final
+  if local:
+    try:
+      os.rename(tmp, final)
+    except OSError:  # another process finished first; its files are identical
+      shutil.rmtree(tmp, ignore_errors=True)
+    return
+  for entry in sorted(os.listdir(tmp), key=lambda e: e == 'stats.json'):  # stats.json last
+    with open(os.path.join(tmp, entry), 'rb') as src, fs.open(os.path.join(final, entry), 'wb') as dst:
+      shutil.copyfileobj(src, dst, 1 << 22)
+  shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prepare(data_cfg, workdir: str) -> tuple[tokenizer_lib.Tokenizer, dict[str, str], dict[str, str]]:
-  """Prepares every available source.
+# ----------------------------------------------------------------------------- all of it
+class Prepared(NamedTuple):
+  tokenizer: tokenizer_lib.Tokenizer
+  dirs: dict[str, str]  # {source: shard directory}
+  missing: dict[str, str]  # {missing source: install line}
+  report: dict | None  # the report (report.py) when this call prepared anything, else None
+  report_path: str  # where its JSON is (also when it was cached)
 
-  Returns:
-    (tokenizer, {source: shard directory}, {missing source: install line}).
+
+def prepare(data_cfg, workdir: str, verbose: bool = False) -> Prepared:
+  """Prepares every available source (or finds it prepared).
+
+  verbose: show a progress bar and print the report's table to stderr when something is prepared.
   Raises:
     FileNotFoundError if a source is missing and `data_cfg.allow_missing` is False, or none is present.
   """
@@ -214,8 +410,57 @@ def prepare(data_cfg, workdir: str) -> tuple[tokenizer_lib.Tokenizer, dict[str, 
   if not names:
     raise FileNotFoundError(f'no data source is installed: {missing}')
   root = cache_dir(data_cfg, workdir)
-  os.makedirs(root, exist_ok=True)
-  tok = prepare_tokenizer(data_cfg, root, names)
-  dirs = {n: prepare_source(data_cfg, root, n, tok) for n in names}
-  return tok, dirs, missing
+  fs.makedirs(root)
+  key = _clean_key(data_cfg, names)
+  tok_path = data_cfg.tokenizer.path or _tokenizer_path(data_cfg, root, key, names)
+  tok = tokenizer_lib.load(tok_path) if fs.isfile(tok_path) else None
+  if tok is not None:
+    tok_hash = _tokenizer_hash(tok)
+    dirs = {n: source_dir(data_cfg, root, key, n, tok_hash) for n in names}
+    report_path = os.path.join(root, f'report-{_hash(sorted(dirs.values()))}.json')
+    if all(fs.isfile(os.path.join(d, 'stats.json')) for d in dirs.values()) and fs.isfile(report_path):
+      return Prepared(tok, dirs, missing, None, report_path)
+  with _clean_store(root, key) as store:
+    if not os.path.isfile(os.path.join(store, 'counters.json')):
+      clean(data_cfg, names, store, data_cfg.clean.runner, verbose)
+    indexes = {n: index_source(store, n) for n in names}
+    if tok is None:
+      tok = train_tokenizer(data_cfg, tok_path, indexes)
+    tok_hash = _tokenizer_hash(tok)
+    dirs = {n: source_dir(data_cfg, root, key, n, tok_hash) for n in names}
+    for n, d in dirs.items():
+      if not fs.isfile(os.path.join(d, 'stats.json')):
+        write_source(data_cfg, d, n, indexes[n], tok, tok_hash,
+                     corpora.missing(data_cfg.sources[n].corpora))
+    stats = {n: json.loads(fs.read_text(os.path.join(d, 'stats.json'))) for n, d in dirs.items()}
+    kinds = {n: dict(zip(('kind', 'languages'), source_kind(data_cfg, n))) for n in names}
+    report = report_lib.build(kinds, read_counters(store), store, indexes, stats,
+                              runner=data_cfg.clean.runner)
+  report_path = os.path.join(root, f'report-{_hash(sorted(dirs.values()))}.json')
+  for path in (report_path, os.path.join(workdir, 'data_report.json')):
+    report_lib.save(report, path)
+  if verbose:
+    print(report_lib.table(report), file=sys.stderr)
+  return Prepared(tok, dirs, missing, report, report_path)
 
+
+@contextlib.contextmanager
+def _clean_store(root: str, key: str) -> Iterator[str]:
+  """The local directory of the clean store: clean-<key> in a local cache dir (kept), a temporary
+  directory for a URL cache dir (removed afterwards)."""
+  if fs.is_local(root):
+    final = os.path.join(root, f'clean-{key}')
+    if os.path.isfile(os.path.join(final, 'counters.json')):
+      yield final
+      return
+    tmp = f'{final}.tmp{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    yield tmp
+    try:
+      os.rename(tmp, final)
+    except OSError:  # another process finished first; its store is identical
+      shutil.rmtree(tmp, ignore_errors=True)
+    return
+  with tempfile.TemporaryDirectory(prefix='lmjax-clean-') as tmp:
+    yield tmp

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+SNIPPET_CHARS = 1000  # characters of a dropped document kept for the report's examples
+
 
 class Doc(NamedTuple):
   """One document of one source."""
@@ -23,3 +25,11 @@ class Drop(NamedTuple):
   stage: str  # 'read', 'normalize', 'langid', 'quality' or 'dedup'
   reason: str  # e.g. 'invalid_json', 'gopher_quality.word_count', 'near_duplicate'
   chars: int  # characters removed (bytes when the input could not be decoded; 0 when unknown)
+
+
+def drop_record(drop: Drop, text: str = '', of: str = '') -> dict:
+  """What a runner writes for a Drop (the report's input): the Drop's fields, the first
+  SNIPPET_CHARS of the text it dropped ('' for unreadable input) and, for a duplicate, `of`: the hex
+  content key of the copy kept in its place."""
+  return dict(source=drop.source, id=drop.doc_id, stage=drop.stage, reason=drop.reason,
+              chars=drop.chars, of=of, text=text[:SNIPPET_CHARS])
