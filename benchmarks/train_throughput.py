@@ -2,7 +2,9 @@
 the ratio to a PyTorch peer's tokens/s when its result file is given.
 
   python benchmarks/train_throughput.py --variant=1b --batch=4 --seq=4096 --steps=20 \
-      --attention=cudnn,pallas --remat=none --loss=materialize,chunked [--peer=$OUT/torch_anchor.json]
+      --attention=cudnn,pallas --remat=none --loss=materialize,chunked,pallas \
+      [--xla_flags='|--xla_gpu_enable_latency_hiding_scheduler=true'] [--peer=$OUT/torch_peer.json] \
+      [--profile=$OUT]
 
 Each configuration runs `--steps` real optimizer steps of the `configs/pretrain.py` setup (AdamW,
 f32 params, bf16 compute, the full 128k vocabulary) on random tokens (lmjax.batch.synthetic), built by
@@ -10,11 +12,21 @@ the same step builder training uses (lmjax/steps.py); the median step time of th
 first two (compilation, warm-up) is reported. MFU counts `model.flops_per_token` (6N + causal
 attention) over the chip's dense bf16 peak. Peak memory is the device allocator's high-water mark
 since the configuration started (each configuration runs in its own process, so it is its own).
+`--xla_flags` alternatives ('|'-separated, '' = none) are one more axis of configurations, appended to
+XLA_FLAGS of that configuration's process. `--profile=DIR` traces 3 steps of each configuration
+(jax.profiler, perfetto trace) and prints the GPU time by kernel class (profile_breakdown).
+
+`--loss=pallas` is pallas_kernels.linear_cross_entropy's fused loss on the head/loss seam
+(`config.loss.implementation='pallas'`).
 """
 import argparse
+import collections
+import glob
+import gzip
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -25,7 +37,36 @@ import numpy as np
 from lmjax import batch as batch_lib, config as config_lib, model, sharding, steps as steps_lib, trainer
 
 
-def measure(variant, batch, seq, steps, attention, remat, loss):
+# GPU kernel names -> class, first match wins (cuBLAS/cuDNN/XLA-Triton kernels as the profiler names them).
+KERNEL_CLASSES = (
+    ('attention', r'flash|fmha|cudnn|attention|mosaic|sdpa'),
+    ('matmul', r'gemm|nvjet|cutlass|xmma|wgmma|cublas|matmul|dot'),
+    ('copy/transpose', r'copy|transpose|memcpy|memset'),
+    ('reduce/norm fusions', r'reduce|norm'),
+    ('elementwise/other fusions', r'.'),
+)
+
+
+def profile_breakdown(trace_dir: str, steps: int) -> dict:
+  """GPU kernel time a step by class, from the perfetto trace jax.profiler wrote under trace_dir."""
+  path = sorted(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True))[-1]
+  events = json.load(gzip.open(path)).get('traceEvents', [])
+  gpu_pids = {e['pid'] for e in events if e.get('ph') == 'M' and e.get('name') == 'process_name'
+              and re.search(r'/device:GPU|GPU', str(e.get('args', {}).get('name', '')))}
+  ms = collections.Counter()
+  top = collections.Counter()
+  for e in events:
+    if e.get('ph') == 'X' and e.get('pid') in gpu_pids and 'dur' in e:
+      name = e.get('name', '')
+      cls = next(c for c, pattern in KERNEL_CLASSES if re.search(pattern, name, re.I))
+      ms[cls] += e['dur'] / 1e3 / steps
+      top[name[:60]] += e['dur'] / 1e3 / steps
+  return dict(by_class_ms={k: round(v, 1) for k, v in ms.most_common()},
+              gpu_busy_ms=round(sum(ms.values()), 1),
+              top_kernels_ms={k: round(v, 2) for k, v in top.most_common(12)})
+
+
+def measure(variant, batch, seq, steps, attention, remat, loss, profile_dir=''):
   config = config_lib.load('configs/pretrain.py', f'size={variant},batch_size={batch},seq_len={seq},'
                            f'steps={steps},attention={attention},remat={remat}')
   config.unlock()
@@ -45,6 +86,12 @@ def measure(variant, batch, seq, steps, attention, remat, loss):
       state, metrics = built.train_step(state, device_batch)
       losses.append(float(metrics['loss']))  # blocks until the step is done
       times.append(time.perf_counter() - start)
+    if profile_dir:
+      trace_dir = os.path.join(profile_dir, f'trace_{attention}_{remat}_{loss}_B{batch}T{seq}')
+      with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(3):
+          state, metrics = built.train_step(state, device_batch)
+        float(metrics['loss'])
   step_time = float(np.median(times[2:]))
   tokens_per_s = batch * seq / step_time
   peak = trainer.PEAK_FLOPS.get(jax.devices()[0].device_kind)
@@ -53,7 +100,8 @@ def measure(variant, batch, seq, steps, attention, remat, loss):
   return dict(variant=variant, batch=batch, seq=seq, attention=attention, remat=remat, loss=loss,
               step_ms=round(step_time * 1e3, 1), tokens_per_s=round(tokens_per_s),
               mfu=None if mfu is None else round(mfu, 4), first_loss=losses[0], last_loss=losses[-1],
-              peak_mem_gb=round(stats.get('peak_bytes_in_use', 0) / 1e9, 1))
+              peak_mem_gb=round(stats.get('peak_bytes_in_use', 0) / 1e9, 1),
+              profile=profile_breakdown(trace_dir, 3) if profile_dir else None)
 
 
 def main():
@@ -66,41 +114,49 @@ def main():
   parser.add_argument('--remat', default='none')
   parser.add_argument('--loss', default='materialize', help='config.loss.implementation(s), comma-separated; '
                       'chunked@N sets chunk_tokens=N')
-  parser.add_argument('--peer', default='', help="a PyTorch peer's JSON: {'B<b> T<t> ...': {'tokens_per_s'}}")
+  parser.add_argument('--peer', default='', help="benchmarks/torch_peer.py's JSON (or the same runs at top level)")
+  parser.add_argument('--xla_flags', default='', help="'|'-separated alternatives appended to XLA_FLAGS")
+  parser.add_argument('--profile', default='', help='a directory: trace 3 steps of each configuration')
   parser.add_argument('--out', default=os.environ.get('OUT', '.'))
   parser.add_argument('--one', default='', help=argparse.SUPPRESS)  # internal: attention,remat,loss
   a = parser.parse_args()
   if a.one:  # one configuration in this process; prints its JSON line
     attention, remat, loss = a.one.split(',')
-    print(json.dumps(measure(a.variant, a.batch, a.seq, a.steps, attention, remat, loss)), flush=True)
+    print(json.dumps(measure(a.variant, a.batch, a.seq, a.steps, attention, remat, loss, a.profile)), flush=True)
     return
-  peer_tok_s = None
+  peer_tok_s = peer_liger_tok_s = None
   if a.peer and os.path.exists(a.peer):
     peer = json.load(open(a.peer))
-    runs = [v for k, v in peer.items() if isinstance(v, dict) and f'B{a.batch} T{a.seq}' in k]
-    peer_tok_s = max((r['tokens_per_s'] for r in runs), default=None)
+    runs = {k: v for k, v in peer.get('runs', peer).items()
+            if isinstance(v, dict) and f'B{a.batch} T{a.seq}' in k}
+    peer_tok_s = max((r['tokens_per_s'] for k, r in runs.items() if 'liger=True' not in k), default=None)
+    peer_liger_tok_s = max((r['tokens_per_s'] for k, r in runs.items() if 'liger=True' in k), default=None)
   results = []
-  for attention, remat, loss in itertools.product(a.attention.split(','), a.remat.split(','),
-                                                  a.loss.split(',')):
+  for attention, remat, loss, flags in itertools.product(a.attention.split(','), a.remat.split(','),
+                                                         a.loss.split(','), a.xla_flags.split('|')):
     # A process per configuration: its peak memory is its own, and one that fails leaves the others.
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
     proc = subprocess.run([sys.executable, __file__, f'--variant={a.variant}', f'--batch={a.batch}',
-                           f'--seq={a.seq}', f'--steps={a.steps}', f'--one={attention},{remat},{loss}'],
-                          capture_output=True, text=True)
+                           f'--seq={a.seq}', f'--steps={a.steps}', f'--one={attention},{remat},{loss}',
+                           f'--profile={a.profile}'], capture_output=True, text=True, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
     if proc.returncode == 0 and lines:
       r = json.loads(lines[-1])
     else:  # report a configuration that does not fit or compile, keep the others
       r = dict(variant=a.variant, attention=attention, remat=remat, loss=loss,
                error=proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else 'failed')
+    r['xla_flags'] = flags
     if peer_tok_s and 'tokens_per_s' in r:
       r['vs_torch_peer'] = round(r['tokens_per_s'] / peer_tok_s, 3)
+    if peer_liger_tok_s and 'tokens_per_s' in r:
+      r['vs_torch_peer_liger'] = round(r['tokens_per_s'] / peer_liger_tok_s, 3)
     results.append(r)
     print(json.dumps(r), flush=True)
-  with open(os.path.join(a.out, 'train_throughput.json'), 'w') as f:
+  with open(os.path.join(a.out, f'train_throughput_B{a.batch}T{a.seq}.json'), 'w') as f:
     json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, peer_tokens_per_s=peer_tok_s,
-                   results=results), f, indent=1)
-  print(f'\n{jax.devices()[0].device_kind}, jax {jax.__version__}; peer (PyTorch, best of eager/compiled) '
-        f'{peer_tok_s} tokens/s')
+                   peer_liger_tokens_per_s=peer_liger_tok_s, results=results), f, indent=1)
+  print(f'\n{jax.devices()[0].device_kind}, jax {jax.__version__}; B{a.batch} x T{a.seq}; peer (PyTorch, best '
+        f'of eager/compiled) {peer_tok_s} tokens/s, with Liger {peer_liger_tok_s}')
   print(f"{'attention':10} {'remat':14} {'loss':12} {'step ms':>8} {'tokens/s':>9} {'MFU':>6} "
         f"{'peak GB':>8} {'vs peer':>8} loss")
   for r in results:
@@ -109,7 +165,9 @@ def main():
     else:
       print(f"{r['attention']:10} {r['remat']:14} {r['loss']:12} {r['step_ms']:8.1f} {r['tokens_per_s']:9d} "
             f"{r['mfu'] or 0:6.3f} {r['peak_mem_gb']:8.1f} {r.get('vs_torch_peer', float('nan')):8.3f} "
-            f"{r['first_loss']:.3f}->{r['last_loss']:.3f}")
+            f"{r['first_loss']:.3f}->{r['last_loss']:.3f} {r['xla_flags']}")
+      if r.get('profile'):
+        print('   ', json.dumps(r['profile']))
 
 
 if __name__ == '__main__':

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from lmjax import sharding
 
@@ -242,8 +243,22 @@ def cudnn_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt) -> jax.Array:
 
 
 def pallas_attention(q_bthd, k_bskd, v_bskd, segment_ids_bt) -> jax.Array:
+  """pallas_kernels.flash_attention. XLA cannot partition a Pallas kernel, so under a mesh with an
+  axis of more than one device the kernel runs inside jax.shard_map: batch split as the batch is,
+  query and K/V heads split over 'tensor' by the same factor (both whole when either does not divide,
+  so every shard keeps its query heads' K/V heads), T and head_dim whole."""
   from pallas_kernels.flash_attention import flash_attention
-  return flash_attention(q_bthd, k_bskd, v_bskd, causal=True, segment_ids=segment_ids_bt)
+  attend = lambda q, k, v, seg: flash_attention(q, k, v, causal=True, segment_ids=seg)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or all(size == 1 for axis, size in mesh.shape.items() if axis not in mesh.manual_axes):
+    return attend(q_bthd, k_bskd, v_bskd, segment_ids_bt)
+  batch = sharding.spec(('batch',), q_bthd.shape[:1], mesh)[0]
+  heads = sharding.spec(('heads',), q_bthd.shape[2:3], mesh)[0]
+  kv_heads = sharding.spec(('kv_heads',), k_bskd.shape[2:3], mesh)[0]
+  heads = heads if heads == kv_heads else None
+  q_spec, seg_spec = P(batch, None, heads, None), P(batch, None)
+  return jax.shard_map(attend, mesh=mesh, in_specs=(q_spec, q_spec, q_spec, seg_spec),
+                       out_specs=q_spec)(q_bthd, k_bskd, v_bskd, segment_ids_bt)
 
 
 ATTENTION_FNS: dict[str, Callable] = {

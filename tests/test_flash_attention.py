@@ -110,10 +110,26 @@ def test_tpu_kernel_interpret_matches_reference(dtype, causal, packed, hkv, d):
     assert _rel(g, np.asarray(w, np.float64)) <= tol, f"{name} seed {seed}"
 
 
-def test_tpu_kernel_rejects_unaligned_sequence():
-  q = jnp.ones((1, 200, 2, 64), jnp.float32)
-  with pytest.raises(ValueError, match=r"multiples of 128.*implementation='xla'"):
-    tpu_mosaic.flash_attention(q, q, q, interpret=True)
+# T=200 is padded to 256 inside: causal (the padding is in every real query's future) and not causal
+# with packed segments (the padding gets its own segment id), outputs and gradients of the real rows.
+@pytest.mark.parametrize("causal,packed", [(True, False), (False, True), (False, False)])
+def test_tpu_kernel_pads_a_sequence_off_the_block_multiple(causal, packed):
+  seed = time.time_ns() % 2**31
+  q, k, v, do, seg = _inputs(seed, 1, 200, 2, 1, 64, packed)
+  kwargs = dict(causal=causal, segment_ids=seg)
+  out, grads = _out_and_grads(
+      lambda q, k, v: tpu_mosaic.flash_attention(q, k, v, interpret=pltpu.InterpretParams(), **kwargs),
+      q, k, v, do)
+  want, want_grads = _oracle_f64(q, k, v, do, causal, seg, 64 ** -0.5)
+  assert out.shape == q.shape
+  for name, g, w in zip(("out", "dq", "dk", "dv"), (out, *grads), (want, *want_grads)):
+    assert _rel(g, w) <= 1e-5, f"{name} seed {seed}"
+
+
+def test_tpu_kernel_rejects_unaligned_cross_attention():
+  q, kv = jnp.ones((1, 200, 2, 64), jnp.float32), jnp.ones((1, 256, 2, 64), jnp.float32)
+  with pytest.raises(ValueError, match=r"multiples of 128 \(or T == S, padded\).*implementation='xla'"):
+    tpu_mosaic.flash_attention(q, kv, kv, interpret=True)
 
 
 def test_api_default_on_cpu_is_reference():

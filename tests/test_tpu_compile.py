@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lmjax import topology
 from pallas_kernels.flash_attention import api, tpu_mosaic
+from pallas_kernels.linear_cross_entropy import api as lce_api
 
 pytest.importorskip('libtpu', reason=f"the TPU compiler needs libtpu: pip install 'jax[tpu]=={jax.__version__}'")
 
@@ -79,6 +80,48 @@ def test_mosaic_flash_attention_forward_and_gradients_compile(name, causal):
   assert report.fits, report
   # The forward, dK/dV and dQ kernels, as Mosaic custom calls (not the XLA reference).
   assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 3
+
+
+# Tokens split over 4 devices, the head whole; soft labels with a bucket tail and temperature, z-loss,
+# a vocabulary (1000) that is not a multiple of the 128-wide tile.
+@pytest.mark.parametrize('name', ['v5e-4', 'v5p-8'])
+def test_mosaic_linear_cross_entropy_forward_and_gradients_compile(name):
+  mesh = _mesh(name, (4,), ('data',))
+  n, d, v, k = 2048, 256, 1000, 8
+  x = _abstract((n, d), jnp.bfloat16, mesh, P('data'))
+  w = _abstract((d, v), jnp.float32, mesh, P())
+  t, wt = _abstract((n,), jnp.int32, mesh, P('data')), _abstract((n,), jnp.float32, mesh, P('data'))
+  ids, lp = _abstract((n, k), jnp.int32, mesh, P('data')), _abstract((n, k), jnp.float32, mesh, P('data'))
+
+  def per_shard(x, w, t, wt, ids, lp):
+    loss = lce_api.linear_cross_entropy(x, w, t, weights_n=wt, z_loss=1e-4, teacher_ids_nk=ids,
+                                        teacher_logprobs_nk=lp, tail='bucket', temperature=2.0, alpha=0.5)
+    return jax.lax.psum(jnp.sum(wt * loss), 'data')
+
+  spec = (P('data'), P(), P('data'), P('data'), P('data'), P('data'))
+  loss = jax.shard_map(per_shard, mesh=mesh, in_specs=spec, out_specs=P())
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  compiled, report = topology.try_compile(step.lower(x, w, t, wt, ids, lp))
+  assert report.fits, report
+  # The statistics, dx and dw kernels as Mosaic custom calls; the head's gradient summed over 'data'.
+  hlo = compiled.as_text()
+  assert hlo.count('custom_call_target="tpu_custom_call"') == 3 and 'all-reduce' in hlo
+
+
+# The tiny step with attention='pallas' on 8 devices: the kernel runs inside the model's shard_map
+# (batch over fsdp; on v5p-8's 2x2 mesh heads and K/V heads split over 'tensor' too).
+@pytest.mark.parametrize('name,mesh', [('v5e-8', dict(data=1, fsdp=-1, tensor=1)),
+                                       ('v5p-8', dict(data=1, fsdp=2, tensor=2))])
+def test_tiny_step_with_pallas_attention_compiles(name, mesh):
+  from lmjax import aot, config as config_lib
+  config = config_lib.load('configs/pretrain.py', 'runlocal=True')
+  config.model.update(attention='pallas', d_head=64)   # the TPU kernel takes head_dim 64 or 128
+  config.mesh.update(mesh)
+  lowered, _ = aot.lower_train_step(config, topology.devices(name))
+  compiled, report = topology.try_compile(lowered)
+  assert report.fits, report
+  # Forward, dK/dV and dQ kernels (the layer scan holds one copy of each, the backward re-runs none).
+  assert compiled.as_text().count('custom_call_target="tpu_custom_call"') >= 3
 
 
 def test_api_picks_mosaic_for_inputs_on_a_one_device_tpu_mesh():

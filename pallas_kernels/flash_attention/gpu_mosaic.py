@@ -35,13 +35,14 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import llvm
 
-from pallas_kernels.flash_attention import reference
+from pallas_kernels.flash_attention import padding, reference
 
 BLOCK_Q = 64  # rows per compute warpgroup: the wgmma M tile.
 BLOCK_KV = 128  # forward kv block.
 STAGES = 2  # K/V shared-memory ring depth.
 BWD_BLOCK = 64  # q and kv block of the backward kernels.
 _COMPUTE_WGS = 2
+SEQ_MULTIPLE = math.lcm(_COMPUTE_WGS * BLOCK_Q, BLOCK_KV)  # self-attention of other lengths is padded (padding.py)
 _LOG2E = math.log2(math.e)
 # Finite start for the running max: a row fully masked in a block then gives exp2(-inf - m) = 0
 # instead of exp2(-inf + inf) = NaN (rows can be fully masked in a block with segment ids).
@@ -85,9 +86,8 @@ def check_supported(q, k, v, segment_ids) -> str | None:
     return f"mosaic_gpu takes bf16 or f16 inputs, got {q.dtype}"
   if d not in (64, 128):
     return f"mosaic_gpu takes head_dim 64 or 128, got {d}"
-  tile = _COMPUTE_WGS * BLOCK_Q
-  if t % tile or s % BLOCK_KV:
-    return f"mosaic_gpu needs T and S multiples of {tile}, got T={t}, S={s}"
+  if (t % SEQ_MULTIPLE or s % SEQ_MULTIPLE) and t != s:
+    return f"mosaic_gpu needs T and S multiples of {SEQ_MULTIPLE} (or T == S, padded), got T={t}, S={s}"
   return None
 
 
@@ -733,9 +733,12 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale=Non
   reference.check_inputs(q, k, v, segment_ids)
   if (why := check_supported(q, k, v, segment_ids)) is not None:
     raise ValueError(f"{why}; use implementation='xla'")
+  t = q.shape[1]
+  multiple = SEQ_MULTIPLE if config is None else math.lcm(SEQ_MULTIPLE, config.block_kv)
+  q, k, v, segment_ids = padding.pad(q, k, v, segment_ids, causal, multiple)
   if config is None:
     config = default_config(q.shape[-1], k.shape[1], causal, q.shape[2] // k.shape[2])
   _check_config(config, q, k)
   scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
   seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
-  return _attention(q, k, v, seg, causal, scale, config)
+  return _attention(q, k, v, seg, causal, scale, config)[:, :t]

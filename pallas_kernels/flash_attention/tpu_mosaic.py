@@ -26,12 +26,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.flash_attention import reference
+from pallas_kernels.flash_attention import padding, reference
 
 # Finite, so a block whose row is fully masked gives exp(0)=1 terms that the next unmasked block's
 # rescale exp(MASK - m) wipes out, instead of the NaN that -inf - -inf would give.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _BLOCKS = (512, 256, 128)
+SEQ_MULTIPLE = 128  # self-attention of any other length is padded to it (padding.py)
 
 
 def _pick_block(n: int) -> int | None:
@@ -43,8 +44,8 @@ def check_supported(q, k, v, segment_ids) -> str | None:
   t, d, s = q.shape[1], q.shape[3], k.shape[1]
   if q.dtype not in (jnp.bfloat16, jnp.float32):
     return f"mosaic_tpu takes bf16 or f32 inputs, got {q.dtype}"
-  if _pick_block(t) is None or _pick_block(s) is None:
-    return f"mosaic_tpu needs T and S multiples of 128, got T={t}, S={s}"
+  if (_pick_block(t) is None or _pick_block(s) is None) and t != s:
+    return f"mosaic_tpu needs T and S multiples of 128 (or T == S, padded), got T={t}, S={s}"
   if d % 64:
     return f"mosaic_tpu needs head_dim a multiple of 64, got {d}"
   return None
@@ -289,6 +290,8 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale=Non
   if (why := check_supported(q, k, v, segment_ids)) is not None:
     raise ValueError(f"{why}; use implementation='xla'")
   scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+  t = q.shape[1]
+  q, k, v, segment_ids = padding.pad(q, k, v, segment_ids, causal, SEQ_MULTIPLE)
   seg = None
   if segment_ids is not None:
     seg_bt = segment_ids.astype(jnp.int32)
@@ -302,4 +305,4 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale=Non
   mesh = None if interpret else _placement_mesh(q)
   if mesh is not None:
     attention = jax.shard_map(attention, mesh=mesh, in_specs=P(), out_specs=P())
-  return attention(q, k, v, seg)
+  return attention(q, k, v, seg)[:, :t]

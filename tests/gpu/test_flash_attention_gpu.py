@@ -118,11 +118,30 @@ def test_default_implementation_is_the_kernel_on_hopper():
 
 @hopper
 def test_unsupported_shape_names_constraint_and_fallback():
-  q = jnp.zeros((1, 200, 4, 128), jnp.bfloat16)
-  with pytest.raises(ValueError, match=r"multiples of 128.*implementation='xla'"):
-    api.flash_attention(q, q, q, implementation="mosaic_gpu")
-  out = api.flash_attention(q, q, q)  # default falls back to the reference.
+  q, kv = jnp.zeros((1, 200, 4, 128), jnp.bfloat16), jnp.zeros((1, 256, 4, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"multiples of 128 \(or T == S, padded\).*implementation='xla'"):
+    api.flash_attention(q, kv, kv, implementation="mosaic_gpu")
+  out = api.flash_attention(q, kv, kv)  # default falls back to the reference.
   assert out.shape == q.shape
+
+
+@hopper
+@pytest.mark.parametrize("causal,packed", [(True, False), (False, True)])
+def test_sequence_off_the_block_multiple_is_padded_not_a_fallback(causal, packed):
+  """T=1000 runs the kernel (padded to 1024, masked inside), matching the f32 reference."""
+  q, k, v, do, seg = _inputs(time.time_ns() % 2**31, 2, 1000, 4, 2, 128, packed)
+  kwargs = dict(causal=causal, segment_ids=seg)
+  step = jax.jit(lambda q, k, v: api.flash_attention(q, k, v, **kwargs))
+  assert "mosaic_gpu" in step.lower(q, k, v).as_text()
+  @functools.partial(jax.jit, static_argnums=0)
+  def out_and_grads(fn, *xs):
+    out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, **kwargs), *xs[:3])
+    return (out, *vjp(xs[3]))
+
+  got = out_and_grads(api.flash_attention, q, k, v, do)
+  want = out_and_grads(reference.flash_attention, *(x.astype(jnp.float32) for x in (q, k, v, do)))
+  for g, w in zip(got, want):
+    assert _rel(g, w) <= TOL
 
 
 @pytest.mark.parametrize("config,seq,causal,hkv", [
