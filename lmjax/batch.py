@@ -10,6 +10,13 @@ every field has a leading batch axis B; 'T' is the sequence length.
   segment_ids  [B, T] int32    1, 2, ... per document piece of a packed row; 0 = padding
   positions    [B, T] int32    position within the piece (restarts at 0 at each piece; RoPE reads it)
   source_id    [B]    int32    index of the mixture source the row came from (per-source train loss)
+
+Offline distillation (config.loss.name='kd', lmjax/distill/store.py) adds the teacher's top-k
+(TEACHER_FIELDS; 'K' is config.loss.kd.k):
+
+  teacher_ids       [B, T, K] int32    the teacher's k most likely next tokens, most likely first
+  teacher_logprobs  [B, T, K] float32  their log-probabilities (-inf: no mass; padding)
+  teacher_tail      [B, T]    float32  the teacher's probability of every other token
 """
 from __future__ import annotations
 
@@ -25,24 +32,36 @@ FIELDS: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
     'source_id': (np.dtype(np.int32), ('B',)),
 }
 
+TEACHER_FIELDS: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
+    'teacher_ids': (np.dtype(np.int32), ('B', 'T', 'K')),
+    'teacher_logprobs': (np.dtype(np.float32), ('B', 'T', 'K')),
+    'teacher_tail': (np.dtype(np.float32), ('B', 'T')),
+}
 
-def shape(field: str, batch_size: int, seq_len: int) -> tuple[int, ...]:
-  sizes = {'B': batch_size, 'T': seq_len}
-  return tuple(sizes[a] for a in FIELDS[field][1])
+
+def fields(k: int = 0) -> dict[str, tuple[np.dtype, tuple[str, ...]]]:
+  """The batch's fields: FIELDS, plus TEACHER_FIELDS with k > 0 (offline distillation)."""
+  return {**FIELDS, **(TEACHER_FIELDS if k else {})}
 
 
-def abstract(batch_size: int, seq_len: int, sharding=None) -> dict[str, jax.ShapeDtypeStruct]:
+def shape(field: str, batch_size: int, seq_len: int, k: int = 0) -> tuple[int, ...]:
+  sizes = {'B': batch_size, 'T': seq_len, 'K': k}
+  return tuple(sizes[a] for a in {**FIELDS, **TEACHER_FIELDS}[field][1])
+
+
+def abstract(batch_size: int, seq_len: int, sharding=None, k: int = 0) -> dict[str, jax.ShapeDtypeStruct]:
   """ShapeDtypeStructs of a global batch (for ahead-of-time compilation)."""
-  return {name: jax.ShapeDtypeStruct(shape(name, batch_size, seq_len), dtype, sharding=sharding)
-          for name, (dtype, _) in FIELDS.items()}
+  return {name: jax.ShapeDtypeStruct(shape(name, batch_size, seq_len, k), dtype, sharding=sharding)
+          for name, (dtype, _) in fields(k).items()}
 
 
-def check(batch: dict, batch_size: int, seq_len: int) -> None:
+def check(batch: dict, batch_size: int, seq_len: int, k: int = 0) -> None:
   """Raises ValueError naming the first field whose name, dtype or shape is not the spec's."""
-  if set(batch) != set(FIELDS):
-    raise ValueError(f'batch fields {sorted(batch)}: expected {sorted(FIELDS)}')
-  for name, (dtype, _) in FIELDS.items():
-    want = shape(name, batch_size, seq_len)
+  spec = fields(k)
+  if set(batch) != set(spec):
+    raise ValueError(f'batch fields {sorted(batch)}: expected {sorted(spec)}')
+  for name, (dtype, _) in spec.items():
+    want = shape(name, batch_size, seq_len, k)
     got = batch[name]
     if got.dtype != dtype or tuple(got.shape) != want:
       raise ValueError(f'batch field {name!r}: {got.dtype}{list(got.shape)}, expected {dtype}{list(want)}')

@@ -85,7 +85,7 @@ def _path(key_path) -> str:
   return '/'.join(str(getattr(k, 'key', k)) for k in key_path)
 
 
-def _lmjax_params(directory: str, target_abstract: dict, mesh) -> dict:
+def lmjax_params(directory: str, target_abstract: dict, mesh) -> dict:
   """The latest checkpoint's params, each read onto the target's sharding (or replicated, where its
   shape differs: it is adapted afterwards)."""
   root = checkpoint.orbax_path(os.path.join(directory, 'checkpoints'))
@@ -174,5 +174,5 @@ def load(config, args: model.Args, fresh_params: dict, abstract_params: dict, me
   if kind == 'hf':
     parent = _hf_params(directory, args, mesh)
   else:
-    parent = _lmjax_params(directory, abstract_params, mesh)
+    parent = lmjax_params(directory, abstract_params, mesh)
   return adapt(parent, fresh_params, tuple(config.init_skip), f'config.init_from={config.init_from!r}')

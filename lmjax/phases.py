@@ -18,6 +18,8 @@ in `config.phases.order` (a ConfigDict does not keep the order of its keys). Eac
   - `freeze`: regexes (re.fullmatch on '/'-joined parameter paths) of parameters that get no update
     during the phase: progressive unfreezing is phases that freeze less and less (ULMFiT). Parameters
     frozen for the whole run belong in `config.optim.freeze` instead (they then hold no Adam state).
+  - `kd`: `alpha` and `temperature` of the distillation loss (config.loss.name='kd', lmjax/losses.py)
+    during the phase; None = the previous phase's (the first phase: config.loss.kd's).
 The anneal of the playbook is one phase: the LR decays while the high-quality sources are upsampled,
 both from the same step, with nothing kept aligned by hand.
 """
@@ -26,8 +28,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from lmjax import losses
 
 DECAY_FORMS = ('linear', 'cosine', 'exponential', '1-sqrt')
 SHAPES = ('constant', 'wsd') + DECAY_FORMS
@@ -48,7 +53,8 @@ def lr_defaults() -> dict:
 
 
 def phase(*, steps: int | None = None, fraction: float | None = None, weights: dict | None = None,
-          freeze: tuple[str, ...] = (), **lr) -> ml_collections.ConfigDict:
+          freeze: tuple[str, ...] = (), kd_alpha: float | None = None,
+          kd_temperature: float | None = None, **lr) -> ml_collections.ConfigDict:
   """One phase entry for `config.phases`, every field present (so each can be overridden by flag).
 
   phase(fraction=0.2, weights={'math': 0.5, 'en': 0.5}, shape='linear', end=0.0)
@@ -62,8 +68,11 @@ def phase(*, steps: int | None = None, fraction: float | None = None, weights: d
       lr=lr_defaults(),
       weights=dict(weights or {}),
       freeze=tuple(freeze),
+      kd=dict(alpha=ml_collections.FieldReference(None, field_type=float),
+              temperature=ml_collections.FieldReference(None, field_type=float)),
   ))
   entry.steps, entry.fraction = steps, fraction
+  entry.kd.alpha, entry.kd.temperature = kd_alpha, kd_temperature
   entry.lr.update(lr)
   return entry
 
@@ -88,6 +97,7 @@ class Phase:
   lr: dict
   weights: dict[str, float]
   freeze: tuple[str, ...] = ()
+  kd: dict = dataclasses.field(default_factory=lambda: dict(alpha=None, temperature=None))
 
 
 def _length(field: str, entry, total_steps: int) -> float | None:
@@ -123,9 +133,10 @@ def resolve(phases_cfg, total_steps: int, sources: Sequence[str]) -> list[Phase]
     field = f'config.phases.{name}'
     if not isinstance(entry, (dict, ml_collections.ConfigDict)):
       raise ValueError(f'{field}={entry!r}: expected lmjax.phases.phase(...)')
-    unknown = sorted(set(entry.keys()) - {'steps', 'fraction', 'lr', 'weights', 'freeze'})
+    unknown = sorted(set(entry.keys()) - {'steps', 'fraction', 'lr', 'weights', 'freeze', 'kd'})
     if unknown:
-      raise ValueError(f'{field}: unknown keys {unknown}; expected steps, fraction, lr, weights, freeze')
+      raise ValueError(f'{field}: unknown keys {unknown}; expected steps, fraction, lr, weights, '
+                       'freeze, kd')
     given.append(_length(field, entry, int(total_steps)))
   rest = [n for n, g in zip(names, given) if g is None]
   if len(rest) > 1:
@@ -143,7 +154,7 @@ def resolve(phases_cfg, total_steps: int, sources: Sequence[str]) -> list[Phase]
     lengths = ', '.join(f'{n}={g:g}' for n, g in zip(names, given))
     raise ValueError(f'config.phases: lengths ({lengths}) sum to {float(np.sum(given)):g} steps; '
                      f'expected config.train.steps={total_steps}')
-  out, weights = [], {s: 1.0 for s in sources}
+  out, weights, kd = [], {s: 1.0 for s in sources}, dict(alpha=None, temperature=None)
   for name, start, end in zip(names, bounds[:-1], bounds[1:]):
     entry = phases_cfg[name]
     lr = {**lr_defaults(), **dict(entry.get('lr') or {})}
@@ -154,8 +165,34 @@ def resolve(phases_cfg, total_steps: int, sources: Sequence[str]) -> list[Phase]
                        f'{sorted(lr_defaults())}')
     if entry.get('weights'):
       weights = _weights(f'config.phases.{name}.weights', dict(entry['weights']), sources)
-    out.append(Phase(name, start, end - start, lr, weights, tuple(entry.get('freeze') or ())))
+    kd = _kd(f'config.phases.{name}.kd', dict(entry.get('kd') or {}), kd)
+    out.append(Phase(name, start, end - start, lr, weights, tuple(entry.get('freeze') or ()), kd))
   return out
+
+
+def _kd(field: str, given: dict, previous: dict) -> dict:
+  """The phase's distillation alpha and temperature: those given, else the previous phase's."""
+  unknown = sorted(set(given) - {'alpha', 'temperature'})
+  if unknown:
+    raise ValueError(f'{field}: unknown keys {unknown}; expected alpha, temperature')
+  given = {k: v.get() if isinstance(v, ml_collections.FieldReference) else v for k, v in given.items()}
+  losses.check_kd_scalars(field, given.get('alpha'), given.get('temperature'))
+  return {k: previous[k] if given.get(k) is None else float(given[k]) for k in ('alpha', 'temperature')}
+
+
+def kd_schedule(phases: Sequence[Phase], alpha: float, temperature: float):
+  """step -> (alpha, temperature) of the phase that step is in (a jnp scalar pair; 0-based steps as
+  the train step reads them), None fields taken from config.loss.kd's `alpha` and `temperature`."""
+  live = [p for p in phases if p.steps]
+  starts = jnp.asarray([p.start for p in live[1:]], jnp.int32)
+  table = jnp.asarray([[alpha if p.kd['alpha'] is None else p.kd['alpha'],
+                        temperature if p.kd['temperature'] is None else p.kd['temperature']]
+                       for p in live], jnp.float32)
+
+  def at(step):
+    row = table[jnp.searchsorted(starts, step, side='right')]
+    return row[0], row[1]
+  return at
 
 
 def _weights(field: str, weights: dict, sources: Sequence[str]) -> dict[str, float]:

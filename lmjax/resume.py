@@ -17,7 +17,8 @@ from lmjax import fs
 FREE = ('train.log_every', 'train.eval_every', 'train.checkpoint_every', 'train.keep_checkpoints',
         'train.async_checkpoint', 'train.trackers', 'train.wandb_project', 'data.num_threads',
         'data.prefetch', 'data.verify_checksums', 'data.cache_dir', 'data.eval.num_batches', 'model.attention',
-        'model.remat', 'mesh', 'init_from', 'init_skip', 'loss.implementation', 'loss.chunk_tokens')
+        'model.remat', 'mesh', 'init_from', 'init_skip', 'loss.implementation', 'loss.chunk_tokens',
+        'loss.kd.store', 'loss.kd.mode')  # where the teacher's top-k comes from, not what it is
 RECORDED = ('train.steps',)
 
 

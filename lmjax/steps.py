@@ -7,6 +7,13 @@ compiled ahead of time is what trains.
 
 State: {'params', 'opt_state', 'step'}; parameters and optimizer state are created directly into their
 shards, nothing is materialised whole on one device.
+
+Distillation (config.loss.name='kd'): the loss's alpha and temperature are those of the step's phase
+(lmjax.phases.kd_schedule). Offline, the batch carries the teacher's top-k (lmjax/batch.py). Online
+(config.loss.kd.mode='online'), `build` takes the teacher's model args and the train step is
+(state, batch, teacher_params) -> (state, metrics): the frozen teacher, sharded like the student by
+the same logical axes (`teacher_abstract`), runs inside the step on each micro-batch and feeds the
+same loss; its params are an argument, neither donated, returned nor differentiated.
 """
 from __future__ import annotations
 
@@ -33,8 +40,9 @@ class Steps:
   abstract_state: dict              # ShapeDtypeStructs with shardings
   state_shardings: dict
   init: Callable[[int], dict]       # seed -> state (sharded)
-  train_step: Callable              # (state, batch) -> (state, metrics); donates state
+  train_step: Callable              # (state, batch[, teacher_params]) -> (state, metrics); donates state
   eval_step: Callable               # (params, batch) -> (loss sum, weight sum), plain CE
+  teacher_abstract: dict | None = None  # online KD: the teacher's params (ShapeDtypeStructs, shardings)
 
 
 def check_vocab(args: model.Args, vocab_size: int, tokenizer_path: str = '') -> None:
@@ -47,9 +55,26 @@ def check_vocab(args: model.Args, vocab_size: int, tokenizer_path: str = '') -> 
                      'tokenizer: config.data.tokenizer.vocab_size)')
 
 
-def loss_sums(graphdef, params, batch, loss_args: losses.Args, num_sources: int):
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """Online distillation: the frozen teacher's graph and how many of its tokens to keep."""
+  graphdef: object
+  k: int
+
+
+def teacher_fields(teacher: Teacher, teacher_params, batch, loss_args: losses.Args) -> dict:
+  """The teacher's top-k of `batch` (lmjax/batch.py's TEACHER_FIELDS), no gradient."""
+  x_btd, w_dv = model.hidden_and_head(teacher.graphdef, jax.lax.stop_gradient(teacher_params), batch)
+  return losses.teacher_topk_chunked(x_btd, w_dv, teacher.k, loss_args.vocab_size,
+                                     loss_args.chunk_tokens)
+
+
+def loss_sums(graphdef, params, batch, loss_args: losses.Args, num_sources: int,
+              teacher: Teacher | None = None, teacher_params=None):
   """(sum of weighted per-token losses, sum of weights, per-source loss sums [S], per-source
-  weight sums [S]) for one (micro-)batch."""
+  weight sums [S]) for one (micro-)batch; an online `teacher` adds its top-k to the batch first."""
+  if teacher is not None:
+    batch = {**batch, **teacher_fields(teacher, teacher_params, batch, loss_args)}
   x_btd, w_dv = model.hidden_and_head(graphdef, params, batch)
   weighted_bt = losses.per_token(x_btd, w_dv, batch, loss_args) * batch['weights']
   row_loss_b, row_weight_b = weighted_bt.sum(-1), batch['weights'].sum(-1)
@@ -58,23 +83,30 @@ def loss_sums(graphdef, params, batch, loss_args: losses.Args, num_sources: int)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, loss_args: losses.Args,
-                    microbatches: int, num_sources: int) -> Callable:
-  """state, batch -> state, metrics. The batch [B, T] is split into `microbatches` parts whose
-  gradients are summed in a scan; dividing by the total target count makes the result equal to
-  one step on the whole batch."""
+                    microbatches: int, num_sources: int, kd_at: Callable | None = None,
+                    teacher: Teacher | None = None) -> Callable:
+  """state, batch[, teacher_params] -> state, metrics. The batch [B, T] is split into
+  `microbatches` parts whose gradients are summed in a scan; dividing by the total target count
+  makes the result equal to one step on the whole batch. `kd_at`: step -> (alpha, temperature) of
+  the distillation loss (lmjax.phases.kd_schedule); `teacher`: online distillation."""
 
-  def sums(params, mb):
-    loss_sum, weight_sum, *by_source = loss_sums(graphdef, params, mb, loss_args, num_sources)
+  def sums(params, mb, args, teacher_params):
+    loss_sum, weight_sum, *by_source = loss_sums(graphdef, params, mb, args, num_sources, teacher,
+                                                 teacher_params)
     return loss_sum, (weight_sum, *by_source)
 
   grad_fn = jax.value_and_grad(sums, has_aux=True)
 
-  def step(state, batch):
+  def step(state, batch, teacher_params=None):
     micro = jax.tree.map(lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:]),
                          batch)
+    args = loss_args
+    if kd_at is not None:
+      alpha, temperature = kd_at(state['step'])
+      args = dataclasses.replace(loss_args, alpha=alpha, temperature=temperature)
 
     def accumulate(carry, mb):
-      (loss_sum, aux), grads = grad_fn(state['params'], mb)
+      (loss_sum, aux), grads = grad_fn(state['params'], mb, args, teacher_params)
       return jax.tree.map(jnp.add, carry, ((loss_sum, *aux), grads)), None
 
     zeros = ((jnp.zeros(()), jnp.zeros(()), jnp.zeros(num_sources), jnp.zeros(num_sources)),
@@ -94,10 +126,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, loss_a
 
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, vocab_size: int,
-          sources: Sequence[str] | None = None, tokenizer_path: str = '') -> Steps:
+          sources: Sequence[str] | None = None, tokenizer_path: str = '',
+          teacher_args: model.Args | None = None) -> Steps:
   """Builds the steps of `config` on `mesh` for a tokenizer of `vocab_size` tokens.
 
   `sources`: the mixture's source names in source_id order (default: config.data.sources).
+  `teacher_args`: the teacher's model (online distillation; lmjax.distill.teacher.model_args).
   """
   sources = tuple(config.data.sources if sources is None else sources)
   args = model.resolve(config.model)
@@ -120,11 +154,24 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, vocab_size
   abstract_state = jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
       jax.eval_shape(lambda: init(0)), state_sh)
+  kd = config.loss.kd
+  kd_at = (phases_lib.kd_schedule(phases, kd.alpha, kd.temperature) if loss_args.name == 'kd'
+           else None)
+  teacher, teacher_abstract = None, None
+  if loss_args.name == 'kd' and kd.mode == 'online':
+    if teacher_args is None:
+      raise ValueError("config.loss.kd.mode='online' needs the teacher's model: build(..., teacher_args=)")
+    check_vocab(teacher_args, vocab_size, tokenizer_path)
+    teacher_graphdef, t_shapes, t_axes = model.abstract(teacher_args)
+    t_sh = sharding.param_shardings(t_shapes, t_axes, mesh)
+    teacher = Teacher(teacher_graphdef, int(kd.k))
+    teacher_abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                    t_shapes, t_sh)
   train_step = make_train_step(graphdef, tx, schedule, loss_args, config.train.microbatches,
-                               len(sources))
+                               len(sources), kd_at, teacher)
   eval_args = dataclasses.replace(loss_args, name='ce', z_loss=0.0)
   eval_step = lambda params, batch: loss_sums(graphdef, params, batch, eval_args, 1)[:2]
   return Steps(args, loss_args, phases, sources, graphdef, schedule, tx, abstract_state, state_sh,
                jax.jit(init, static_argnums=0, out_shardings=state_sh),
                jax.jit(train_step, out_shardings=(state_sh, None), donate_argnums=0),
-               jax.jit(eval_step))
+               jax.jit(eval_step), teacher_abstract)

@@ -3,7 +3,9 @@
 `setup` builds a run from a config (written once, big_vision style, the resume order: a checkpoint in
 the workdir, else `config.init_from` (another run's params), else scratch); `train` runs its steps.
 Checkpointing, evaluation and metric logging are hooks with intervals (Levanter style); they all run
-once more at the end. This is a library: the CLI (`python -m lmjax.train`, lmjax/train.py) adds the
+once more at the end. Distillation (config.loss.name='kd') is the same loop: offline, the data
+iterator adds the teacher's top-k from the store; online, the frozen teacher's params are an extra
+argument of the train step (`Run.step_args`), never donated, updated or checkpointed. This is a library: the CLI (`python -m lmjax.train`, lmjax/train.py) adds the
 progress bar and printing.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 from lmjax import (checkpoint, fs, init_from, model, phases as phases_lib, resume, sharding,
                    steps as steps_lib)
 from lmjax.data import pipeline as data_pipeline
+from lmjax.distill import store as store_lib, teacher as teacher_lib
 
 # Dense bf16 peak FLOP/s per chip, for MFU (vendor datasheets).
 PEAK_FLOPS = {
@@ -185,17 +188,42 @@ class Run:
   checkpointer: checkpoint.Checkpointer
   data_iter: object
   start_step: int
+  step_args: tuple = ()  # extra train-step arguments: (teacher params,) in online distillation
 
 
-def build_pipeline(config: ml_collections.ConfigDict, workdir: str) -> data_pipeline.Pipeline:
-  """This process's data pipeline of the run (the parent's tokenizer inherited first)."""
+def build_pipeline(config: ml_collections.ConfigDict, workdir: str,
+                   whole_batches: bool = False) -> data_pipeline.Pipeline:
+  """This process's data pipeline of the run (`whole_batches`: every process makes whole global
+  batches). The parent's tokenizer is inherited first; a distillation run takes its teacher's, and
+  refuses a different one (naming both)."""
   if config.init_from:
     init_from.inherit_tokenizer(config)
+  teacher_tokenizer = teacher_lib.inherit_tokenizer(config) if config.loss.name == 'kd' else None
   phases = phases_lib.resolve(config.phases, config.train.steps, list(config.data.sources))
-  return data_pipeline.build(
+  pipeline = data_pipeline.build(
       config.data, phases, seq_len=config.train.seq_len,
       global_batch_size=config.train.batch_size, seed=config.seed, workdir=workdir,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=0 if whole_batches else jax.process_index(),
+      process_count=1 if whole_batches else jax.process_count())
+  if teacher_tokenizer:
+    teacher_lib.check_tokenizer(teacher_tokenizer, pipeline.tokenizer.path)
+  return pipeline
+
+
+def _teacher(config, mesh, pipeline) -> tuple[model.Args | None, store_lib.Store | None]:
+  """Distillation: (the teacher's model args, online) or (its top-k store, offline)."""
+  if config.loss.name != 'kd':
+    return None, None
+  kd = config.loss.kd
+  if kd.mode == 'online':
+    return teacher_lib.model_args(teacher_lib.directory(config)), None
+  store = store_lib.Store.open(kd.store)
+  store_lib.check_stream(store, config)
+  if store.k != kd.k or store.tokenizer_digest() != teacher_lib.digest(pipeline.tokenizer.path):
+    raise ValueError(f'config.loss.kd.store={kd.store!r} holds k={store.k} for the tokenizer with digest '
+                     f'{store.meta["tokenizer_digest"]}; the run has config.loss.kd.k={kd.k} and '
+                     f'{pipeline.tokenizer.path} ({teacher_lib.digest(pipeline.tokenizer.path)})')
+  return None, store
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str, accept_changes: bool = False) -> Run:
@@ -213,8 +241,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, accept_changes: bool 
                      f'data x fsdp = {batch_shards} devices times microbatches='
                      f'{config.train.microbatches}')
   pipeline = build_pipeline(config, workdir)
+  teacher_args, store = _teacher(config, mesh, pipeline)
   steps = steps_lib.build(config, mesh, pipeline.tokenizer.vocab_size, pipeline.sources,
-                          pipeline.tokenizer.path)
+                          pipeline.tokenizer.path, teacher_args)
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                          keep=config.train.keep_checkpoints,
                                          async_save=config.train.async_checkpoint)
@@ -235,8 +264,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str, accept_changes: bool 
   if jax.process_index() == 0:
     fs.write_atomic(config_path, config.to_json_best_effort(indent=1))
     _save_provenance(workdir, pipeline)
-  return Run(config, workdir, mesh, pipeline, steps, state, checkpointer, data_iter,
-             int(state['step']))
+  start_step, step_args = int(state['step']), ()
+  if store is not None:
+    local = config.train.batch_size // jax.process_count()
+    data_iter = store_lib.WithTeacher(data_iter, store, config.train.batch_size,
+                                      jax.process_index() * local, start_step)
+  if teacher_args is not None:
+    step_args = (teacher_lib.load_params(teacher_lib.directory(config), teacher_args, mesh),)
+  return Run(config, workdir, mesh, pipeline, steps, state, checkpointer, data_iter, start_step,
+             step_args)
 
 
 def _save_provenance(workdir: str, pipeline) -> None:
@@ -345,7 +381,7 @@ def train(run: Run, hooks: Iterable[Hook]) -> dict:
             hook.fn(StepInfo(0, state, {}))
       for step in range(run.start_step + 1, total + 1):
         batch = sharding.global_batch(next(run.data_iter), run.mesh)
-        state, metrics = run.steps.train_step(state, batch)
+        state, metrics = run.steps.train_step(state, batch, *run.step_args)
         info = StepInfo(step, state, metrics, final=step == total or stop['now'])
         for hook in hooks:
           hook(info)

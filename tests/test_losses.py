@@ -1,6 +1,9 @@
 """The loss seam: cross-entropy against a float64 numpy reference, the chunked implementation equal to
 the materialising one (values and gradients, tied and untied heads, padded vocabulary rows), and its
-memory from the compiler's own analysis."""
+memory from the compiler's own analysis. Distillation: every KD variant (forward/reverse KL, tail
+renormalised or one bucket, temperature, alpha) against a float64 numpy reference, its gradients
+against central differences of that reference, with padded positions and k past the teacher's support;
+the teacher's top-k against numpy's sort."""
 import dataclasses
 
 import jax
@@ -91,6 +94,138 @@ def test_bad_loss_config_names_the_field():
   with pytest.raises(ValueError, match=r"config\.loss\.implementation='fused': expected one of"):
     losses.validate(cfg)
   cfg = losses.defaults()
-  cfg.name = 'kd'
-  with pytest.raises(ValueError, match=r"config\.loss\.name='kd'"):
+  cfg.name = 'dpo'
+  with pytest.raises(ValueError, match=r"config\.loss\.name='dpo'"):
     losses.validate(cfg)
+  cfg = losses.defaults()
+  cfg.kd.tail = 'spline'
+  with pytest.raises(ValueError, match=r"config\.loss\.kd\.tail='spline': expected one of"):
+    losses.validate(cfg)
+  cfg = losses.defaults()
+  cfg.name = 'kd'
+  with pytest.raises(ValueError, match=r"config\.loss\.kd\.teacher=''"):
+    losses.validate(cfg)
+
+
+# ----------------------------------------------------------------------------- distillation
+
+KD_K = 8
+
+
+def _kd_inputs(seed=0):
+  """Student x, w; the teacher's top-k from random f64 logits over VALID rows, with
+  - row 0, positions 0-3: a teacher whose support is 5 tokens (slots 5..k-1 are -inf);
+  - row 1, positions T-4..: padding (weight 0; every slot -inf, tail 0)."""
+  x, w, targets, weights = _inputs(seed)
+  rng = np.random.default_rng(seed + 100)
+  t_logits = rng.normal(size=(B, T, VALID)) * 2.0
+  t_logits[0, :4, :] = -np.inf
+  t_logits[0, :4, rng.choice(VALID, 5, replace=False)] = rng.normal(size=(5, 1))
+  m = t_logits.max(-1, keepdims=True)
+  logp = t_logits - m - np.log(np.exp(t_logits - m).sum(-1, keepdims=True))
+  order = np.argsort(-logp, axis=-1, kind='stable')[..., :KD_K]
+  ids = order.astype(np.int32)
+  lp = np.take_along_axis(logp, order, -1)
+  tail = np.clip(1 - np.exp(lp).sum(-1), 0, 1)
+  ids[1, -4:], lp[1, -4:], tail[1, -4:], weights[1, -4:] = 0, -np.inf, 0.0, 0.0
+  batch = {'targets': targets, 'teacher_ids': ids, 'teacher_logprobs': lp.astype(np.float32),
+           'teacher_tail': tail.astype(np.float32)}
+  return x, w, batch, weights
+
+
+def _numpy_kd_from_logits(z, batch, alpha, temperature, divergence, tail_mode, z_loss):
+  """The float64 reference: for each position, the outcome of every vocabulary id (its slot among
+  the valid top-k, or the tail), then the teacher's and student's outcome distributions."""
+  z = z[..., :VALID].astype(np.float64)
+  ids, lp = batch['teacher_ids'], batch['teacher_logprobs'].astype(np.float64)
+  tail = batch['teacher_tail'].astype(np.float64)
+  out = np.zeros(z.shape[:2])
+  for b in range(z.shape[0]):
+    for t in range(z.shape[1]):
+      zz = z[b, t]
+      lse = np.log(np.sum(np.exp(zz - zz.max()))) + zz.max()
+      ce = lse - zz[batch['targets'][b, t]]
+      valid = np.flatnonzero(lp[b, t] > -np.inf)
+      s = np.exp(zz / temperature - np.max(zz / temperature))
+      s /= s.sum()
+      q = s[ids[b, t, valid]]
+      a = lp[b, t, valid] / temperature
+      if tail_mode == 'bucket' and len(valid) < VALID:
+        rest = np.ones(VALID, bool)
+        rest[ids[b, t, valid]] = False
+        q = np.append(q, s[rest].sum())
+        a = np.append(a, np.log(max(tail[b, t], losses.TAIL_FLOOR)) / temperature)
+      if len(q) == 0:
+        kd = 0.0
+      else:
+        q = q / q.sum()  # bucket: sums to 1 already
+        p = np.exp(a - a.max())
+        p /= p.sum()
+        kd = np.sum(p * (np.log(p) - np.log(q))) if divergence == 'forward' else \
+            np.sum(q * (np.log(q) - np.log(p)))
+      out[b, t] = alpha * temperature ** 2 * kd + (1 - alpha) * ce + z_loss * lse ** 2
+  return out
+
+
+KD_VARIANTS = [(d, tail) for d in losses.DIVERGENCES for tail in losses.TAILS]
+
+
+@pytest.mark.parametrize('implementation', ['materialize', 'chunked'])
+@pytest.mark.parametrize('divergence,tail', KD_VARIANTS)
+def test_kd_matches_float64_reference_values_and_gradients(divergence, tail, implementation):
+  x, w, batch, weights = _kd_inputs()
+  alpha, temperature, z_loss = 0.7, 2.0 if divergence == 'forward' else 0.5, 1e-3
+  args = losses.Args('kd', implementation, z_loss, 24, VALID, alpha, temperature, divergence, tail)
+  ref = lambda z: _numpy_kd_from_logits(z, batch, alpha, temperature, divergence, tail, z_loss)
+  z64 = np.einsum('btd,dv->btv', x.astype(np.float64), w.astype(np.float64))
+  want = ref(z64)
+  got = losses.per_token(jnp.asarray(x), jnp.asarray(w), batch, args)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+  # d(sum weights * loss)/d logits by central differences of the reference (each position's loss
+  # reads only its own logits, so one vocabulary column is perturbed at every position at once).
+  eps, dz = 1e-5, np.zeros_like(z64)
+  for v in range(VALID):
+    up, down = z64.copy(), z64.copy()
+    up[..., v] += eps
+    down[..., v] -= eps
+    dz[..., v] = weights * (ref(up) - ref(down)) / (2 * eps)
+  dx_want, dw_want = np.einsum('btv,dv->btd', dz, w), np.einsum('btv,btd->dv', dz, x)
+
+  def f(x, w):
+    return jnp.sum(losses.per_token(x, w, batch, args) * weights)
+  value, (dx, dw) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, w)
+  assert np.isfinite(float(value))
+  np.testing.assert_allclose(float(value), np.sum(want * weights), rtol=1e-5)
+  for got_g, want_g in ((dx, dx_want), (dw, dw_want)):
+    np.testing.assert_allclose(np.asarray(got_g), want_g, rtol=1e-5, atol=1e-5 * np.abs(want_g).max())
+  # Padded positions give no gradient and no NaN; padded head rows are never predicted.
+  assert np.all(np.asarray(dx)[1, -4:] == 0) and np.all(np.asarray(dw)[:, VALID:] == 0)
+
+
+def test_kd_alpha_zero_is_ce_and_teacher_equal_to_student_has_zero_kd():
+  x, w, batch, _ = _kd_inputs(2)
+  ce = losses.per_token(x, w, batch, _args('materialize'))
+  kd0 = losses.per_token(x, w, batch, losses.Args('kd', 'materialize', 1e-3, 24, VALID, 0.0))
+  np.testing.assert_allclose(np.asarray(kd0), np.asarray(ce), rtol=1e-6)
+  # The student's own full distribution as the teacher (k = VALID): every KD variant is 0.
+  z = np.asarray(losses.logits(jnp.asarray(x), jnp.asarray(w)))[..., :VALID]
+  teacher = losses.teacher_topk(jnp.asarray(z), VALID, VALID)
+  for divergence, tail in KD_VARIANTS:
+    args = losses.Args('kd', 'materialize', 0.0, 24, VALID, 1.0, 1.0, divergence, tail)
+    got = losses.per_token(x, w, {**batch, **teacher}, args)
+    np.testing.assert_allclose(np.asarray(got), 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize('chunk_tokens', [7, 10_000])
+def test_teacher_topk_matches_numpy_and_chunked(chunk_tokens):
+  x, w, _, _ = _inputs(3)
+  z = np.einsum('btd,dv->btv', x.astype(np.float64), w.astype(np.float64))[..., :VALID]
+  logp = z - z.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  order = np.argsort(-logp, axis=-1)[..., :KD_K]
+  got = losses.teacher_topk_chunked(jnp.asarray(x), jnp.asarray(w), KD_K, VALID, chunk_tokens)
+  np.testing.assert_array_equal(np.asarray(got['teacher_ids']), order)
+  np.testing.assert_allclose(np.asarray(got['teacher_logprobs']),
+                             np.take_along_axis(logp, order, -1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got['teacher_tail']),
+                             1 - np.exp(np.take_along_axis(logp, order, -1)).sum(-1), rtol=1e-4)

@@ -79,6 +79,22 @@ def test_every_mesh_matches_one_device(mesh):
   np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
 
 
+@pytest.mark.parametrize('implementation', ['chunked', 'pallas'])
+def test_loss_implementations_train_like_materialize_on_a_sharded_mesh(implementation):
+  """The memory-lean losses (chunked; the fused head + CE of pallas_kernels/linear_cross_entropy,
+  whose gradients are made in the forward pass) give the losses and parameters of `materialize`, one
+  device, with the batch on `data` and the head's vocabulary on `tensor` (2x2x2), microbatched."""
+  losses_1, state_1 = run_steps(tiny_config(microbatches=2), jax.devices()[:1])
+  lean = tiny_config(microbatches=2)
+  lean.loss.update(implementation=implementation, chunk_tokens=48)
+  lean.mesh.update(data=2, fsdp=2, tensor=2)
+  losses_8, state_8 = run_steps(lean, jax.devices())
+  np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(state_8['params']), jax.tree.leaves(state_1['params'])):
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-4
+
+
 def test_gradient_accumulation_equals_one_large_batch():
   one = tiny_config(microbatches=1)
   one.mesh.update(data=1)

@@ -1,0 +1,64 @@
+"""The teacher of a distillation run (config.loss.kd.teacher = 'lmjax:DIR', another lmjax run): its
+model args (from its config.json), its latest params (sharded like the student's, by the same logical
+axes) and its tokenizer, which must be the student's: logit distillation compares distributions over
+the same token ids, so a different tokenizer file or vocabulary is an error naming both.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import jax
+import ml_collections
+
+from lmjax import fs, init_from, model, sharding
+from lmjax.data import tokenizer as tokenizer_lib
+
+
+def directory(config) -> str:
+  kind, path = init_from.parse(config.loss.kd.teacher)
+  if kind != 'lmjax':
+    raise ValueError(f'config.loss.kd.teacher={config.loss.kd.teacher!r}: expected lmjax:DIR (a run)')
+  return path
+
+
+def model_args(teacher_dir: str) -> model.Args:
+  """The teacher's model.Args, from the config.json its run wrote."""
+  path = os.path.join(teacher_dir, 'config.json')
+  if not fs.isfile(path):
+    raise FileNotFoundError(f'teacher {teacher_dir!r}: {path} does not exist (not an lmjax run directory?)')
+  return model.resolve(ml_collections.ConfigDict(json.loads(fs.read_text(path))['model']))
+
+
+def load_params(teacher_dir: str, args: model.Args, mesh) -> dict:
+  """The teacher's latest params, each array read into its shards (as the student's would be)."""
+  _, shapes, axes = model.abstract(args)
+  shardings = sharding.param_shardings(shapes, axes, mesh)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, shardings)
+  return init_from.lmjax_params(teacher_dir, abstract, mesh)
+
+
+def digest(path: str) -> str:
+  """Content hash of a tokenizer file (a directory: its tokenizer.json)."""
+  with fs.open(os.path.join(path, 'tokenizer.json') if fs.isdir(path) else path, 'rb') as f:
+    return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+
+
+def inherit_tokenizer(config) -> str:
+  """Sets config.data.tokenizer.path to the teacher's when unset; returns the teacher's tokenizer."""
+  path = init_from.parent_tokenizer('lmjax:' + directory(config))
+  if not config.data.tokenizer.path:
+    config.data.tokenizer.path = path
+  return path
+
+
+def check_tokenizer(teacher_tokenizer: str, student_tokenizer: str) -> None:
+  """Raises ValueError naming both when the files or the vocabularies differ."""
+  teacher, student = tokenizer_lib.load(teacher_tokenizer), tokenizer_lib.load(student_tokenizer)
+  if teacher.vocab_size != student.vocab_size or digest(teacher_tokenizer) != digest(student_tokenizer):
+    raise ValueError(
+        f'distillation needs the teacher\'s tokenizer: the teacher has {teacher_tokenizer} '
+        f'({teacher.vocab_size} tokens), the student {student_tokenizer} ({student.vocab_size} tokens); '
+        'leave config.data.tokenizer.path empty to take the teacher\'s')
