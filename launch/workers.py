@@ -192,8 +192,10 @@ class _Present:
 
 class Local(_Present):
   """N processes on this machine, wired as the hosts of one run: LMJAX_COORDINATOR,
-  LMJAX_NUM_PROCESSES and LMJAX_PROCESS_ID (read by lmjax.distributed.initialize); on CPU each
-  process fakes `devices_per_process` devices."""
+  LMJAX_NUM_PROCESSES and LMJAX_PROCESS_ID (read by lmjax.distributed.initialize). Each process
+  owns `devices_per_process` devices: on CPU it fakes that many; on a GPU machine process i sees
+  GPUs [i * d, (i + 1) * d) of CUDA_VISIBLE_DEVICES (or of all GPUs) and NCCL joins them, so one
+  process per GPU is `--processes=8 --devices_per_process=1` (one process for all needs no launcher)."""
   name = 'local'
 
   def __init__(self, processes: int, devices_per_process: int, log_dir: str, dry_run: bool = False):
@@ -212,6 +214,9 @@ class Local(_Present):
                  LMJAX_PROCESS_ID=str(i))
       if self.devices > 1:
         env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={self.devices}'
+      visible = os.environ.get('CUDA_VISIBLE_DEVICES', '')
+      gpus = visible.split(',') if visible else [str(g) for g in range(self.processes * self.devices)]
+      env['CUDA_VISIBLE_DEVICES'] = ','.join(gpus[i * self.devices:(i + 1) * self.devices])
       procs.append(Proc(argv, env, i))
     return Group(procs, self.log_dir, header, dry_run=self.dry_run)
 

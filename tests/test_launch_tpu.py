@@ -413,3 +413,16 @@ def test_local_run_relaunches_a_killed_process_and_ends_with_the_same_losses(tmp
   expected = losses_by_step(tmp_path / 'straight')
   assert sorted(expected) == list(range(1, 17))
   assert losses_by_step(tmp_path / 'killed') == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize('visible,processes,devices,expected', [
+    ('', 2, 4, ['0,1,2,3', '4,5,6,7']), ('', 8, 1, [str(i) for i in range(8)]), ('3,5', 2, 1, ['3', '5'])])
+def test_local_processes_each_see_their_own_gpus(monkeypatch, capsys, tmp_path, visible, processes, devices,
+                                                 expected):
+  """One process per GPU (or per group of GPUs) on a GPU machine: process i sees its slice of
+  CUDA_VISIBLE_DEVICES (all GPUs when unset), printed by the dry run with the rest of its env."""
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', visible)
+  workers.Local(processes, devices, str(tmp_path), dry_run=True).start(['python', '-m', 'lmjax.train'], 'h')
+  lines = [l for l in capsys.readouterr().out.splitlines() if 'lmjax.train' in l]
+  assert [l.split('CUDA_VISIBLE_DEVICES=')[1].split()[0] for l in lines] == expected
+  assert [f'LMJAX_PROCESS_ID={i}' in l for i, l in enumerate(lines)] == [True] * processes
