@@ -13,7 +13,9 @@ fit.png / tradeoff.png. Re-running the command skips finished runs and resumes u
   runlocal=True: 3 sizes (0.23M, 0.52M, 1.05M params) x 4 shares, 0.49M CPT tokens per run after
   0.66M of pretraining: 14 min on 2 CPU cores (benchmarks/RESULTS.md). runlocal=False: the same grid
   with 4x the tokens and twice as wide models (hours on CPU; meant for a GPU).
-  A launcher runs one run per command: --mode=commands prints them (knobs run=, sweep_dir=).
+  A launcher runs one run per command: --mode=commands prints them (knobs run=, sweep_dir=; with
+  --config.* overrides, `python -m lmjax.scaling.sweep --mode=run --run=NAME` commands carrying them).
+  lmjax.experiments.dcpt runs this sweep, then its recommendation and the cross-domain law.
 Corpora: `en` (fortunes, pydoc topics), `legal` (licensedcode, Debian licences); see CORPORA.md.
 """
 from lmjax import config as config_lib, phases

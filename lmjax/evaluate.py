@@ -492,10 +492,9 @@ def format_forgetting(rows: Sequence[dict], domain: str, metric: str = 'loss') -
 def plot_forgetting(rows: Sequence[dict], path: str, domain: str, metric: str = 'loss') -> None:
   """Two panels over the steps, a line per run: the domain's gain and the general change; writes
   `path` (PNG)."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  fig = Figure(figsize=(10, 3.6))  # a bare Figure: pyplot's backend and figures stay the caller's
+  axes = fig.subplots(1, 2)
   for label in dict.fromkeys(r['run'] for r in rows):
     mine = [r for r in rows if r['run'] == label]
     steps = [r['step'] for r in mine]
@@ -511,7 +510,6 @@ def plot_forgetting(rows: Sequence[dict], path: str, domain: str, metric: str = 
   png = io.BytesIO()
   fig.savefig(png, format='png', dpi=120)
   fs.write_atomic(path, png.getvalue())
-  plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -41,7 +41,9 @@ def _config(**sweep_overrides):
 class FakeTrain:
   """Stands in for lmjax.trainer.run: appends eval records whose losses follow DOMAIN/GENERAL at the
   run's N, tokens and mixture (en and code both follow GENERAL, so their weighted mean does too).
-  A pretraining run (general data only) logs the laws at r_d = 0."""
+  A pretraining run (general data only) logs the laws at r_d = 0. As the trainer does, it also
+  evaluates before the first step (step 0, D = 0: not a point of the law), and like lmjax.evaluate's
+  hook it logs bits per byte as a separate record of the same step."""
 
   def __init__(self, fail_on=None):
     self.calls, self.fail_on = [], fail_on
@@ -56,12 +58,15 @@ class FakeTrain:
     r_d = weights['legal']
     per_step = config.train.batch_size * config.train.seq_len
     with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+      f.write(json.dumps({'step': 0, 'tokens': 0, 'eval/legal/loss': 9.0, 'eval/en/loss': 9.0,
+                          'eval/code/loss': 9.0}) + '\n')
       for step in range(config.train.eval_every, config.train.steps + 1, config.train.eval_every):
         d = step * per_step
         general = float(laws.dcpt_loss(GENERAL, n, d, 1.0 - r_d))
         record = {'step': step, 'tokens': d, 'eval/legal/loss': float(laws.dcpt_loss(DOMAIN, n, d, r_d)),
                   'eval/en/loss': general, 'eval/code/loss': general}
-        f.write(json.dumps({'step': step, 'loss': 1.0}) + '\n' + json.dumps(record) + '\n')
+        f.write(json.dumps({'step': step, 'loss': 1.0}) + '\n' + json.dumps(record) + '\n'
+                + json.dumps({'step': step, 'eval/legal/bpb': 1.0}) + '\n')
 
 
 def test_expand_builds_the_grid():
@@ -118,15 +123,18 @@ def test_runner_resumes_and_fit_recovers_the_law(tmp_path):
 
   fitted = sweep.report(c, str(tmp_path))
   table = sweep.read_csv(os.path.join(tmp_path, 'results.csv'))
-  assert len(table['run']) == 15 * 10  # every CPT evaluation, the stale partial record replaced
+  # Every CPT evaluation after step 0, the stale partial record replaced, the bpb records merged.
+  assert len(table['run']) == 15 * 10 and table['step'].min() == 10
   assert set(table['holdout'][table['ratio'] == 0.3]) == {1.0}
   n_c = sweep.param_count(specs[2].config.model)
   row = np.flatnonzero((table['n'] == n_c) & (table['ratio'] == 0.7) & (table['step'] == 40))[0]
   assert table['tokens'][row] == 40 * 128
   assert table['domain_loss'][row] == pytest.approx(float(laws.dcpt_loss(DOMAIN, n_c, 5120, 0.7)))
+  assert sweep.read_metrics(os.path.join(tmp_path, 'runs', 'c-r0.7-t12800'))[4]['eval/legal/bpb'] == 1.0
   for target, true in (('domain', DOMAIN), ('general', GENERAL)):
     for k, v in true.items():
       assert fitted[target]['params'][k] == pytest.approx(v, rel=1e-4), (target, k)
+    assert fitted[target]['warnings'] == []
     assert fitted[target]['held_out']['r2'] > 0.999999
     lo, hi = fitted[target]['intervals_95']['E']
     assert lo <= fitted[target]['params']['E'] * (1 + 1e-9) and hi >= lo

@@ -208,6 +208,28 @@ def fit(form: laws.Form, data: Mapping[str, np.ndarray], loss, *, starts=None,
                    start_objectives=np.asarray(f_s), converged=bool(converged))
 
 
+COLLAPSE = 1e-3  # an irreducible term E below this share of the smallest fitted loss has collapsed
+
+
+def warnings(result: FitResult, loss) -> list[str]:
+  """What makes a fit untrustworthy, as sentences (empty: none found):
+  - the irreducible term collapsed: E < COLLAPSE x the smallest observed loss (e.g. E = 1e-12). The
+    optimiser put all the loss into the power-law terms because the points do not pin E down (too
+    few sizes or too short a token range); the exponents then absorb the plateau, and predictions
+    beyond the fitted range, and the optima derived from them, are unreliable;
+  - the polished optimum did not converge within the iteration cap."""
+  out = []
+  floor = float(np.min(np.asarray(loss, np.float64)))
+  e = result.params.get('E')
+  if e is not None and e < COLLAPSE * floor:
+    out.append(f'irreducible term collapsed: E={e:.3g} < {COLLAPSE:g} x the smallest loss '
+               f'{floor:.4g}; the points do not determine E (widen the range of N and D), so '
+               'extrapolations and optima from this fit are unreliable')
+  if not result.converged:
+    out.append('the fit did not converge within Options.polish_iters iterations')
+  return out
+
+
 def predict(form: laws.Form, params: Mapping[str, float], data: Mapping[str, np.ndarray]):
   """The law's loss at the points in `data`, in float64 numpy."""
   with jax.enable_x64(True):

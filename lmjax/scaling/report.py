@@ -1,4 +1,5 @@
-"""Plots of a fitted sweep (PNG, matplotlib's Agg backend, so no display is needed).
+"""Plots of a fitted sweep (PNG files drawn on matplotlib `Figure`s: no display, no pyplot state, so
+the backend a notebook chose is left alone).
 
 plot_sweep:    observed loss against CPT tokens, one panel per (loss, model size), one colour per
                domain share; lines are the fitted D-CPT Law, hollow markers the held-out runs,
@@ -15,11 +16,18 @@ from typing import Mapping, Sequence
 import numpy as np
 
 
-def _pyplot():
+def figure(rows: int, cols: int, size: tuple[float, float]):
+  """(fig, axes[rows, cols]) on a bare `Figure`: `fig.savefig(path)` writes it, nothing is shown and
+  pyplot's backend and figure list are untouched (the plots of lmjax/experiments/ use it too)."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  fig = Figure(figsize=size)
+  return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def colours(count: int):
+  """`count` colours of the viridis map."""
   import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  return plt
+  return matplotlib.colormaps['viridis'](np.linspace(0, 0.9, count))
 
 
 def _dcpt(params, n, d, r, eps):
@@ -32,18 +40,16 @@ def _dcpt(params, n, d, r, eps):
 def plot_sweep(table: Mapping[str, np.ndarray], fitted: Mapping, start: Sequence[Mapping],
                path: str) -> None:
   """Points and fitted curves, loss against tokens (see module docstring); writes `path`."""
-  plt = _pyplot()
   eps = fitted['eps']
   sizes = sorted(set(zip(table['n'], table['size'])))
   ratios = sorted(set(table['ratio']))
-  colours = plt.get_cmap('viridis')(np.linspace(0, 0.9, len(ratios)))
-  fig, axes = plt.subplots(2, len(sizes), figsize=(4.2 * len(sizes), 7), squeeze=False)
+  fig, axes = figure(2, len(sizes), (4.2 * len(sizes), 7))
   start_by_n = {float(s['n']): s for s in start}
   for row, target in enumerate(('domain', 'general')):
     params = fitted[target]['params']
     for col, (n, size) in enumerate(sizes):
       ax = axes[row, col]
-      for ratio, colour in zip(ratios, colours):
+      for ratio, colour in zip(ratios, colours(len(ratios))):
         mask = (table['n'] == n) & (table['ratio'] == ratio)
         d, loss, held = table['tokens'][mask], table[f'{target}_loss'][mask], table['holdout'][mask]
         share = ratio if target == 'domain' else 1.0 - ratio
@@ -68,20 +74,20 @@ def plot_sweep(table: Mapping[str, np.ndarray], fitted: Mapping, start: Sequence
     text = f'fit R^2 {f["fitted"]["r2"]:.3f}'
     if 'held_out' in f:
       text += f', held-out R^2 {f["held_out"]["r2"]:.3f}'
+    if f.get('warnings'):  # their first clause only: the whole sentences are in fit.json
+      text += ''.join(f'\nWARNING: {w.split(":")[0].split(" within")[0]}' for w in f['warnings'])
     axes[row, 0].text(0.02, 0.02, text, transform=axes[row, 0].transAxes, fontsize=8)
   axes[0, -1].legend(fontsize=7)
   fig.suptitle('D-CPT Law fit: L = E + A/N^a + B r^eta/D^b + C/(r+eps)^g', fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def plot_tradeoff(fitted: Mapping, start: Sequence[Mapping], path: str) -> None:
   """Domain/general trade-off over the domain share at each size (see module docstring)."""
-  plt = _pyplot()
   eps = fitted['eps']
   uses = fitted['usages']
-  fig, axes = plt.subplots(1, len(uses), figsize=(4.2 * len(uses), 3.6), squeeze=False)
+  fig, axes = figure(1, len(uses), (4.2 * len(uses), 3.6))
   r_d = np.linspace(0, 1, 501)
   for ax, use in zip(axes[0], uses):
     n, d = use['n'], use['tokens']
@@ -100,4 +106,3 @@ def plot_tradeoff(fitted: Mapping, start: Sequence[Mapping], path: str) -> None:
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)

@@ -3,6 +3,10 @@
   python -m lmjax.scaling.sweep --config=configs/dcpt_sweep.py:runlocal=True --workdir=/tmp/dcpt
   python -m lmjax.scaling.sweep --config=... --workdir=... --mode=commands  # a launcher runs them
   python -m lmjax.scaling.sweep --config=... --workdir=... --mode=report    # fit finished runs
+  python -m lmjax.scaling.sweep --config=... --workdir=... --mode=run --run=NAME  # one run of it
+
+`--config.a.b=v` overrides apply to the sweep config before it is expanded into runs, so they may
+change the grid (`--config.sweep.tokens='(245760,)'`); the commands of `--mode=commands` carry them.
 
 A sweep config is a run config (lmjax.config.base()) plus a `sweep` section (`sweep_defaults`):
 model sizes x CPT token budgets x domain shares r of a two-part mixture (the `domain` source
@@ -27,6 +31,8 @@ import glob
 import json
 import math
 import os
+import shlex
+import sys
 from typing import Callable, Mapping, Sequence
 
 import ml_collections
@@ -153,8 +159,9 @@ def run_config(config: ml_collections.ConfigDict, name: str, sweep_dir: str):
 # ------------------------------------------------------------------------------ running
 
 def read_metrics(workdir: str) -> list[dict]:
-  """Evaluation records of a run's metrics.jsonl, one per step (a resumed run may log a step twice:
-  the later record wins), in step order."""
+  """Evaluation records of a run's metrics.jsonl, one per step, in step order. Records of one step
+  are merged (the trainer's loss and lmjax.evaluate's bits per byte are separate records); where a
+  resumed run logged a key twice, the later value wins."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not fs.isfile(path):
     return []
@@ -164,7 +171,7 @@ def read_metrics(workdir: str) -> list[dict]:
       if line.strip():
         record = json.loads(line)
         if any(k.startswith('eval/') for k in record):
-          by_step[record['step']] = record
+          by_step.setdefault(record['step'], {}).update(record)
   return [by_step[s] for s in sorted(by_step)]
 
 
@@ -194,12 +201,35 @@ def run_local(specs: Sequence[RunSpec], sweep_dir: str,
   return started
 
 
-def commands(specs: Sequence[RunSpec], config_file: str, config_arg: str, sweep_dir: str) -> list[str]:
+def commands(specs: Sequence[RunSpec], config_file: str, config_arg: str, sweep_dir: str,
+             overrides: Sequence[str] = ()) -> list[str]:
   """One training command per run, pretraining first, for a launcher (launch/local.py,
-  python -m launch.tpu sweep). The config file must pass `run` and `sweep_dir` knobs to `run_config`."""
+  python -m launch.tpu sweep).
+
+  Without overrides: `python -m lmjax.train` with the config file's `run` and `sweep_dir` knobs,
+  which the file must pass to `run_config`. With `overrides` (the sweep command's `--config.a.b=v`
+  flags): `python -m lmjax.scaling.sweep --mode=run --run=NAME` with the same flags, since they must
+  reach the sweep config before it is expanded (they may change the runs and their names), which a
+  config file's knobs cannot carry."""
+  if overrides:
+    spec = f'{config_file}:{config_arg}' if config_arg else config_file
+    flags = ' '.join(shlex.quote(o) for o in overrides)
+    return [f'python -m lmjax.scaling.sweep --config={spec} {flags} --workdir={sweep_dir} '
+            f'--mode=run --run={s.name}' for s in specs]
   knobs = f'{config_arg},' if config_arg else ''
   return [f'python -m lmjax.train --config={config_file}:{knobs}run={s.name},sweep_dir={sweep_dir} '
           f'--workdir={run_dir(sweep_dir, s.name)}' for s in specs]
+
+
+def config_overrides(argv: Sequence[str]) -> list[str]:
+  """The `--config.a.b=value` flags of a command line, in order."""
+  out = []
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config.'):
+      if '=' not in arg and i + 1 < len(argv) and not argv[i + 1].startswith('--'):
+        arg = f'{arg}={argv[i + 1]}'  # absl also takes `--config.a.b value`
+      out.append(arg)
+  return out
 
 
 # ------------------------------------------------------------------------------ results
@@ -226,8 +256,9 @@ def _losses(sw, record: Mapping) -> dict:
 
 
 def collect(config: ml_collections.ConfigDict, sweep_dir: str) -> tuple[list[dict], list[dict]]:
-  """(rows, start rows) from the finished runs: one row per CPT evaluation (D = CPT tokens so far),
-  one start row per size with a finished pretraining run (its final evaluation)."""
+  """(rows, start rows) from the finished runs: one row per CPT evaluation after the first step (D =
+  CPT tokens so far), one start row per size with a finished pretraining run (its final
+  evaluation)."""
   sw = config.sweep
   rows, start = [], []
   for spec in expand(config, sweep_dir):
@@ -240,6 +271,8 @@ def collect(config: ml_collections.ConfigDict, sweep_dir: str) -> tuple[list[dic
       continue
     holdout = int(spec.ratio in sw.holdout_ratios or spec.size in sw.holdout_sizes)
     for record in records:
+      if record['step'] == 0:  # the evaluation before the first step: the starting model, D = 0
+        continue
       rows.append(dict(run=spec.name, size=spec.size, n=n, ratio=spec.ratio, step=record['step'],
                        tokens=record['tokens'], holdout=holdout, **_losses(sw, record)))
   return rows, start
@@ -304,7 +337,8 @@ def fit_sweep(table: Mapping[str, np.ndarray], sweep_cfg, start: Sequence[Mappin
               domain_tokens: float = 0.0, options: fit.Options = fit.Options()) -> dict:
   """Fits the D-CPT Law to the domain loss (r = domain share) and to the general loss
   (r = 1 - domain share) of the fitting rows; scores each on the fitting rows and the held-out
-  rows; adds bootstrap intervals and the law's usages. Returns a JSON-able dict."""
+  rows; adds bootstrap intervals, `warnings` (fit.warnings: a collapsed irreducible term, no
+  convergence) and the law's usages. Returns a JSON-able dict."""
   form = laws.dcpt_form(float(sweep_cfg.eps))
   late = np.asarray(table['tokens']) >= sweep_cfg.min_tokens
   used = (np.asarray(table['holdout']) == 0) & late
@@ -318,6 +352,7 @@ def fit_sweep(table: Mapping[str, np.ndarray], sweep_cfg, start: Sequence[Mappin
     pick = lambda mask: {k: np.asarray(v)[mask] for k, v in data.items()}
     result = fit.fit(form, pick(used), loss[used], options=options)
     entry = dict(params=result.params, objective=result.objective, converged=result.converged,
+                 warnings=fit.warnings(result, loss[used]),
                  fitted=fit.evaluate(form, result.params, pick(used), loss[used]))
     if held.any():
       entry['held_out'] = fit.evaluate(form, result.params, pick(held), loss[held])
@@ -402,7 +437,16 @@ def main(config: ml_collections.ConfigDict) -> None:
   specs = expand(config, sweep_dir)
   if mode == 'commands':
     file, _, arg = cli.config_file().partition(':')
-    print('\n'.join(commands(specs, file, arg, sweep_dir)))
+    print('\n'.join(commands(specs, file, arg, sweep_dir, config_overrides(sys.argv))))
+    return
+  if mode == 'run':
+    run_config(config, flags.FLAGS.run, sweep_dir)  # an unknown name is an error naming the runs
+    from lmjax import trainer  # pylint: disable=import-outside-toplevel
+    spec = next(s for s in specs if s.name == flags.FLAGS.run)
+    if run_local([spec], sweep_dir, run_fn=trainer.run):
+      print(f'{spec.name}: finished {spec.steps} steps in {run_dir(sweep_dir, spec.name)}')
+    else:
+      print(f'{spec.name}: already finished')
     return
   if mode == 'local':
     total = len(specs)
@@ -416,6 +460,8 @@ def main(config: ml_collections.ConfigDict) -> None:
                       for k, v in e.items() if k in ('fitted', 'held_out'))
     print(f'{target} loss: {scores}; params ' +
           ', '.join(f'{k}={v:.4g}' for k, v in e['params'].items()))
+    for warning in e['warnings']:
+      print(f'WARNING: {target} loss fit: {warning}')
   print(f'wrote {sweep_dir}/results.csv, fit.json, fit.png, tradeoff.png')
 
 
@@ -423,7 +469,11 @@ if __name__ == '__main__':
   from absl import flags
   from lmjax import cli
   cli.define_flags('sweep directory (runs/, data/, results.csv, fit.json, plots)')
-  flags.DEFINE_enum('mode', 'local', ['local', 'commands', 'report'],
+  flags.DEFINE_enum('mode', 'local', ['local', 'commands', 'report', 'run'],
                     'local: run unfinished runs here, then report; commands: print one training '
-                    'command per run; report: collect, fit and plot the finished runs')
+                    'command per run; report: collect, fit and plot the finished runs; run: train '
+                    'the run --run (resuming it) and nothing else')
+  flags.DEFINE_string('run', '', '--mode=run: the name of the run (as --mode=commands prints it)')
+  from lmjax import distributed
+  distributed.initialize()  # --mode=run on several hosts, as lmjax.train
   cli.run(main)
