@@ -249,13 +249,25 @@ def ce_chunked(x_btd, w_dv, batch, args: Args) -> jax.Array:
   return _chunked(fn, x_btd, w_dv, {'targets': batch['targets']}, args.chunk_tokens)
 
 
+def _mesh_devices(x) -> int:
+  """Devices of the mesh `x` is laid out on (the one set by jax.set_mesh, else its own); 1 if none."""
+  for mesh in (jax.sharding.get_abstract_mesh(), jax.typeof(x).sharding.mesh):
+    if not mesh.empty:
+      return mesh.size
+  return 1
+
+
 def ce_pallas(x_btd, w_dv, batch, args: Args) -> jax.Array:
-  """The fused head + CE (pallas_kernels/linear_cross_entropy) on the tokens of the batch."""
+  """The fused head + CE (pallas_kernels/linear_cross_entropy) on the tokens of the batch. The
+  kernel picks its backend from the target (Pallas on TPU, the fused XLA scan elsewhere); on a mesh
+  of several devices the XLA scan, which the compiler partitions like any jnp code (the Pallas TPU
+  kernel would need a shard_map around it: benchmarks/linear_cross_entropy_NOTES.md)."""
   from pallas_kernels.linear_cross_entropy import linear_cross_entropy  # pylint: disable=import-outside-toplevel
   b, t, d = x_btd.shape
   loss_n = linear_cross_entropy(x_btd.reshape(b * t, d), w_dv, batch['targets'].reshape(b * t),
                                 weights_n=batch['weights'].reshape(b * t), z_loss=args.z_loss,
-                                vocab_size=args.vocab_size)
+                                vocab_size=args.vocab_size,
+                                implementation='xla' if _mesh_devices(x_btd) > 1 else None)
   return loss_n.reshape(b, t)
 
 

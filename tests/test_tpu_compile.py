@@ -124,6 +124,20 @@ def test_tiny_step_with_pallas_attention_compiles(name, mesh):
   assert compiled.as_text().count('custom_call_target="tpu_custom_call"') >= 3
 
 
+@pytest.mark.parametrize('name', ['v5e-1', 'v5e-8'])
+def test_tiny_step_with_the_fused_loss_compiles(name):
+  """config.loss.implementation='pallas': the Pallas TPU kernels on one chip; on a mesh of several
+  the fused XLA scan, partitioned by the compiler (no Mosaic call outside a shard_map)."""
+  from lmjax import aot, config as config_lib
+  config = config_lib.load('configs/pretrain.py', 'runlocal=True')
+  config.loss.implementation = 'pallas'
+  config.mesh.update(data=1, fsdp=-1, tensor=1)
+  lowered, _ = aot.lower_train_step(config, topology.devices(name))
+  compiled, report = topology.try_compile(lowered)
+  assert report.fits, report
+  assert (compiled.as_text().count('custom_call_target="tpu_custom_call"') == 3) == (name == 'v5e-1')
+
+
 def test_api_picks_mosaic_for_inputs_on_a_one_device_tpu_mesh():
   """No mesh set and no shard_map: the inputs' own sharding names the chip for the backend choice
   and for lowering (this failed with "Unsupported TPU device kind: cpu")."""
