@@ -208,14 +208,17 @@ class Local(_Present):
 
   def start(self, argv: list[str], header: str) -> Group:
     coordinator = '127.0.0.1:' + ('PORT' if self.dry_run else str(free_port()))
+    visible = os.environ.get('CUDA_VISIBLE_DEVICES', '')
+    gpus = visible.split(',') if visible else [str(g) for g in range(self.processes * self.devices)]
+    if len(gpus) < self.processes * self.devices:
+      raise Error(f'--processes={self.processes} x --devices_per_process={self.devices} GPUs, but '
+                  f'CUDA_VISIBLE_DEVICES={visible!r} names {len(gpus)}')
     procs = []
     for i in range(self.processes):
       env = dict(LMJAX_COORDINATOR=coordinator, LMJAX_NUM_PROCESSES=str(self.processes),
                  LMJAX_PROCESS_ID=str(i))
       if self.devices > 1:
         env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={self.devices}'
-      visible = os.environ.get('CUDA_VISIBLE_DEVICES', '')
-      gpus = visible.split(',') if visible else [str(g) for g in range(self.processes * self.devices)]
       env['CUDA_VISIBLE_DEVICES'] = ','.join(gpus[i * self.devices:(i + 1) * self.devices])
       procs.append(Proc(argv, env, i))
     return Group(procs, self.log_dir, header, dry_run=self.dry_run)

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from lmjax import batch as batch_lib
+
 DIVERGENCES = ('forward', 'reverse')
 TAILS = ('renormalize', 'bucket')
 MODES = ('offline', 'online')
@@ -271,7 +273,6 @@ def ce_pallas(x_btd, w_dv, batch, args: Args) -> jax.Array:
   return loss_n.reshape(b, t)
 
 
-TEACHER_FIELDS = ('teacher_ids', 'teacher_logprobs', 'teacher_tail')
 
 
 def kd_materialize(x_btd, w_dv, batch, args: Args) -> jax.Array:
@@ -280,7 +281,7 @@ def kd_materialize(x_btd, w_dv, batch, args: Args) -> jax.Array:
 
 def kd_chunked(x_btd, w_dv, batch, args: Args) -> jax.Array:
   """`kd_materialize` a block of positions at a time (`_chunked`): no [B, T, V] array is live."""
-  fields = {k: batch[k] for k in ('targets',) + TEACHER_FIELDS if k in batch}
+  fields = {k: batch[k] for k in ('targets', *batch_lib.TEACHER_FIELDS) if k in batch}
   return _chunked(lambda logits_bcv, f: kd_from_logits(logits_bcv, f, args), x_btd, w_dv, fields,
                   args.chunk_tokens)
 

@@ -210,7 +210,7 @@ def build_pipeline(config: ml_collections.ConfigDict, workdir: str,
   return pipeline
 
 
-def _teacher(config, mesh, pipeline) -> tuple[model.Args | None, store_lib.Store | None]:
+def _teacher(config, pipeline) -> tuple[model.Args | None, store_lib.Store | None]:
   """Distillation: (the teacher's model args, online) or (its top-k store, offline)."""
   if config.loss.name != 'kd':
     return None, None
@@ -218,7 +218,10 @@ def _teacher(config, mesh, pipeline) -> tuple[model.Args | None, store_lib.Store
   if kd.mode == 'online':
     return teacher_lib.model_args(teacher_lib.directory(config)), None
   store = store_lib.Store.open(kd.store)
-  store_lib.check_stream(store, config)
+  store_lib.check_stream(store, config, pipeline)
+  if store.meta.get('teacher') != kd.teacher:
+    raise ValueError(f'config.loss.kd.store={kd.store!r} holds the top-k of teacher '
+                     f'{store.meta.get("teacher")!r}; the run has config.loss.kd.teacher={kd.teacher!r}')
   if store.k != kd.k or store.tokenizer_digest() != teacher_lib.digest(pipeline.tokenizer.path):
     raise ValueError(f'config.loss.kd.store={kd.store!r} holds k={store.k} for the tokenizer with digest '
                      f'{store.meta["tokenizer_digest"]}; the run has config.loss.kd.k={kd.k} and '
@@ -241,7 +244,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, accept_changes: bool 
                      f'data x fsdp = {batch_shards} devices times microbatches='
                      f'{config.train.microbatches}')
   pipeline = build_pipeline(config, workdir)
-  teacher_args, store = _teacher(config, mesh, pipeline)
+  teacher_args, store = _teacher(config, pipeline)
   steps = steps_lib.build(config, mesh, pipeline.tokenizer.vocab_size, pipeline.sources,
                           pipeline.tokenizer.path, teacher_args)
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),

@@ -426,3 +426,10 @@ def test_local_processes_each_see_their_own_gpus(monkeypatch, capsys, tmp_path, 
   lines = [l for l in capsys.readouterr().out.splitlines() if 'lmjax.train' in l]
   assert [l.split('CUDA_VISIBLE_DEVICES=')[1].split()[0] for l in lines] == expected
   assert [f'LMJAX_PROCESS_ID={i}' in l for i, l in enumerate(lines)] == [True] * processes
+
+
+def test_local_processes_wanting_more_gpus_than_visible_is_an_error(monkeypatch, tmp_path):
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '0,1')
+  with pytest.raises(workers.Error, match=r"--processes=2 x --devices_per_process=2 GPUs, but "
+                                          r"CUDA_VISIBLE_DEVICES='0,1' names 2"):
+    workers.Local(2, 2, str(tmp_path), dry_run=True).start(['python'], 'h')

@@ -1,6 +1,6 @@
 """The Beam runner of the clean step: the same stage functions as the local runner (stages.py), as
-an Apache Beam pipeline, so cleaning and dedup scale past one machine (Dataflow, Flink, Spark; the
-DirectRunner here). It writes the same clean store as prepare's local runner (prepare.py's module
+an Apache Beam pipeline (near dedup as a GroupByKey on band keys, so it needs no machine to hold the
+signatures; the DirectRunner here, cluster runners once the store is shared: see below). It writes the same clean store as prepare's local runner (prepare.py's module
 docstring), so the documents, shards and report that follow are the same.
 
   python -m lmjax.prepare --config=configs/tiny_mix.py --workdir=/tmp/run --runner=beam
@@ -17,9 +17,11 @@ The pipeline:
   outputs                -> docs/<source>-SSSSS-of-NNNNN.jsonl, drops-SSSSS-of-NNNNN.jsonl, and the
                             counters summed per (source, stage, outcome)
 
-Pipeline options come from config.data.clean.beam_args (e.g. '--runner=DataflowRunner --project=P
---region=R --temp_location=gs://B/tmp'); the default is the DirectRunner on one worker. On a
-cluster the store directory must be one the workers can write (a gs:// cache dir).
+Pipeline options come from config.data.clean.beam_args; the default is the DirectRunner on one
+worker, which is what is tested. Not yet on a cluster runner: the clean store is a local directory of
+the launching machine (prepare._clean_store) and its counters are read with local file calls, so
+Dataflow/Flink/Spark workers would write where it does not look; the store has to move to the cache
+directory through lmjax.fs first.
 """
 from __future__ import annotations
 

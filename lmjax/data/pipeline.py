@@ -343,10 +343,11 @@ class Pipeline:
   """What the training loop uses: tokenizer, train iterator, eval batches, data metrics."""
 
   def __init__(self, tokenizer, sources, rows, mixture, *, global_batch_size, process_index,
-               process_count, eval_rows, num_eval_batches, read_options, missing):
+               process_count, eval_rows, num_eval_batches, read_options, missing, prepared):
     self.tokenizer = tokenizer
     self.sources = sources
     self.missing = missing  # {source: install line} of configured sources that are not installed
+    self.prepared = prepared  # {source: its prepared directory's name, <source>-<key>}
     self._rows, self._mixture, self._eval_rows = rows, mixture, eval_rows
     self._global_batch = global_batch_size
     self._local_batch = global_batch_size // process_count
@@ -504,4 +505,5 @@ def build(data_cfg, phases, *, seq_len: int, global_batch_size: int, seed: int, 
   read = grain.ReadOptions(num_threads=int(data_cfg.num_threads), prefetch_buffer_size=int(data_cfg.prefetch))
   return Pipeline(tok, names, rows, mixture, global_batch_size=global_batch_size,
                   process_index=process_index, process_count=process_count, eval_rows=eval_rows,
-                  num_eval_batches=int(data_cfg.eval.num_batches), read_options=read, missing=missing)
+                  num_eval_batches=int(data_cfg.eval.num_batches), read_options=read, missing=missing,
+                  prepared={n: os.path.basename(os.path.normpath(dirs[n])) for n in names})

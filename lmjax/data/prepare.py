@@ -412,8 +412,14 @@ def prepare(data_cfg, workdir: str, verbose: bool = False) -> Prepared:
   root = cache_dir(data_cfg, workdir)
   fs.makedirs(root)
   key = _clean_key(data_cfg, names)
-  tok_path = data_cfg.tokenizer.path or _tokenizer_path(data_cfg, root, key, names)
-  tok = tokenizer_lib.load(tok_path) if fs.isfile(tok_path) else None
+  if data_cfg.tokenizer.path:  # given: it must exist (a typo is an error, never a new tokenizer)
+    try:
+      tok_path, tok = data_cfg.tokenizer.path, tokenizer_lib.load(data_cfg.tokenizer.path)
+    except (FileNotFoundError, ValueError) as e:
+      raise type(e)(f'config.data.tokenizer.path: {e}') from None
+  else:
+    tok_path = _tokenizer_path(data_cfg, root, key, names)
+    tok = tokenizer_lib.load(tok_path) if fs.isfile(tok_path) else None
   if tok is not None:
     tok_hash = _tokenizer_hash(tok)
     dirs = {n: source_dir(data_cfg, root, key, n, tok_hash) for n in names}

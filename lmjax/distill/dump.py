@@ -7,8 +7,9 @@ For global batches 0 .. steps-1 of the student's data stream (the run's config: 
 sequence length, mixture; `steps` defaults to config.train.steps), the teacher (config.loss.kd.teacher,
 an lmjax run; its latest checkpoint) computes its top-k next-token distribution
 (lmjax.losses.teacher_topk, k = config.loss.kd.k) and the store at config.loss.kd.store keeps it in
-config.loss.kd.encoding. Chunk c holds `chunk_steps` batches; process p of P writes chunks c = p mod P.
-A rerun writes only the chunks that are not finished (a killed dump resumes), and the result is the
+config.loss.kd.encoding. Chunk c holds `chunk_steps` batches. One process writes the store (on all of
+its devices); a multi-process dump is refused: the teacher's step would need every process on every
+chunk. A rerun writes only the chunks that are not finished (a killed dump resumes), and the result is the
 same store. The data comes from the student's workdir cache (config.data.cache_dir, else
 <workdir>/data), prepared there if needed.
 """
@@ -29,6 +30,9 @@ def dump(config, workdir: str, steps: int | None = None, chunk_steps: int = 1,
   """Writes the store (see the module docstring); `on_chunk(c)` runs after each chunk is written.
   Returns the store."""
   kd = config.loss.kd
+  if jax.process_count() > 1:
+    raise ValueError(f'lmjax.distill.dump runs in one process, got {jax.process_count()}: run it on one '
+                     'host (the store is then read by every process of the student run)')
   if not kd.teacher or not kd.store:
     raise ValueError('config.loss.kd.teacher and config.loss.kd.store: expected the teacher run and '
                      f'the store directory, got {kd.teacher!r} and {kd.store!r}')
@@ -39,10 +43,10 @@ def dump(config, workdir: str, steps: int | None = None, chunk_steps: int = 1,
   vocab = pipeline.tokenizer.vocab_size
   batch_rows = config.train.batch_size
   store = store_lib.Store.create(
-      kd.store, k=kd.k, encoding=kd.encoding, vocab_size=vocab, stream=store_lib.stream(config),
+      kd.store, k=kd.k, encoding=kd.encoding, vocab_size=vocab, stream=store_lib.stream(config, pipeline),
       rows=steps * batch_rows, chunk_rows=chunk_steps * batch_rows, teacher=kd.teacher,
       tokenizer_digest=teacher_lib.digest(pipeline.tokenizer.path))
-  todo = [c for c in store.missing() if c % jax.process_count() == jax.process_index()]
+  todo = store.missing()
   if not todo:
     return store
   mesh = sharding.make_mesh(config.mesh)

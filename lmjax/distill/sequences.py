@@ -15,21 +15,27 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 
 from lmjax import fs, model, sample, sharding, trainer
 from lmjax.distill import teacher as teacher_lib
 
 
-def prompts(pipeline, source: str, n: int, prompt_tokens: int) -> np.ndarray:
-  """[n, prompt_tokens] token ids: the starts of the first n training rows of `source`."""
+def prompts(pipeline, source: str, n: int, prompt_tokens: int, steps: int) -> np.ndarray:
+  """[n, prompt_tokens] token ids: the starts of the first n training rows of `source` within the
+  run's first `steps` global batches."""
   if source not in pipeline.sources:
     raise ValueError(f'--source={source!r}: expected one of {list(pipeline.sources)}')
-  want, out, step = pipeline.sources.index(source), [], 0
-  while len(out) < n:
+  want, out = pipeline.sources.index(source), []
+  for step in range(steps):
+    if len(out) >= n:
+      break
     batch = pipeline.batch(step)
     out += [row[:prompt_tokens] for row, s in zip(batch['inputs'], batch['source_id']) if s == want]
-    step += 1
+  if len(out) < n:
+    raise ValueError(f'--source={source!r}: {len(out)} of its rows in the run\'s {steps} steps, '
+                     f'expected at least {n} prompts (is its weight 0 in config.phases?)')
   return np.stack(out[:n])
 
 
@@ -41,7 +47,7 @@ def write(config, workdir: str, out: str, source: str, n: int = 256, prompt_toke
   args = teacher_lib.model_args(teacher_dir)
   params = teacher_lib.load_params(teacher_dir, args, sharding.make_mesh(config.mesh))
   graphdef, tok = model.abstract(args)[0], pipeline.tokenizer
-  ids = prompts(pipeline, source, n, prompt_tokens)
+  ids = prompts(pipeline, source, n, prompt_tokens, int(config.train.steps))
   lines = []
   for i in range(0, n, batch):
     new = sample.generate(graphdef, params, ids[i:i + batch], new_tokens, temperature=temperature,
@@ -52,7 +58,8 @@ def write(config, workdir: str, out: str, source: str, n: int = 256, prompt_toke
       text = tok.decode([t for t in p.tolist() + c
                          if t < tok.vocab_size and t not in (tok.bos_id, tok.eos_id)])
       lines.append(json.dumps({'text': text}, ensure_ascii=False))
-  fs.write_atomic(out, '\n'.join(lines) + '\n')
+  if jax.process_index() == 0:
+    fs.write_atomic(out, '\n'.join(lines) + '\n')
   return len(lines)
 
 

@@ -2,7 +2,7 @@
 
 Keyed by the run's global rows: row g = step * B + i is row i of global batch `step`, which the data
 pipeline makes as a pure function of (seed, g) (lmjax/data/pipeline.py). The store records the data
-stream it was dumped for (`stream`: seed, batch, sequence length, sources, mixture phases), so the
+stream it was dumped for (`stream`: seed, batch, sequence length, phases' mixtures, prepared sources), so the
 student reads exactly the positions it trains on, from any resume point; a run whose stream differs
 is refused, naming the fields.
 
@@ -21,12 +21,11 @@ At k = 128 and V = 128,256 (b = 17): full 1,028 B, compact 530 B a token; k = 64
 
 Writing is resumable: chunks are independent, a chunk counts once its done/ marker exists, and a rerun
 writes only the chunks without one (the teacher is deterministic, so the result is the same store).
-Several processes write disjoint chunks (chunk c by process c mod P). Reading checks each chunk's
+One process writes (lmjax/distill/dump.py); every process of a student run reads. Reading checks each chunk's
 marker and checksums: a missing or corrupt chunk is an error naming its files.
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -35,7 +34,7 @@ import zlib
 import numpy as np
 import tensorstore as ts
 
-from lmjax import fs
+from lmjax import fs, phases as phases_lib
 
 SCALE = 1024.0     # compact: log-prob codes per nat
 ZERO_CODE = 65535  # compact: zero probability (-inf log-prob)
@@ -112,7 +111,11 @@ class Store:
   """A top-k store at `path` (see the module docstring): `create` one or `open` an existing one."""
 
   def __init__(self, path: str, meta: dict):
+    if not fs.is_local(path):  # tensorstore's file driver below; meta and markers go through lmjax.fs
+      raise ValueError(f'config.loss.kd.store={path!r}: expected a local path (or a mounted bucket): '
+                       'the store does not write to URLs yet')
     self.path, self.meta = path, meta
+    self._last = (None, None)  # (chunk, its decoded fields): batches of one chunk read it once
     self.k, self.encoding, self.vocab_size = meta['k'], meta['encoding'], meta['vocab_size']
     self.rows, self.chunk_rows, self.seq_len = meta['rows'], meta['chunk_rows'], meta['stream']['seq_len']
     self.num_chunks = -(-self.rows // self.chunk_rows)
@@ -182,9 +185,14 @@ class Store:
     sums = {name: zlib.crc32(np.ascontiguousarray(arr).tobytes()) for name, arr in stored.items()}
     fs.write_atomic(self._marker(chunk), json.dumps(sums))
 
-  @functools.lru_cache(maxsize=8)
   def read_chunk(self, chunk: int) -> dict[str, np.ndarray]:
-    """Decoded teacher fields of chunk `chunk`, checked against its marker's checksums."""
+    """Decoded teacher fields of chunk `chunk`, checked against its marker's checksums (the last
+    chunk read is kept: consecutive batches come from the same chunk)."""
+    if self._last[0] != chunk:
+      self._last = (chunk, self._read_chunk(chunk))
+    return self._last[1]
+
+  def _read_chunk(self, chunk: int) -> dict[str, np.ndarray]:
     files = ', '.join(self.chunk_files(chunk))
     lo = chunk * self.chunk_rows
     hi = min(lo + self.chunk_rows, self.rows)
@@ -223,17 +231,21 @@ class Store:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def stream(config) -> dict:
-  """The data stream a store is keyed by: what fixes the run's rows (lmjax/data/pipeline.py)."""
+def stream(config, pipeline) -> dict:
+  """What fixes the run's rows (lmjax/data/pipeline.py), the key a store is dumped for: the seed and
+  batch shape, each phase's resolved start, length and mixture weights, and the prepared sources'
+  directories (their names hash the corpora, cleaning, split and tokenizer). Not the LR, freezing or
+  distillation settings, which change no row."""
+  resolved = phases_lib.resolve(config.phases, config.train.steps, list(config.data.sources))
   return json.loads(json.dumps(dict(
       seed=config.seed, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
-      sources=config.data.sources.to_dict(), weights_are=config.data.weights_are,
-      mix_block=config.data.mix_block, phases=config.phases.to_dict())))
+      weights_are=config.data.weights_are, mix_block=config.data.mix_block,
+      phases=[[p.name, p.start, p.steps, p.weights] for p in resolved], prepared=pipeline.prepared)))
 
 
-def check_stream(store: Store, config) -> None:
+def check_stream(store: Store, config, pipeline) -> None:
   """Raises ValueError naming the stream fields where the run differs from the store's."""
-  want, have = stream(config), store.meta['stream']
+  want, have = stream(config, pipeline), store.meta['stream']
   changed = sorted(f for f in set(want) | set(have) if want.get(f) != have.get(f))
   if changed:
     raise ValueError(f'top-k store {store.path!r} was dumped for another data stream: '
