@@ -53,3 +53,14 @@ def test_estimate_is_the_roofline_of_the_model_counts():
   flops = model.flops_per_token(model.resolve(config.model), 128) * 8 * 128 / 4
   assert e['compute_s'] == pytest.approx(flops / 100e12) and e['memory_s'] == pytest.approx(30e9 / 1e12)
   assert e['step_s'] == max(e['compute_s'], e['memory_s'])
+
+
+def test_offline_distillation_compiles_with_the_stores_fields_in_the_batch(tmp_path):
+  """config.loss.name='kd' offline: the batch carries the teacher's top-k (k ids and log-probs a
+  position), so the compiled step takes them (they were missing: a KeyError)."""
+  config = tiny()
+  config.loss.name = 'kd'
+  config.loss.kd.update(teacher='lmjax:' + str(tmp_path / 'teacher'), store=str(tmp_path / 'topk'), k=8)
+  lowered, _ = aot.lower_train_step(config, jax.devices()[:8])
+  assert [s.shape for s in jax.tree.leaves(lowered.in_avals[0][1]['teacher_ids'])] == [(8, 128, 8)]
+  lowered.compile()
