@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import json
 import math
 import os
@@ -507,9 +506,7 @@ def plot_forgetting(rows: Sequence[dict], path: str, domain: str, metric: str = 
     ax.set_xlabel('step')
     ax.legend(fontsize=8)
   fig.tight_layout()
-  png = io.BytesIO()
-  fig.savefig(png, format='png', dpi=120)
-  fs.write_atomic(path, png.getvalue())
+  fs.write_figure(fig, path, dpi=120)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -13,6 +13,7 @@ A file:// URL takes the object-store route on a local disk, which is how tests s
 from __future__ import annotations
 
 import builtins
+import io
 import os
 import shutil
 
@@ -123,6 +124,13 @@ def write_atomic(path: str, data: str | bytes) -> None:
   with open(tmp, mode) as f:
     f.write(data)
   os.replace(tmp, path)
+
+
+def write_figure(fig, path: str, dpi: int = 110) -> None:
+  """A matplotlib figure as a PNG at `path`, written atomically (write_atomic)."""
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=dpi)
+  write_atomic(path, png.getvalue())
 
 
 def append_text(path: str, text: str) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lmjax import config as config_lib, init_from, trainer  # noqa: E402
+from lmjax import config as config_lib, fs, init_from, trainer  # noqa: E402
 from lmjax.distill import dump as dump_lib, sequences  # noqa: E402
 
 CONFIG = os.path.join(ROOT, 'configs', 'distill.py')
@@ -98,8 +98,8 @@ def _teacher_text(workdir: str, cache: str, teacher: str, s: dict, common: dict)
   return text
 
 
-def run(workdir: str, setting: str) -> dict:
-  s = SETTINGS[setting]
+def run(workdir: str, setting: str, teacher_steps: int = 0) -> dict:
+  s = dict(SETTINGS[setting], **({'teacher_steps': teacher_steps} if teacher_steps else {}))
   cache = os.path.join(workdir, 'data')
   common = dict(max_chars=s['max_chars'], teacher_steps=s['teacher_steps'], steps=s['steps'])
   seconds = {}
@@ -170,7 +170,7 @@ def report(workdir: str, runs: dict, s: dict, seconds: dict | None = None) -> di
     json.dump(out, f, indent=1)
   print(format_report(out))
   fig = figure(runs, sources)
-  fig.savefig(os.path.join(workdir, 'eval_loss.png'), dpi=100)
+  fs.write_figure(fig, os.path.join(workdir, 'eval_loss.png'), dpi=100)
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   plt.close(fig)
   return out
@@ -213,8 +213,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--quick', action='store_true', help='the CI setting (one seed, shorter)')
+  parser.add_argument('--teacher_steps', type=int, default=0, help="the setting's teacher steps unless set")
   args = parser.parse_args()
-  run(args.workdir, 'quick' if args.quick else 'full')
+  run(args.workdir, 'quick' if args.quick else 'full', args.teacher_steps)
   print(f"wrote {os.path.join(args.workdir, 'report.json')} and eval_loss.png")
 
 

@@ -25,7 +25,6 @@ import collections
 import glob
 import hashlib
 import heapq
-import io
 import json
 import os
 
@@ -176,9 +175,7 @@ def save(report: dict, path: str) -> None:
   fs.write_atomic(path, json.dumps(report, indent=1, ensure_ascii=False))
   fig = figure(report)
   backend_agg.FigureCanvasAgg(fig)  # draws without pyplot, so no global backend is chosen
-  png = io.BytesIO()
-  fig.savefig(png, format='png', dpi=90)
-  fs.write_atomic(os.path.splitext(path)[0] + '.png', png.getvalue())
+  fs.write_figure(fig, os.path.splitext(path)[0] + '.png', dpi=90)
 
 
 def load(path: str) -> dict:

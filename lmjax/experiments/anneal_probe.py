@@ -158,7 +158,7 @@ def plot(result: dict, path: str) -> None:
   ax.set_title('anneal probe: 30% candidate + 70% default mix vs 100% default mix', fontsize=9)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fs.write_figure(fig, path, dpi=110)
 
 
 def main(argv=None) -> dict:

@@ -98,7 +98,7 @@ def plot(result: dict, path: str) -> None:
   ax.set_title('cooldown forms at equal tokens', fontsize=10)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fs.write_figure(fig, path, dpi=110)
 
 
 def main(argv=None) -> dict:

@@ -99,7 +99,7 @@ def plot(result: dict, path: str) -> None:
       ax.set_title(f'{source} held-out loss', fontsize=9)
       fig.colorbar(image, ax=ax, fraction=0.046)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  fs.write_figure(fig, path, dpi=100)
 
 
 def main(argv=None) -> dict:

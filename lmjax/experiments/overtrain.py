@@ -143,7 +143,7 @@ def plot(result: dict, path: str) -> None:
   ax.set_title(title + (' (fit warning: see results)' if result['warnings'] else ''), fontsize=9)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fs.write_figure(fig, path, dpi=110)
 
 
 def main(argv=None) -> dict:

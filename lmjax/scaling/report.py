@@ -15,9 +15,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from lmjax import fs
+
 
 def figure(rows: int, cols: int, size: tuple[float, float]):
-  """(fig, axes[rows, cols]) on a bare `Figure`: `fig.savefig(path)` writes it, nothing is shown and
+  """(fig, axes[rows, cols]) on a bare `Figure`: `lmjax.fs.write_figure(fig, path)` writes it, nothing is shown and
   pyplot's backend and figure list are untouched (the plots of lmjax/experiments/ use it too)."""
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   fig = Figure(figsize=size)
@@ -80,7 +82,7 @@ def plot_sweep(table: Mapping[str, np.ndarray], fitted: Mapping, start: Sequence
   axes[0, -1].legend(fontsize=7)
   fig.suptitle('D-CPT Law fit: L = E + A/N^a + B r^eta/D^b + C/(r+eps)^g', fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fs.write_figure(fig, path, dpi=110)
 
 
 def plot_tradeoff(fitted: Mapping, start: Sequence[Mapping], path: str) -> None:
@@ -105,4 +107,4 @@ def plot_tradeoff(fitted: Mapping, start: Sequence[Mapping], path: str) -> None:
     ax.set_ylabel('predicted loss')
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fs.write_figure(fig, path, dpi=110)
