@@ -459,7 +459,11 @@ def duplicates(keys: list, sigs: np.ndarray, cfg: ml_collections.ConfigDict) -> 
 
 
 def dedup(docs: list[Doc], cfg: ml_collections.ConfigDict) -> tuple[list[Doc], list[Drop]]:
-  """(docs without exact copies and near-duplicates, in input order; Drops), across sources."""
+  """(docs without exact copies and near-duplicates, in input order; Drops), across sources.
+
+  The in-memory reference of the runners' streaming path (key_rows, exact_rows, duplicate_rows:
+  the same keys, buckets and keep rule with bounded memory): tests/test_data_dedup.py checks that
+  both drop the same documents, and the planted-set acceptance test runs on this one."""
   keys = [doc_key(d) for d in docs]
   texts = [d.text for d in docs]
   sigs = np.concatenate([signatures(texts[i:i + _BATCH_DOCS], cfg)
