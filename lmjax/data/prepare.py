@@ -21,7 +21,8 @@ Layout under the cache dir (`config.data.cache_dir`, else `<workdir>/data`; a lo
 such as gs://, through lmjax/fs.py):
 
   clean-<key>/                            the clean store (local cache dirs only: for a URL it is
-                                          built in a local temporary directory and removed)
+                                          built in a local temporary directory and removed; under
+                                          $LMJAX_CLEAN_CACHE instead when that is set)
   tokenizer-<key>.model                   the trained sentencepiece model (unless tokenizer.path)
   <source>-<key>/train-00000.arrayrecord  one record per document: its token ids (no BOS/EOS)
   <source>-<key>/eval.arrayrecord         the held-out documents
@@ -453,8 +454,12 @@ def prepare(data_cfg, workdir: str, verbose: bool = False) -> Prepared:
 @contextlib.contextmanager
 def _clean_store(root: str, key: str) -> Iterator[str]:
   """The local directory of the clean store: clean-<key> in a local cache dir (kept), a temporary
-  directory for a URL cache dir (removed afterwards)."""
+  directory for a URL cache dir (removed afterwards). LMJAX_CLEAN_CACHE, a local directory, holds the
+  clean stores of every cache dir instead: the key names everything a store depends on, so runs and
+  tests that clean the same corpora the same way clean them once (tests/conftest.py sets it)."""
+  root = os.environ.get('LMJAX_CLEAN_CACHE') or root
   if fs.is_local(root):
+    os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f'clean-{key}')
     if os.path.isfile(os.path.join(final, 'counters.json')):
       yield final
