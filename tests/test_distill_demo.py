@@ -65,9 +65,9 @@ def test_quick_demo_dumps_the_students_rows_and_trains_both_on_equal_tokens(tmp_
                                   max_chars=quick['max_chars']).items()))
   kd_config.data.cache_dir = str(tmp_path / 'data')
   store = store_lib.Store.open(str(kd_dir / 'topk'))
-  store_lib.check_stream(store, kd_config)
-  assert store.rows == steps * config.train.batch_size and store.missing() == []
   pipeline = trainer.build_pipeline(kd_config, str(kd_dir), whole_batches=True)
+  store_lib.check_stream(store, kd_config, pipeline)
+  assert store.rows == steps * config.train.batch_size and store.missing() == []
   aligned, shifted = _target_hits(store, pipeline, steps, 0), _target_hits(store, pipeline, steps, 1)
   assert aligned > 1.5 * shifted, (aligned, shifted)  # quick run: about 0.43 against 0.19
   # The sequence-level student read the teacher's text as a source of its own.
