@@ -9,7 +9,7 @@ tokenizer, shards) in a fresh subprocess with the tokenizer's sample capped, and
 memory (ru_maxrss) is reported beside the input size.
 
 What the runner holds per document is 24 bytes of dedup key (dedup.key_rows) plus 44 bytes of
-index while the shards are written (prepare.SourceIndex); texts and signatures stay in spill files.
+index while the shards are written (clean_store.SourceIndex); texts and signatures stay in spill files.
 """
 import argparse
 import json

@@ -18,7 +18,7 @@ seqio = pytest.importorskip(
 
 # pylint: disable=wrong-import-position
 from lmjax import batch as batch_lib, phases
-from lmjax.data import corpora, pipeline, prepare, readers, seqio_tasks
+from lmjax.data import clean_store, pipeline, prepare, readers, seqio_tasks
 from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.data.records import Doc
 
@@ -135,7 +135,8 @@ def test_mixture_rates_become_phase_weights_with_exact_block_counts(world, block
     assert np.sum(in_block == 0) == expected or not expected.is_integer(), (first, in_block)
 
 
-def test_exported_task_yields_the_prepared_token_ids(world):
+def test_exported_task_yields_the_prepared_token_ids(world, monkeypatch):
+  monkeypatch.delenv('LMJAX_CLEAN_CACHE', raising=False)  # the clean store in this cache dir, read below
   cfg = _data_cfg(world, {'a': world['txt']['a']}, 'cache-export')
   cfg.tokenizer.path = ''  # prepare trains its own: register_task finds it beside the source
   cfg.tokenizer.vocab_size = 280
@@ -147,9 +148,9 @@ def test_exported_task_yields_the_prepared_token_ids(world):
   task = seqio_tasks.register_task('lmjax_test_export', prep.dirs['a'])
   try:
     # The prepared documents: the clean store's, held out and trained on as prepare splits them.
-    index = prepare.index_source(glob.glob(os.path.join(cfg.cache_dir, 'clean-*'))[0], 'a')
+    index = clean_store.index_source(glob.glob(os.path.join(cfg.cache_dir, 'clean-*'))[0], 'a')
     n_eval, n_train = prepare.split(index.chars, cfg.eval, 0)
-    docs = {split: [d['text'] for d in prepare.read_docs(index, rows)] for split, rows in
+    docs = {split: [d['text'] for d in clean_store.read_docs(index, rows)] for split, rows in
             (('train', range(n_eval, n_eval + n_train)), ('validation', range(n_eval)))}
     assert docs['validation']
     assert sorted(docs['train'] + docs['validation']) == sorted(world['texts']['a'])

@@ -42,7 +42,6 @@ CLI: python -m lmjax.prepare --config=configs/tiny_mix.py --workdir=/tmp/run [--
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import os
@@ -57,8 +56,8 @@ import tqdm
 from array_record.python import array_record_module
 
 from lmjax import fs
+from lmjax.data import clean_store
 from lmjax.data import corpora
-from lmjax.data import dedup
 from lmjax.data import readers
 from lmjax.data import report as report_lib
 from lmjax.data import stages
@@ -220,58 +219,6 @@ def read_counters(store: str) -> stages.Counters:
   return counters
 
 
-class SourceIndex(NamedTuple):
-  """A source's kept documents in content-hash order: where each line is, and its length."""
-  keys: np.ndarray  # uint64[n, 3], dedup.key_rows, sorted
-  chars: np.ndarray  # int64[n]
-  file: np.ndarray  # int32[n], index into files
-  offset: np.ndarray  # int64[n], byte offset of the line
-  files: list[str]
-
-
-def index_source(store: str, name: str) -> SourceIndex:
-  """Indexes the docs files of source `name` in a clean store (one pass; ~44 bytes per document)."""
-  files = sorted(glob.glob(os.path.join(store, 'docs', f'{name}-*-of-*.jsonl')))
-  keys, chars, file, offset = [], [], [], []
-  for i, path in enumerate(files):
-    with open(path, 'rb') as f:
-      pos = 0
-      for line in f:
-        doc = json.loads(line)
-        keys.append(dedup.content_key(doc['text']) + dedup.id_key(name, doc['id']))
-        chars.append(len(doc['text']))
-        file.append(i)
-        offset.append(pos)
-        pos += len(line)
-  keys = np.frombuffer(b''.join(keys), '>u8').astype(np.uint64).reshape(-1, 3)
-  order = np.lexsort((keys[:, 2], keys[:, 1], keys[:, 0]))
-  return SourceIndex(keys[order], np.asarray(chars, np.int64)[order],
-                     np.asarray(file, np.int32)[order], np.asarray(offset, np.int64)[order], files)
-
-
-def read_docs(index: SourceIndex, rows) -> Iterator[dict]:
-  """The {"id", "text"} documents of `rows` of the index, in that order (random access)."""
-  with contextlib.ExitStack() as stack:
-    handles = {}
-    for r in rows:
-      f = int(index.file[r])
-      if f not in handles:
-        handles[f] = stack.enter_context(open(index.files[f], 'rb'))
-      handles[f].seek(int(index.offset[r]))
-      yield json.loads(handles[f].readline())
-
-
-def find_doc(index: SourceIndex, content: bytes) -> dict | None:
-  """The kept document whose content_key is `content`, or None."""
-  hi, lo = np.frombuffer(content, '>u8').astype(np.uint64)
-  r = int(np.searchsorted(index.keys[:, 0], hi))
-  while r < len(index.keys) and index.keys[r, 0] == hi:
-    if index.keys[r, 1] == lo:
-      return next(read_docs(index, [r]))
-    r += 1
-  return None
-
-
 # ----------------------------------------------------------------------------- 3. tokenizer
 def _tokenizer_path(data_cfg, root: str, key: str, names: list[str]) -> str:
   tcfg = data_cfg.tokenizer
@@ -287,14 +234,14 @@ def _tokenizer_path(data_cfg, root: str, key: str, names: list[str]) -> str:
   return os.path.join(root, f'tokenizer-{tkey}.model')
 
 
-def train_tokenizer(data_cfg, path: str, indexes: dict[str, SourceIndex]) -> tokenizer_lib.Tokenizer:
+def train_tokenizer(data_cfg, path: str, indexes: dict[str, clean_store.SourceIndex]) -> tokenizer_lib.Tokenizer:
   """Trains the tokenizer on a weighted sample of the cleaned train documents (tokenizer.sample)."""
   tcfg = data_cfg.tokenizer
 
   def train_texts(name):
     index = indexes[name]
     n_eval, n_train = split(index.chars, data_cfg.eval, int(data_cfg.sources[name].max_chars))
-    return (d['text'] for d in read_docs(index, range(n_eval, n_eval + n_train)))
+    return (d['text'] for d in clean_store.read_docs(index, range(n_eval, n_eval + n_train)))
 
   sentences = tokenizer_lib.sample({n: train_texts(n) for n in indexes},
                                    {k: float(v) for k, v in tcfg.sample_weights.items()},
@@ -346,7 +293,7 @@ def _write_shards(token_docs: Iterator[np.ndarray], directory: str, prefix: str,
   return shards, lengths
 
 
-def write_source(data_cfg, final: str, name: str, index: SourceIndex, tok, tok_hash: str,
+def write_source(data_cfg, final: str, name: str, index: clean_store.SourceIndex, tok, tok_hash: str,
                  missing_corpora: dict) -> None:
   """Writes the shards, lengths and stats.json of source `name` to the directory `final`."""
   local = fs.is_local(final)
@@ -362,7 +309,7 @@ def write_source(data_cfg, final: str, name: str, index: SourceIndex, tok, tok_h
 
     def encoded():
       batch = []
-      for doc in read_docs(index, rows):
+      for doc in clean_store.read_docs(index, rows):
         batch.append(doc['text'])
         if len(batch) == _ENCODE_BATCH:
           yield from (np.asarray(x, dtype) for x in tok.encode_batch(batch, num_threads=threads))
@@ -430,7 +377,7 @@ def prepare(data_cfg, workdir: str, verbose: bool = False) -> Prepared:
   with _clean_store(root, key) as store:
     if not os.path.isfile(os.path.join(store, 'counters.json')):
       clean(data_cfg, names, store, data_cfg.clean.runner, verbose)
-    indexes = {n: index_source(store, n) for n in names}
+    indexes = {n: clean_store.index_source(store, n) for n in names}
     if tok is None:
       tok = train_tokenizer(data_cfg, tok_path, indexes)
     tok_hash = _tokenizer_hash(tok)

@@ -32,6 +32,7 @@ from matplotlib.backends import backend_agg
 from matplotlib import figure as figure_lib
 
 from lmjax import fs
+from lmjax.data import clean_store
 from lmjax.data import records
 
 STAGES = ('read', 'normalize', 'langid', 'quality', 'dedup')
@@ -57,10 +58,9 @@ def build(kinds: dict[str, dict], counters, store: str, indexes: dict, stats: di
 
   Args:
     kinds: {source: {kind, languages}}; counters: stages.Counters of the store; store: its local
-    directory; indexes: {source: prepare.SourceIndex} of its kept documents; stats: {source: the
+    directory; indexes: {source: clean_store.SourceIndex} of its kept documents; stats: {source: the
     stats.json of its prepared shards}; runner: 'local' or 'beam'.
   """
-  from lmjax.data import prepare  # pylint: disable=import-outside-toplevel  (prepare imports us)
   sources = {}
   for name, s in stats.items():
     per_char = s['train']['tokens'] / max(s['train']['chars'], 1)
@@ -95,7 +95,7 @@ def build(kinds: dict[str, dict], counters, store: str, indexes: dict, stats: di
   for of, n in top:
     kept = None
     for name, index in indexes.items():
-      doc = prepare.find_doc(index, bytes.fromhex(of))
+      doc = clean_store.find_doc(index, bytes.fromhex(of))
       if doc is not None:
         kept = dict(source=name, id=doc['id'], text=doc['text'][:records.SNIPPET_CHARS])
         break
