@@ -269,9 +269,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, accept_changes: bool 
     _save_provenance(workdir, pipeline)
   start_step, step_args = int(state['step']), ()
   if store is not None:
-    local = config.train.batch_size // jax.process_count()
-    data_iter = store_lib.WithTeacher(data_iter, store, config.train.batch_size,
-                                      jax.process_index() * local, start_step)
+    data_iter = store_lib.WithTeacher(data_iter, store, config.train.batch_size, pipeline.row_offset,
+                                      start_step)
   if teacher_args is not None:
     step_args = (teacher_lib.load_params(teacher_lib.directory(config), teacher_args, mesh),)
   return Run(config, workdir, mesh, pipeline, steps, state, checkpointer, data_iter, start_step,
@@ -400,12 +399,15 @@ def train(run: Run, hooks: Iterable[Hook]) -> dict:
   return state
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, extra_hooks: Iterable[Hook] = ()) -> dict:
-  """Trains `config` in `workdir` (resuming if possible) with the default hooks plus `extra_hooks`."""
+def run(config: ml_collections.ConfigDict, workdir: str, extra_hooks: Iterable[Hook] = (),
+        writer_hooks: Iterable[Callable[[Run, MetricsWriter], Hook]] = ()) -> dict:
+  """Trains `config` in `workdir` (resuming if possible) with the default hooks plus `extra_hooks`
+  and the hooks `writer_hooks` make from the run and its metrics writer (e.g. lmjax.evaluate.hook)."""
   r = setup(config, workdir)
   writer = MetricsWriter(r)
   try:
-    return train(r, default_hooks(r, writer) + list(extra_hooks))
+    hooks = default_hooks(r, writer) + list(extra_hooks) + [make(r, writer) for make in writer_hooks]
+    return train(r, hooks)
   finally:
     writer.close()
     r.checkpointer.close()

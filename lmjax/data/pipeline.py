@@ -351,13 +351,13 @@ class Pipeline:
     self._rows, self._mixture, self._eval_rows = rows, mixture, eval_rows
     self._global_batch = global_batch_size
     self._local_batch = global_batch_size // process_count
-    self._offset = process_index * self._local_batch
+    self.row_offset = process_index * self._local_batch  # this process's first row of a global batch
     self._num_eval_batches = num_eval_batches
     self._read_options = read_options
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's slice of global batch `step` (rows step*B + offset ... + local batch)."""
-    first = step * self._global_batch + self._offset
+    first = step * self._global_batch + self.row_offset
     examples, source_ids = [], []
     for g in range(first, first + self._local_batch):
       s, k = self._mixture.assign(g)
@@ -387,7 +387,7 @@ class Pipeline:
       padding = np.zeros(rows.seq_len + 1, np.int32)
       out[name] = []
       for b in range(n):
-        first = b * self._global_batch + self._offset
+        first = b * self._global_batch + self.row_offset
         out[name].append(_stack([
             pack_example(*(rows.row(g) if g < rows.rows_per_epoch else (padding, padding)))
             for g in range(first, first + self._local_batch)], [source_id] * self._local_batch))

@@ -58,13 +58,7 @@ def load(path: str = TINY, arg: str | None = None, overrides: Mapping[str, objec
 def train(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Trains (resuming) with the default hooks and the bits-per-byte hook (lmjax.evaluate.hook)."""
   from lmjax import evaluate, trainer  # pylint: disable=import-outside-toplevel
-  r = trainer.setup(config, workdir)
-  writer = trainer.MetricsWriter(r)
-  try:
-    trainer.train(r, trainer.default_hooks(r, writer) + [evaluate.hook(r, writer)])
-  finally:
-    writer.close()
-    r.checkpointer.close()
+  trainer.run(config, workdir, writer_hooks=[evaluate.hook])
 
 
 def run_all(runs: Sequence[Run], workdir: str, run_fn: Callable = train) -> list[str]:
