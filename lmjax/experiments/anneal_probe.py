@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from typing import Sequence
 
 import ml_collections
@@ -180,11 +179,7 @@ def main(argv=None) -> dict:
                   common.cache_dir(args))
   common.run_all(all_runs, workdir)
   result = report(workdir, all_runs, default_mix(config), args.tolerance)
-  common.write_json(os.path.join(workdir, 'results.json'), result)
-  plot(result, os.path.join(workdir, 'probe.png'))
-  print(format_report(result))
-  print(f'wrote {workdir}/results.json, probe.png')
-  return result
+  return common.finish(workdir, result, plot, format_report(result), 'probe.png')
 
 
 if __name__ == '__main__':

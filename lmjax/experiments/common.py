@@ -111,6 +111,15 @@ def write_json(path: str, data) -> None:
   fs.write_atomic(path, json.dumps(data, indent=1))
 
 
+def finish(workdir: str, result: dict, plot: Callable[[dict, str], None], text: str, png: str) -> dict:
+  """An experiment's last lines: results.json and its plot `png` in `workdir`, the report `text` printed."""
+  write_json(os.path.join(workdir, 'results.json'), result)
+  plot(result, os.path.join(workdir, png))
+  print(text)
+  print(f'wrote {workdir}/results.json, {png}')
+  return result
+
+
 def parser(description: str) -> argparse.ArgumentParser:
   """--workdir (required), --quick, --cache (a data cache to share between experiments)."""
   p = argparse.ArgumentParser(description=description)

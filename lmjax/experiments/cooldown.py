@@ -15,7 +15,6 @@ below it (their fig. 3). Writes <workdir>/results.json and cooldown.png; resumab
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 from lmjax import fs, phases
@@ -114,11 +113,7 @@ def main(argv=None) -> dict:
   all_runs = runs(steps, fractions, seeds, args.quick, common.cache_dir(args))
   common.run_all(all_runs, workdir)
   result = report(workdir, all_runs)
-  common.write_json(os.path.join(workdir, 'results.json'), result)
-  plot(result, os.path.join(workdir, 'cooldown.png'))
-  print(format_report(result))
-  print(f'wrote {workdir}/results.json, cooldown.png')
-  return result
+  return common.finish(workdir, result, plot, format_report(result), 'cooldown.png')
 
 
 if __name__ == '__main__':

@@ -141,11 +141,7 @@ def main(argv=None) -> dict:
                   common.cache_dir(args))
   common.run_all(all_runs, workdir)
   result = report(workdir, all_runs)
-  common.write_json(os.path.join(workdir, 'results.json'), result)
-  plot(result, os.path.join(workdir, 'cpt_lr.png'))
-  print(format_report(result))
-  print(f'wrote {workdir}/results.json, cpt_lr.png')
-  return result
+  return common.finish(workdir, result, plot, format_report(result), 'cpt_lr.png')
 
 
 if __name__ == '__main__':

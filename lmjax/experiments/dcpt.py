@@ -236,7 +236,7 @@ def main(argv=None) -> dict:
                     SECOND[0]: domain_coefficients(second_dir, second)}
     out['cross_domain'] = cross_domain(tables, coefficients, config.sweep.min_tokens, config.sweep.eps)
     cd = out['cross_domain']
-    print(f'cross-domain law (K per domain: ' + ', '.join(f'{k} {v["K"]:.3f}' for k, v in
+    print('cross-domain law (K per domain: ' + ', '.join(f'{k} {v["K"]:.3f}' for k, v in
                                                          coefficients.items())
           + f'): R^2 {cd["fitted"]["r2"]:.4f}; ' + '; '.join(
               f'{k}: cross-domain R^2 {v["cross_domain_r2"]:.4f} vs own D-CPT fit {v["own_dcpt_r2"]:.4f}'

@@ -17,7 +17,6 @@ mixture.png; resumable.
 from __future__ import annotations
 
 import itertools
-import os
 from typing import Sequence
 
 import numpy as np
@@ -118,11 +117,7 @@ def main(argv=None) -> dict:
                   args.seed, common.cache_dir(args))
   common.run_all(all_runs, workdir)
   result = report(workdir, all_runs)
-  common.write_json(os.path.join(workdir, 'results.json'), result)
-  plot(result, os.path.join(workdir, 'mixture.png'))
-  print(format_report(result))
-  print(f'wrote {workdir}/results.json, mixture.png')
-  return result
+  return common.finish(workdir, result, plot, format_report(result), 'mixture.png')
 
 
 if __name__ == '__main__':

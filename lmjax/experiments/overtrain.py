@@ -19,7 +19,6 @@ overtrain.png draws the small model's curve beside the law's. Writes results.jso
 """
 from __future__ import annotations
 
-import os
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -159,11 +158,7 @@ def main(argv=None) -> dict:
   common.run_all(all_runs, workdir)
   c = all_runs[0].config.train
   result = report(workdir, all_runs, fit_steps * c.batch_size * c.seq_len)
-  common.write_json(os.path.join(workdir, 'results.json'), result)
-  plot(result, os.path.join(workdir, 'overtrain.png'))
-  print(format_report(result))
-  print(f'wrote {workdir}/results.json, overtrain.png')
-  return result
+  return common.finish(workdir, result, plot, format_report(result), 'overtrain.png')
 
 
 if __name__ == '__main__':
