@@ -12,9 +12,14 @@ count) and --accelerator names the memory to hold the CPU compiler's figures aga
 
 The step-time estimate is a roofline from the model's own counts, labelled so: the compiler's cost
 analysis counts a scanned layer body once (benchmarks/tpu_aot_NOTES.md), so its FLOPs are not used.
-  compute  model FLOPs per device (6N + causal attention, lmjax.model.flops_per_token) / chip peak
+  compute  executed FLOPs per device / chip peak: the model's 6N + causal attention
+           (lmjax.model.flops_per_token) plus the forward its remat policy recomputes
+           (lmjax.model.executed_flops_per_token)
   memory   (arguments + outputs + 2 x temporaries) per device / chip HBM bandwidth
-  estimate max(compute, memory); MFU estimate = compute / estimate (1.0 when compute-bound)
+  estimate max(compute, memory); MFU bound = model FLOPs / chip peak / estimate (0.81-0.83 for
+           1b-70b with full remat when compute-bound: the rest of the executed FLOPs are the
+           recomputed forward). Real steps are slower (on the H200 the `1b` step measured 2.6x its
+           estimate: benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -77,11 +82,12 @@ def estimate(config, n_devices: int, parts_bytes: dict, peak_flops: float, hbm_b
   """The roofline estimate of the module docstring, per step."""
   args = model.resolve(config.model)
   tokens = config.train.batch_size * config.train.seq_len
-  flops = model.flops_per_token(args, config.train.seq_len) * tokens / n_devices
+  useful = model.flops_per_token(args, config.train.seq_len) * tokens / n_devices
+  executed = model.executed_flops_per_token(args, config.train.seq_len) * tokens / n_devices
   moved = parts_bytes['arguments'] + parts_bytes['outputs'] + 2 * parts_bytes['temporaries']
-  compute, memory = flops / peak_flops, moved / hbm_bytes_per_s
+  compute, memory = executed / peak_flops, moved / hbm_bytes_per_s
   step = max(compute, memory)
-  return dict(compute_s=compute, memory_s=memory, step_s=step, mfu=compute / step,
+  return dict(compute_s=compute, memory_s=memory, step_s=step, mfu=useful / peak_flops / step,
               tokens_per_s=tokens / step)
 
 

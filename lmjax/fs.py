@@ -13,6 +13,7 @@ A file:// URL takes the object-store route on a local disk, which is how tests s
 from __future__ import annotations
 
 import builtins
+import contextlib
 import io
 import os
 import shutil
@@ -121,9 +122,23 @@ def write_atomic(path: str, data: str | bytes) -> None:
       f.write(data)
     return
   tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, mode) as f:
+  with removed_on_error(tmp), open(tmp, mode) as f:
     f.write(data)
   os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def removed_on_error(local_path: str):
+  """Removes the local file or directory `local_path` (a temporary being written) if the block
+  raises (a KeyboardInterrupt too), so a failed write leaves no half-written scratch behind."""
+  try:
+    yield
+  except BaseException:
+    if os.path.isdir(local_path):
+      shutil.rmtree(local_path, ignore_errors=True)
+    elif os.path.lexists(local_path):
+      os.unlink(local_path)
+    raise
 
 
 def write_figure(fig, path: str, dpi: int = 110) -> None:

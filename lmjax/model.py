@@ -167,6 +167,23 @@ def flops_per_token(args: Args, seq_len: int) -> float:
   return 6 * n_matmul + 6 * args.n_layers * args.n_heads * args.head_dim * seq_len
 
 
+def executed_flops_per_token(args: Args, seq_len: int) -> float:
+  """flops_per_token plus the layer forward that the backward pass recomputes under `args.remat` (the
+  remat wraps the scanned layer body only). `full` recomputes the forward up to what the backward
+  reads: every projection but the MLP's down projection (its output is the layer's, which the scan
+  saves), and causal attention (2 * L * H * Dh * T). `dots_no_batch` saves the projections but not
+  the batched attention matmuls; `dots` saves every matmul, except attention computed by a
+  kernel (cudnn, pallas), which is no dot to save. MFU is at most flops_per_token / this.
+  tests/test_aot.py holds it against the compiler's count."""
+  attention_forward = 2 * args.n_layers * args.n_heads * args.head_dim * seq_len
+  d = args.d_model
+  projections = args.n_layers * d * (2 * (args.n_heads + args.n_kv_heads) * args.head_dim + 2 * args.d_ff)
+  recomputed = {
+      'none': 0, 'full': 2 * projections + attention_forward, 'dots_no_batch': attention_forward,
+      'dots': attention_forward if args.attention != 'xla' else 0}[args.remat]
+  return flops_per_token(args, seq_len) + recomputed
+
+
 # ----------------------------------------------------------------------------- layers
 
 

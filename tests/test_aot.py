@@ -53,6 +53,38 @@ def test_estimate_is_the_roofline_of_the_model_counts():
   flops = model.flops_per_token(model.resolve(config.model), 128) * 8 * 128 / 4
   assert e['compute_s'] == pytest.approx(flops / 100e12) and e['memory_s'] == pytest.approx(30e9 / 1e12)
   assert e['step_s'] == max(e['compute_s'], e['memory_s'])
+  config.model.remat = 'full'  # the recomputed forward costs time and is no model FLOP
+  e = aot.estimate(config, 4, dict(parts, arguments=0, outputs=0, temporaries=0), 100e12, 1e12)
+  executed = model.executed_flops_per_token(model.resolve(config.model), 128) * 8 * 128 / 4
+  assert e['compute_s'] == pytest.approx(executed / 100e12) and e['mfu'] == pytest.approx(flops / executed)
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots_no_batch'])
+def test_recomputed_flops_match_the_compilers_count(remat):
+  """model.executed_flops_per_token's recomputation against XLA's cost analysis of the compiled step.
+  The compiler counts a scanned layer body once, so two layers count as one; its XLA attention
+  computes the whole score matrix (the model's count is causal, half of it), so the oracle doubles
+  the attention term; `dots` recomputes no matmul (only elementwise work), so compiled(policy) -
+  compiled(dots) is the recomputed matmul work alone."""
+  seq = 128
+
+  def counts(policy):
+    config = config_lib.load(os.path.join(ROOT, 'configs', 'tiny.py'))
+    config.model.update(n_layers=2, d_model=512, n_heads=4, n_kv_heads=2, d_ff=2048, remat=policy,
+                        attention='xla')
+    config.train.update(batch_size=2, seq_len=seq)
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+    cost = aot.compile_train_step(config, jax.devices()[:1]).cost_analysis()
+    args = model.resolve(config.model)
+    return ((cost[0] if isinstance(cost, list) else cost)['flops'] / (2 * seq),
+            model.executed_flops_per_token(args, seq) - model.flops_per_token(args, seq), args)
+
+  compiled, ours, args = counts(remat)
+  baseline, none, _ = counts('dots')
+  attention_forward = 2 * args.n_heads * args.head_dim * seq  # one layer, causal
+  expected = ours / args.n_layers + attention_forward  # + the masked half XLA computes too
+  assert none == 0
+  assert compiled - baseline == pytest.approx(expected, rel=0.03)
 
 
 def test_offline_distillation_compiles_with_the_stores_fields_in_the_batch(tmp_path):

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import os
+import pathlib
 import uuid
 
 import fsspec
@@ -138,7 +139,7 @@ def test_prepare_on_an_object_store_and_hosts_fetch_only_what_they_read(tmp_path
     rows = h._rows[0]
     order, starts, perm = rows._epoch(0)
     needed = set()
-    for g in range(h._offset, h._offset + h._local_batch):
+    for g in range(h.row_offset, h.row_offset + h._local_batch):
       _, k = h._mixture.assign(g)
       begin = int(perm[k]) * rows.seq_len
       first = int(np.searchsorted(starts, begin, side='right')) - 1
@@ -160,3 +161,27 @@ def test_a_tokenizer_path_that_does_not_exist_is_an_error_not_a_new_tokenizer(tm
   with pytest.raises(FileNotFoundError, match=r"config.data.tokenizer.path: .*tokenizer.modle"):
     prepare.prepare(cfg, str(tmp_path / 'run'))
   assert not (tmp_path / 'tokenizer.modle').exists()
+
+
+def test_a_failure_while_writing_shards_leaves_no_scratch_and_a_rerun_prepares(tmp_path, monkeypatch):
+  rng = np.random.default_rng(1)
+  for i in range(20):
+    (tmp_path / f'{i}.txt').write_text(_words(rng, 60))
+  cfg = _cfg({'web': dict(corpora=f'txt:{tmp_path}/*.txt', max_chars=0)})
+  real = prepare._write_shards
+
+  def fails_on_eval(docs, directory, split, shard_bytes):
+    written = real(docs, directory, split, shard_bytes)
+    if split == 'eval':
+      raise KeyboardInterrupt  # after the train shards are on disk
+    return written
+
+  monkeypatch.setattr(prepare, '_write_shards', fails_on_eval)
+  with pytest.raises(KeyboardInterrupt):
+    prepare.prepare(cfg, str(tmp_path / 'run'))
+  run = tmp_path / 'run'
+  assert not [p for p in run.rglob('*') if '.tmp' in p.name]
+  monkeypatch.setattr(prepare, '_write_shards', real)
+  done = prepare.prepare(cfg, str(run))
+  stats = json.loads((pathlib.Path(done.dirs['web']) / 'stats.json').read_text())
+  assert stats['train']['documents'] + stats['eval']['documents'] == 20

@@ -2,6 +2,7 @@
 its words shuffled), the D-CPT recommendation against brute-force search on the fitted law, the runs
 each experiment builds (mixtures and LR shapes against closed forms), and the mends of the sweep
 (commands that carry the CLI overrides) and of the fit (a collapsed irreducible term is flagged)."""
+import dataclasses
 import json
 import os
 import random
@@ -289,3 +290,17 @@ def test_schedules_notebook_renders_its_plot_under_the_agg_backend():
       os.environ['MPLBACKEND'] = previous
   images = [o for c in notebook.cells for o in c.get('outputs', []) if 'image/png' in o.get('data', {})]
   assert images
+
+
+def test_a_vanished_exponent_is_flagged_and_the_law_stays_finite():
+  """A degenerate D-CPT fit of a quick sweep (alpha = 6e45: the losses barely varied with N) was not
+  flagged, and the usages then died in Python's float power (OverflowError)."""
+  n, d = (np.array(v, np.float64) for v in zip(*[(n, d) for n in (1e6, 1e7, 1e8) for d in (1e8, 1e9, 1e10)]))
+  law = dict(E=1.8, A=400.0, B=400.0, alpha=0.34, beta=0.28)
+  good = fit.fit(laws.CHINCHILLA, dict(n=n, d=d), laws.chinchilla_loss(law, n, d))
+  degenerate = dataclasses.replace(good, params=dict(good.params, alpha=6.15e45))
+  (warning,) = fit.warnings(degenerate, laws.chinchilla_loss(law, n, d))
+  assert warning.startswith('exponent alpha=6.15e+45 > 10')
+  params = dict(E=1.0, A=8e-5, B=55.0, C=6.1, alpha=6.15e45, beta=0.71, gamma=0.027, eta=5.9)
+  expected = 1.0 + 55.0 * 0.5 ** 5.9 / 20480.0 ** 0.71 + 6.1 / (0.5 + laws.DCPT_EPS) ** 0.027  # A term 0
+  assert float(laws.dcpt_loss(params, 77920.0, 20480.0, 0.5)) == pytest.approx(expected, rel=1e-6)

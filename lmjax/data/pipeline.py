@@ -181,7 +181,7 @@ def _mirror(url: str, shard: dict) -> str:
     return path
   os.makedirs(mirror_dir(), exist_ok=True)
   tmp = f'{path}.tmp{os.getpid()}.{threading.get_ident()}'
-  with fs.open(url, 'rb') as src, open(tmp, 'wb') as dst:
+  with fs.removed_on_error(tmp), fs.open(url, 'rb') as src, open(tmp, 'wb') as dst:
     shutil.copyfileobj(src, dst, 1 << 22)
   os.replace(tmp, path)
   return path

@@ -300,6 +300,24 @@ def write_source(data_cfg, final: str, name: str, index: clean_store.SourceIndex
   tmp = f'{final}.tmp{os.getpid()}' if local else tempfile.mkdtemp(prefix='lmjax-shards-')
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
+  with fs.removed_on_error(tmp):
+    _write_source(data_cfg, tmp, name, index, tok, tok_hash, missing_corpora)
+    if not local:  # copied file by file, stats.json last: its presence marks the source done
+      for entry in sorted(os.listdir(tmp), key=lambda e: e == 'stats.json'):
+        with open(os.path.join(tmp, entry), 'rb') as src, fs.open(os.path.join(final, entry), 'wb') as dst:
+          shutil.copyfileobj(src, dst, 1 << 22)
+  if local:
+    try:
+      os.rename(tmp, final)
+      return
+    except OSError:  # another process finished first; its files are identical
+      pass
+  shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_source(data_cfg, tmp: str, name: str, index: clean_store.SourceIndex, tok, tok_hash: str,
+                  missing_corpora: dict) -> None:
+  """write_source's files, into the local directory `tmp`."""
   dtype = token_dtype(tok.vocab_size)
   threads = int(data_cfg.num_threads) or 1
   n_eval, n_train = split(index.chars, data_cfg.eval, int(data_cfg.sources[name].max_chars))
@@ -324,16 +342,6 @@ def write_source(data_cfg, final: str, name: str, index: clean_store.SourceIndex
                              chars=int(index.chars[rows.start:rows.stop].sum()), shards=shards)
   with open(os.path.join(tmp, 'stats.json'), 'w') as f:
     json.dump(stats, f, indent=1)
-  if local:
-    try:
-      os.rename(tmp, final)
-    except OSError:  # another process finished first; its files are identical
-      shutil.rmtree(tmp, ignore_errors=True)
-    return
-  for entry in sorted(os.listdir(tmp), key=lambda e: e == 'stats.json'):  # stats.json last
-    with open(os.path.join(tmp, entry), 'rb') as src, fs.open(os.path.join(final, entry), 'wb') as dst:
-      shutil.copyfileobj(src, dst, 1 << 22)
-  shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- all of it
@@ -414,7 +422,8 @@ def _clean_store(root: str, key: str) -> Iterator[str]:
     tmp = f'{final}.tmp{os.getpid()}'
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    yield tmp
+    with fs.removed_on_error(tmp):
+      yield tmp
     try:
       os.rename(tmp, final)
     except OSError:  # another process finished first; its store is identical

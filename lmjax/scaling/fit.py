@@ -209,6 +209,7 @@ def fit(form: laws.Form, data: Mapping[str, np.ndarray], loss, *, starts=None,
 
 
 COLLAPSE = 1e-3  # an irreducible term E below this share of the smallest fitted loss has collapsed
+EXPONENT_MAX = 10.0  # a fitted power-law exponent above this has made its term vanish (published: < 1)
 
 
 def warnings(result: FitResult, loss) -> list[str]:
@@ -217,6 +218,8 @@ def warnings(result: FitResult, loss) -> list[str]:
     optimiser put all the loss into the power-law terms because the points do not pin E down (too
     few sizes or too short a token range); the exponents then absorb the plateau, and predictions
     beyond the fitted range, and the optima derived from them, are unreliable;
+  - an exponent above EXPONENT_MAX (e.g. alpha = 6e45): its term is 0 everywhere the points are,
+    because the losses barely vary along that input; the law then says nothing about it;
   - the polished optimum did not converge within the iteration cap."""
   out = []
   floor = float(np.min(np.asarray(loss, np.float64)))
@@ -225,6 +228,11 @@ def warnings(result: FitResult, loss) -> list[str]:
     out.append(f'irreducible term collapsed: E={e:.3g} < {COLLAPSE:g} x the smallest loss '
                f'{floor:.4g}; the points do not determine E (widen the range of N and D), so '
                'extrapolations and optima from this fit are unreliable')
+  for name in ('alpha', 'beta', 'gamma', 'eta'):
+    value = result.params.get(name)
+    if value is not None and value > EXPONENT_MAX:
+      out.append(f'exponent {name}={value:.3g} > {EXPONENT_MAX:g}: its term vanished, the points barely '
+                 'vary along its input, so the law says nothing about that input')
   if not result.converged:
     out.append('the fit did not converge within Options.polish_iters iterations')
   return out
