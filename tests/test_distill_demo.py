@@ -7,14 +7,12 @@ more often there than at other rows), both students saw the same tokens, the tea
 the students, and the report and curves cover every source."""
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 from lmjax import config as config_lib, trainer
-from lmjax.data import corpora
 from lmjax.distill import store as store_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,20 +34,13 @@ def _target_hits(store, pipeline, steps, shift: int) -> float:
 
 
 @pytest.mark.slow
-def test_quick_demo_dumps_the_students_rows_and_trains_both_on_equal_tokens(tmp_path):
-  needed = ['fortunes', 'fortunes_zh', 'python_stdlib', 'metamath', 'licensedcode']
-  absent = {n: corpora.corpus(n).install for n in needed if not corpora.corpus(n).available()}
-  if absent:
-    pytest.skip(f'corpora not installed: {absent}')
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')  # one CPU device, as the demo runs
-  run = subprocess.run([sys.executable, 'scripts/distill_demo.py', f'--workdir={tmp_path}', '--quick'],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert run.returncode == 0, run.stderr[-3000:]
+def test_quick_demo_dumps_the_students_rows_and_trains_both_on_equal_tokens(distill_demo_quick):
+  workdir, _ = distill_demo_quick  # scripts/distill_demo.py --quick (tests/conftest.py)
   quick = distill_demo.SETTINGS['quick']
   steps = quick['steps']
-  report = json.loads((tmp_path / 'report.json').read_text())
+  report = json.loads((workdir / 'report.json').read_text())
   assert sorted(report['sources']) == SOURCES
-  assert (tmp_path / 'eval_loss.png').stat().st_size > 10_000
+  assert (workdir / 'eval_loss.png').stat().st_size > 10_000
   # Equal tokens: every student ran `steps` steps of batch x seq_len tokens.
   config = config_lib.load(distill_demo.CONFIG, f"kd=false,steps={steps},max_chars={quick['max_chars']}")
   tokens = steps * config.train.batch_size * config.train.seq_len
@@ -59,11 +50,11 @@ def test_quick_demo_dumps_the_students_rows_and_trains_both_on_equal_tokens(tmp_
     assert r['teacher'] < min(r['ce'], r['kd'], r['seq']) - 0.1, (src, r)
   # The store holds the KD student's rows: its top-k covers that run's targets at the same rows
   # far more often than at the rows of other batches.
-  kd_dir = tmp_path / 'kd_s0'
+  kd_dir = workdir / 'kd_s0'
   kd_config = config_lib.load(distill_demo.CONFIG, ','.join(
-      f'{k}={v}' for k, v in dict(teacher=tmp_path / 'teacher', store=kd_dir / 'topk', steps=steps,
+      f'{k}={v}' for k, v in dict(teacher=workdir / 'teacher', store=kd_dir / 'topk', steps=steps,
                                   max_chars=quick['max_chars']).items()))
-  kd_config.data.cache_dir = str(tmp_path / 'data')
+  kd_config.data.cache_dir = str(workdir / 'data')
   store = store_lib.Store.open(str(kd_dir / 'topk'))
   pipeline = trainer.build_pipeline(kd_config, str(kd_dir), whole_batches=True)
   store_lib.check_stream(store, kd_config, pipeline)
@@ -71,7 +62,7 @@ def test_quick_demo_dumps_the_students_rows_and_trains_both_on_equal_tokens(tmp_
   aligned, shifted = _target_hits(store, pipeline, steps, 0), _target_hits(store, pipeline, steps, 1)
   assert aligned > 1.5 * shifted, (aligned, shifted)  # quick run: about 0.43 against 0.19
   # The sequence-level student read the teacher's text as a source of its own.
-  with open(tmp_path / 'teacher_text.jsonl') as f:
+  with open(workdir / 'teacher_text.jsonl') as f:
     lines = [json.loads(line)['text'] for line in f]
   assert len(lines) == quick['prompts'] * len(SOURCES) and all(lines)
-  assert 'teacher' in distill_demo.curves(str(tmp_path / 'seq_s0'))[steps]
+  assert 'teacher' in distill_demo.curves(str(workdir / 'seq_s0'))[steps]

@@ -52,14 +52,20 @@ KILL_AT_STEP = textwrap.dedent('''
 ''')
 
 
+@pytest.fixture(scope='module')
+def straight_losses(tmp_path_factory):
+  """{step: loss} of the SMALL run, uninterrupted."""
+  straight = tmp_path_factory.mktemp('straight')
+  cli(straight, *SMALL)
+  return losses_by_step(straight)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('kill_step', [5, 6])
-def test_sigkill_and_rerun_equals_straight_run(tmp_path, kill_step):
+def test_sigkill_and_rerun_equals_straight_run(tmp_path, kill_step, straight_losses):
   """Killed at step 5 (last finished checkpoint: 3) or at step 6, right after the async write of
   checkpoint 6 started (it may be torn): re-running the same command must give exactly the losses
   of an uninterrupted run, data stream included."""
-  straight = tmp_path / 'straight'
-  cli(straight, *SMALL)
   killed = tmp_path / 'killed'
   script = tmp_path / 'kill.py'
   script.write_text(KILL_AT_STEP)
@@ -69,9 +75,8 @@ def test_sigkill_and_rerun_equals_straight_run(tmp_path, kill_step):
   assert proc.returncode == -9, proc.stderr[-2000:]
   assert max(losses_by_step(killed)) == kill_step
   cli(killed, *SMALL)
-  expected = losses_by_step(straight)
-  assert sorted(expected) == list(range(1, 11))
-  assert losses_by_step(killed) == expected
+  assert sorted(straight_losses) == list(range(1, 11))
+  assert losses_by_step(killed) == straight_losses
 
 
 @pytest.mark.slow
