@@ -182,26 +182,15 @@ def kd_from_logits(logits_btv: jax.Array, batch: dict, args: Args) -> jax.Array:
   lse_bt = jax.nn.logsumexp(z, axis=-1)
   ce_bt = lse_bt - jnp.take_along_axis(z, batch['targets'][..., None], axis=-1)[..., 0]
   s = z / temperature
-  s_ids = jnp.take_along_axis(s, ids, axis=-1)
   a = jnp.where(valid, lp, _NEG) / temperature
   if args.tail == 'renormalize':
-    log_q = s_ids - _lse(s_ids, valid)[..., None]
-    log_p = a - _lse(a, valid)[..., None]
-    mask = valid
+    log_q, log_p, mask = _renormalized_outcomes(s, a, ids, valid)
   else:
     if 'teacher_tail' in batch:
       tail = batch['teacher_tail'].astype(jnp.float32)
     else:
       tail = jnp.clip(1 - jnp.sum(jnp.where(valid, jnp.exp(lp), 0.0), -1), 0.0, 1.0)
-    has_tail = jnp.sum(valid, -1) < vocab
-    s_lse = jax.nn.logsumexp(s, axis=-1)
-    in_ids = _in_ids(s.shape, ids, valid)
-    log_q_tail = _lse(s, ~in_ids) - s_lse
-    a_tail = jnp.log(jnp.maximum(tail, TAIL_FLOOR)) / temperature
-    a_all = jnp.concatenate([a, a_tail[..., None]], -1)
-    mask = jnp.concatenate([valid, has_tail[..., None]], -1)
-    log_q = jnp.concatenate([s_ids - s_lse[..., None], log_q_tail[..., None]], -1)
-    log_p = a_all - _lse(a_all, mask)[..., None]
+    log_q, log_p, mask = _bucket_outcomes(s, a, ids, valid, tail, temperature, vocab)
   log_q, log_p = jnp.where(mask, log_q, 0.0), jnp.where(mask, log_p, 0.0)
   if args.divergence == 'forward':
     terms = jnp.exp(log_p) * (log_p - log_q)
@@ -210,6 +199,26 @@ def kd_from_logits(logits_btv: jax.Array, batch: dict, args: Args) -> jax.Array:
   kd_bt = jnp.sum(jnp.where(mask, terms, 0.0), -1)
   return (args.alpha * temperature ** 2 * kd_bt + (1 - args.alpha) * ce_bt
           + args.z_loss * jnp.square(lse_bt))
+
+
+def _renormalized_outcomes(s_btv, a_btk, ids_btk, valid_btk):
+  """(log q, log p, mask) [B, T, k] of kd_from_logits' tail='renormalize': both over the top-k."""
+  s_ids = jnp.take_along_axis(s_btv, ids_btk, axis=-1)
+  return (s_ids - _lse(s_ids, valid_btk)[..., None], a_btk - _lse(a_btk, valid_btk)[..., None],
+          valid_btk)
+
+
+def _bucket_outcomes(s_btv, a_btk, ids_btk, valid_btk, tail_bt, temperature, vocab: int):
+  """(log q, log p, mask) [B, T, k + 1] of kd_from_logits' tail='bucket': the top-k and the tail."""
+  s_lse = jax.nn.logsumexp(s_btv, axis=-1)
+  s_ids = jnp.take_along_axis(s_btv, ids_btk, axis=-1)
+  log_q_tail = _lse(s_btv, ~_in_ids(s_btv.shape, ids_btk, valid_btk)) - s_lse
+  a_tail = jnp.log(jnp.maximum(tail_bt, TAIL_FLOOR)) / temperature
+  a_all = jnp.concatenate([a_btk, a_tail[..., None]], -1)
+  has_tail = jnp.sum(valid_btk, -1) < vocab
+  mask = jnp.concatenate([valid_btk, has_tail[..., None]], -1)
+  log_q = jnp.concatenate([s_ids - s_lse[..., None], log_q_tail[..., None]], -1)
+  return log_q, a_all - _lse(a_all, mask)[..., None], mask
 
 
 def logits(x_btd: jax.Array, w_dv: jax.Array) -> jax.Array:

@@ -2,14 +2,16 @@
 
   python scripts/make_legal_cloze.py [--out tests/assets/eval/legal_cloze.jsonl] [--n 64]
 
-Passages come from the legal documents past the ones training can take. configs/cpt_domain.py
-(like configs/tiny_mix.py) orders the legal documents by content hash, holds out the first ones for
-the held-out loss and trains on the next ones up to its character cap (4M; tiny_mix's is 1M); the
-examples are cut from the documents after those, in the order of their raw text (cleaning may
-drop or edit a few, shifting the cap a little). `lmjax.evaluate.cloze` makes the examples: a context
-of ~240 characters, 4 choices of ~48, the true continuation and three from other licences. The
-output depends only on the installed corpora (licensedcode-data 32.1.0 and Debian's common licences
-when it was made) and the arguments.
+Passages come from the legal documents that training never reads. configs/cpt_domain.py (like
+configs/tiny_mix.py) cleans the legal corpora, orders the kept documents by content hash, holds out
+the first ones for the held-out loss and trains on the next ones up to its character cap (4M;
+tiny_mix's is 1M); the examples are cut from the cleaned documents after those
+(`lmjax.data.prepare.cleaned_documents`'s 'unseen'). Licences share boilerplate, so an example whose
+last `--overlap` characters of context and true continuation appear verbatim in the training text is
+dropped (decontamination, as language-model evaluations do with n-gram overlap). `lmjax.evaluate.cloze`
+makes the examples: a context of ~240 characters, 4 choices of ~48, the true continuation and three
+from other licences. The output depends only on the installed corpora (licensedcode-data 32.1.0 and
+Debian's common licences when it was made) and the arguments.
 """
 from __future__ import annotations
 
@@ -17,23 +19,20 @@ import argparse
 import json
 import os
 import sys
-
-import numpy as np
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from lmjax import config as config_lib, evaluate  # noqa: E402
-from lmjax.data import corpora, prepare  # noqa: E402
+from lmjax.data import prepare  # noqa: E402
 
 
-def unseen_documents(config) -> list[str]:
-  """The legal documents past the held-out ones and the train cap, in content-hash order."""
-  source = config.data.sources['legal']
-  docs = corpora.source_documents(source.corpora)
-  n_eval, n_train = prepare.split(np.array([len(d) for d in docs]), config.data.eval,
-                                  int(source.max_chars))
-  return docs[n_eval + n_train:]
+def seen_in(example: dict, train_text: str, overlap: int) -> bool:
+  """Whether the last `overlap` characters of the example's context + true continuation (one
+  stretch of its document) occur in `train_text`."""
+  span = example['context'] + example['choices'][example['answer']]
+  return span[-overlap:] in train_text
 
 
 def main():
@@ -42,15 +41,28 @@ def main():
                                                     'legal_cloze.jsonl'))
   parser.add_argument('--n', type=int, default=64, help='examples')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--overlap', type=int, default=100, help='characters of verbatim overlap that '
+                      'make an example seen in training')
+  parser.add_argument('--workdir', default='', help="where the data is prepared (default: a temporary "
+                      "directory; the corpora's clean store is reused through LMJAX_CLEAN_CACHE)")
   args = parser.parse_args()
   config = config_lib.load(os.path.join(ROOT, 'configs', 'cpt_domain.py'))
-  docs = unseen_documents(config)
-  examples = evaluate.cloze(docs, args.n, seed=args.seed)
+  docs = prepare.cleaned_documents(config.data, args.workdir or tempfile.mkdtemp(), 'legal')
+  train_text = '\x00'.join(docs['train'] + docs['eval'])
+  candidates = evaluate.cloze(docs['unseen'], 4 * args.n, seed=args.seed)
+  unseen = [e for e in candidates if not seen_in(e, train_text, args.overlap)]
+  if len(unseen) < args.n:
+    raise SystemExit(f'only {len(unseen)} of {len(candidates)} candidate examples are unseen; '
+                     f'expected --n={args.n}')
+  examples = unseen[:args.n]
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w', encoding='utf-8') as f:
+  with open(args.out + '.tmp', 'w', encoding='utf-8') as f:
     for ex in examples:
       f.write(json.dumps(ex, ensure_ascii=False) + '\n')
-  print(f'wrote {len(examples)} examples from {len(docs)} unseen legal documents to {args.out}')
+  os.replace(args.out + '.tmp', args.out)
+  print(f'wrote {len(examples)} examples from {len(docs["unseen"])} unseen legal documents to '
+        f'{args.out}; {len(candidates) - len(unseen)} of {len(candidates)} candidates overlapped the '
+        'training text and were dropped')
 
 
 if __name__ == '__main__':

@@ -96,8 +96,11 @@ def test_malformed_input_is_counted_by_reason_and_copies_across_sources_are_drop
   stats = {n: json.loads(fs.read_text(os.path.join(d, 'stats.json'))) for n, d in dirs.items()}
   assert sum(s['train']['documents'] + s['eval']['documents'] for s in stats.values()) == 12 + 2
   assert report['dedup'] == dict(exact_groups=4, exact_dropped=4, near_clusters=0, near_dropped=0)
-  example = report['examples'][f'{dropped[0]}/dedup/exact_duplicate']
-  assert dropped[1] in [e['id'] for e in example]
+  examples = [e['id'] for e in report['examples'][f'{dropped[0]}/dedup/exact_duplicate']]
+  n_dropped = dups[(dropped[0], 'dedup', 'exact_duplicate')]
+  assert len(examples) == min(n_dropped, report_lib.EXAMPLES)
+  if n_dropped <= report_lib.EXAMPLES:  # else the story may be past the examples shown
+    assert dropped[1] in examples
   # The report's JSON, figure and table.
   saved = report_lib.load(os.path.join(workdir, 'data_report.json'))
   assert saved == json.loads(json.dumps(report))
@@ -185,3 +188,20 @@ def test_a_failure_while_writing_shards_leaves_no_scratch_and_a_rerun_prepares(t
   done = prepare.prepare(cfg, str(run))
   stats = json.loads((pathlib.Path(done.dirs['web']) / 'stats.json').read_text())
   assert stats['train']['documents'] + stats['eval']['documents'] == 20
+
+
+def test_cleaned_documents_are_what_the_shards_hold_and_the_rest(tmp_path):
+  """prepare.cleaned_documents' 'eval' and 'train' are the documents encoded into the shards (their
+  token counts match stats.json); 'unseen' is what the max_chars cap left out."""
+  rng = np.random.default_rng(2)
+  for i in range(30):
+    (tmp_path / f'{i}.txt').write_text(_words(rng, 60))
+  cfg = _cfg({'web': dict(corpora=f'txt:{tmp_path}/*.txt', max_chars=4000)})
+  done = prepare.prepare(cfg, str(tmp_path / 'run'))
+  stats = json.loads((pathlib.Path(done.dirs['web']) / 'stats.json').read_text())
+  docs = prepare.cleaned_documents(cfg, str(tmp_path / 'run'), 'web')
+  for split in ('eval', 'train'):
+    assert len(docs[split]) == stats[split]['documents']
+    assert sum(len(done.tokenizer.encode(d)) for d in docs[split]) == stats[split]['tokens']
+  assert sum(map(len, docs['train'][:-1])) < 4000 <= sum(map(len, docs['train'])) and docs['unseen']  # cap
+  assert len(docs['eval']) + len(docs['train']) + len(docs['unseen']) == 30

@@ -301,6 +301,15 @@ def test_a_vanished_exponent_is_flagged_and_the_law_stays_finite():
   degenerate = dataclasses.replace(good, params=dict(good.params, alpha=6.15e45))
   (warning,) = fit.warnings(degenerate, laws.chinchilla_loss(law, n, d))
   assert warning.startswith('exponent alpha=6.15e+45 > 10')
-  params = dict(E=1.0, A=8e-5, B=55.0, C=6.1, alpha=6.15e45, beta=0.71, gamma=0.027, eta=5.9)
-  expected = 1.0 + 55.0 * 0.5 ** 5.9 / 20480.0 ** 0.71 + 6.1 / (0.5 + laws.DCPT_EPS) ** 0.027  # A term 0
-  assert float(laws.dcpt_loss(params, 77920.0, 20480.0, 0.5)) == pytest.approx(expected, rel=1e-6)
+  # The failing run's general fit (rounded), through the usages that raised OverflowError.
+  general = dict(E=4.5e-9, A=8.04e-5, B=54.95, C=6.086, alpha=6.15e45, beta=0.711, gamma=0.0269, eta=5.92)
+  domain = dict(E=9.8e-12, A=3.46e11, B=18.87, C=5.394, alpha=2.699, beta=0.327, gamma=0.0543, eta=0.147)
+  table = dict(n=np.array([77920.0, 229696.0]), tokens=np.array([20480.0, 20480.0]))
+  start = [dict(n=77920.0, general_loss=6.1707), dict(n=229696.0, general_loss=6.1042)]
+  out = sweep.usages(domain, general, table, dcpt.sweep_config(True).sweep, start)
+  assert [u['n'] for u in out] == [77920.0, 229696.0] and all(0 < u['tradeoff_share'] < 1 for u in out)
+  r = np.linspace(0, 1, 10_001)  # the usage by hand: the general law without its vanished N term
+  general_loss = (general['E'] + general['B'] * (1 - r) ** general['eta'] / 20480.0 ** general['beta']
+                  + general['C'] / (1 - r + laws.DCPT_EPS) ** general['gamma'])
+  ok = general_loss <= 1.03 * 6.1707
+  assert out[0]['tradeoff_share'] == pytest.approx(r[ok].max(), abs=2e-4)

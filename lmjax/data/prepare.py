@@ -406,6 +406,21 @@ def prepare(data_cfg, workdir: str, verbose: bool = False) -> Prepared:
   return Prepared(tok, dirs, missing, report, report_path)
 
 
+def cleaned_documents(data_cfg, workdir: str, name: str) -> dict[str, list[str]]:
+  """Source `name`'s documents after cleaning, by split, in content-hash order: 'eval' (held out),
+  'train' (what training reads) and 'unseen' (past the source's max_chars: what training never
+  reads, e.g. for an evaluation task). Cleans the corpora first if no clean store has them."""
+  names, _ = available_sources(data_cfg)
+  with _clean_store(cache_dir(data_cfg, workdir), _clean_key(data_cfg, names)) as store:
+    if not os.path.isfile(os.path.join(store, 'counters.json')):
+      clean(data_cfg, names, store, data_cfg.clean.runner, False)
+    index = clean_store.index_source(store, name)
+    n_eval, n_train = split(index.chars, data_cfg.eval, int(data_cfg.sources[name].max_chars))
+    rows = dict(eval=range(n_eval), train=range(n_eval, n_eval + n_train),
+                unseen=range(n_eval + n_train, len(index.chars)))
+    return {k: [d['text'] for d in clean_store.read_docs(index, r)] for k, r in rows.items()}
+
+
 @contextlib.contextmanager
 def _clean_store(root: str, key: str) -> Iterator[str]:
   """The local directory of the clean store: clean-<key> in a local cache dir (kept), a temporary

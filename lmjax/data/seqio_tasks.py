@@ -241,11 +241,19 @@ def _record(text: str | bytes, doc_id: str, source: str, max_bytes: int) -> Doc 
   size = len(text) if isinstance(text, bytes) else len(text.encode('utf-8', 'surrogatepass'))
   if size > max_bytes:
     return Drop(source, doc_id, 'read', 'too_large', size)
-  if isinstance(text, bytes):
+  if isinstance(text, bytes) or not _encodable(text):  # undecodable bytes, or lone surrogates
     return Drop(source, doc_id, 'read', 'invalid_utf8', size)
   if not text.strip():
     return Drop(source, doc_id, 'read', 'empty', len(text))
   return Doc(source, doc_id, text)
+
+
+def _encodable(text: str) -> bool:
+  try:
+    text.encode('utf-8')
+    return True
+  except UnicodeEncodeError:
+    return False
 
 
 def register_task(name: str, directory: str, *, vocabulary_path: str = '', preprocessors=()):

@@ -116,9 +116,8 @@ DCPT_EPS = 1e-2  # fixed eps of C / (r + eps)^gamma; the law is finite at r = 0 
 
 
 def dcpt_loss(params: Params, n, d, r, eps: float = DCPT_EPS):
-  """L = E + A / N^alpha + B r^eta / D^beta + C / (r + eps)^gamma (Que et al. 2024). N and D become
-  arrays, so a power past the float range is inf, not Python's OverflowError."""
-  n, d = jnp.asarray(n), jnp.asarray(d)
+  """L = E + A / N^alpha + B r^eta / D^beta + C / (r + eps)^gamma (Que et al. 2024). N and D are
+  arrays or numpy scalars (a Python float raises OverflowError where a power leaves the float range)."""
   return (params['E'] + params['A'] / n ** params['alpha']
           + params['B'] * r ** params['eta'] / d ** params['beta']
           + params['C'] / (r + eps) ** params['gamma'])
