@@ -182,8 +182,8 @@ def test_undecodable_examples_are_dropped_by_reason():
   """A feature that is not UTF-8 (bytes) or decodes to lone surrogates is dropped as invalid_utf8,
   a too large one as too_large, a blank one as empty; the rest is a document."""
   from lmjax.data.records import Drop  # pylint: disable=import-outside-toplevel
-  record = lambda text: seqio_tasks._record(text, 'x', 's', max_bytes=16)  # pylint: disable=protected-access
-  assert record(b'\xff\xfe') == Drop('s', 'x', 'read', 'invalid_utf8', 2)
-  assert record('a\ud800b') == Drop('s', 'x', 'read', 'invalid_utf8', 5)
+  record = lambda text: readers.value_record(text, 'x', 's', max_bytes=16)  # as file_records calls it
+  assert record(b'\xff\xfe') == Drop('s', 'x', 'read', 'invalid_utf8', 2)  # bytes: counted in bytes
+  assert record('a\ud800b') == Drop('s', 'x', 'read', 'invalid_utf8', 3)  # text: in characters
   assert record('x' * 17).reason == 'too_large' and record(' \n').reason == 'empty'
   assert record('ok') == Doc('s', 'x', 'ok')

@@ -115,6 +115,14 @@ def split(lengths: np.ndarray, eval_cfg, max_chars: int) -> tuple[int, int]:
   return n_eval, n_train
 
 
+def split_rows(data_cfg, name: str, index: clean_store.SourceIndex) -> dict[str, range]:
+  """Rows of source `name`'s clean index by split (`split`): 'eval', 'train' and 'unseen' (past
+  max_chars: what training never reads)."""
+  n_eval, n_train = split(index.chars, data_cfg.eval, int(data_cfg.sources[name].max_chars))
+  return dict(eval=range(n_eval), train=range(n_eval, n_eval + n_train),
+              unseen=range(n_eval + n_train, len(index.chars)))
+
+
 def available_sources(data_cfg) -> tuple[list[str], dict[str, str]]:
   """(names of sources with at least one installed corpus, {missing source: install lines}).
 
@@ -239,9 +247,8 @@ def train_tokenizer(data_cfg, path: str, indexes: dict[str, clean_store.SourceIn
   tcfg = data_cfg.tokenizer
 
   def train_texts(name):
-    index = indexes[name]
-    n_eval, n_train = split(index.chars, data_cfg.eval, int(data_cfg.sources[name].max_chars))
-    return (d['text'] for d in clean_store.read_docs(index, range(n_eval, n_eval + n_train)))
+    rows = split_rows(data_cfg, name, indexes[name])['train']
+    return (d['text'] for d in clean_store.read_docs(indexes[name], rows))
 
   sentences = tokenizer_lib.sample({n: train_texts(n) for n in indexes},
                                    {k: float(v) for k, v in tcfg.sample_weights.items()},
@@ -320,10 +327,11 @@ def _write_source(data_cfg, tmp: str, name: str, index: clean_store.SourceIndex,
   """write_source's files, into the local directory `tmp`."""
   dtype = token_dtype(tok.vocab_size)
   threads = int(data_cfg.num_threads) or 1
-  n_eval, n_train = split(index.chars, data_cfg.eval, int(data_cfg.sources[name].max_chars))
+  rows_by_split = split_rows(data_cfg, name, index)
   stats = dict(source=name, corpora=data_cfg.sources[name].corpora, missing_corpora=missing_corpora,
                dtype=dtype.name, tokenizer=os.path.basename(tok.path), tokenizer_hash=tok_hash)
-  for split_name, rows in (('train', range(n_eval, n_eval + n_train)), ('eval', range(n_eval))):
+  for split_name in ('train', 'eval'):
+    rows = rows_by_split[split_name]
 
     def encoded():
       batch = []
@@ -382,9 +390,7 @@ def prepare(data_cfg, workdir: str, verbose: bool = False) -> Prepared:
     report_path = os.path.join(root, f'report-{_hash(sorted(dirs.values()))}.json')
     if all(fs.isfile(os.path.join(d, 'stats.json')) for d in dirs.values()) and fs.isfile(report_path):
       return Prepared(tok, dirs, missing, None, report_path)
-  with _clean_store(root, key) as store:
-    if not os.path.isfile(os.path.join(store, 'counters.json')):
-      clean(data_cfg, names, store, data_cfg.clean.runner, verbose)
+  with _cleaned_store(data_cfg, names, root, key, verbose) as store:
     indexes = {n: clean_store.index_source(store, n) for n in names}
     if tok is None:
       tok = train_tokenizer(data_cfg, tok_path, indexes)
@@ -411,14 +417,20 @@ def cleaned_documents(data_cfg, workdir: str, name: str) -> dict[str, list[str]]
   'train' (what training reads) and 'unseen' (past the source's max_chars: what training never
   reads, e.g. for an evaluation task). Cleans the corpora first if no clean store has them."""
   names, _ = available_sources(data_cfg)
-  with _clean_store(cache_dir(data_cfg, workdir), _clean_key(data_cfg, names)) as store:
-    if not os.path.isfile(os.path.join(store, 'counters.json')):
-      clean(data_cfg, names, store, data_cfg.clean.runner, False)
+  root = cache_dir(data_cfg, workdir)
+  with _cleaned_store(data_cfg, names, root, _clean_key(data_cfg, names), False) as store:
     index = clean_store.index_source(store, name)
-    n_eval, n_train = split(index.chars, data_cfg.eval, int(data_cfg.sources[name].max_chars))
-    rows = dict(eval=range(n_eval), train=range(n_eval, n_eval + n_train),
-                unseen=range(n_eval + n_train, len(index.chars)))
-    return {k: [d['text'] for d in clean_store.read_docs(index, r)] for k, r in rows.items()}
+    return {k: [d['text'] for d in clean_store.read_docs(index, r)]
+            for k, r in split_rows(data_cfg, name, index).items()}
+
+
+@contextlib.contextmanager
+def _cleaned_store(data_cfg, names: list[str], root: str, key: str, verbose: bool) -> Iterator[str]:
+  """The local directory of the clean store of sources `names`, cleaned first unless it was."""
+  with _clean_store(root, key) as store:
+    if not os.path.isfile(os.path.join(store, 'counters.json')):
+      clean(data_cfg, names, store, data_cfg.clean.runner, verbose)
+    yield store
 
 
 @contextlib.contextmanager

@@ -262,15 +262,18 @@ def _parquet_records(path, column, source, max_bytes) -> Iterator[Doc | Drop]:
     try:
       for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[column]):
         for value in batch.column(0).to_pylist():
-          yield _parquet_cell(value, binary, f'{path}:{row}', source, max_bytes)
+          doc_id = f'{path}:{row}'
+          yield (Drop(source, doc_id, 'read', 'missing_field', 0) if value is None
+                 else value_record(value, doc_id, source, max_bytes))
           row += 1
     except (pa.ArrowException, OSError):
       yield Drop(source, path, 'read', 'corrupt_file', 0)
 
 
-def _parquet_cell(value, binary: bool, doc_id: str, source: str, max_bytes: int) -> Doc | Drop:
-  if value is None:
-    return Drop(source, doc_id, 'read', 'missing_field', 0)
+def value_record(value: str | bytes, doc_id: str, source: str, max_bytes: int) -> Doc | Drop:
+  """A Doc from one value (a parquet cell, a seqio feature): text, or bytes decoded as UTF-8; the
+  Drop saying why it is none (too_large over `max_bytes` of UTF-8, invalid_utf8, empty)."""
+  binary = isinstance(value, bytes)
   size = len(value) if binary else len(value.encode('utf-8', 'surrogatepass'))
   if size > max_bytes:
     return Drop(source, doc_id, 'read', 'too_large', size)

@@ -45,6 +45,7 @@ import numpy as np
 from array_record.python import array_record_module
 
 from lmjax.data import corpora
+from lmjax.data import readers
 from lmjax.data.records import Doc, Drop
 
 KIND = 'seqio'
@@ -185,7 +186,7 @@ def file_records(spec: str, path: str, source: str,
   readers.defaults())."""
   max_bytes = int(cfg.max_doc_bytes)
   for i, text in enumerate(shard_texts(spec, path)):
-    yield _record(text, f'{path}:{i}', source, max_bytes)
+    yield readers.value_record(text, f'{path}:{i}', source, max_bytes)
 
 
 def documents(spec: str, source: str, cfg: ml_collections.ConfigDict) -> Iterator[Doc | Drop]:
@@ -235,25 +236,6 @@ def _utf8(value: bytes) -> str | bytes:
     return value.decode('utf-8')
   except UnicodeDecodeError:
     return value
-
-
-def _record(text: str | bytes, doc_id: str, source: str, max_bytes: int) -> Doc | Drop:
-  size = len(text) if isinstance(text, bytes) else len(text.encode('utf-8', 'surrogatepass'))
-  if size > max_bytes:
-    return Drop(source, doc_id, 'read', 'too_large', size)
-  if isinstance(text, bytes) or not _encodable(text):  # undecodable bytes, or lone surrogates
-    return Drop(source, doc_id, 'read', 'invalid_utf8', size)
-  if not text.strip():
-    return Drop(source, doc_id, 'read', 'empty', len(text))
-  return Doc(source, doc_id, text)
-
-
-def _encodable(text: str) -> bool:
-  try:
-    text.encode('utf-8')
-    return True
-  except UnicodeEncodeError:
-    return False
 
 
 def register_task(name: str, directory: str, *, vocabulary_path: str = '', preprocessors=()):

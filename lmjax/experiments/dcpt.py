@@ -86,7 +86,6 @@ def uses(domain: Mapping, general: Mapping, n: float, d: float, start_general: f
          max_increase: float, domain_tokens: float, budget: float, eps: float) -> dict:
   """The three uses of one pair of fitted laws (see the module docstring)."""
   import jax  # pylint: disable=import-outside-toplevel
-  n, d = np.float64(n), np.float64(d)  # a degenerate fit's power is then inf, not an OverflowError
   with jax.enable_x64(True):
     share = float(laws.tradeoff_share(domain, general, n, d, start_general, max_increase, eps))
     out = dict(tradeoff_share=share)

@@ -116,8 +116,7 @@ DCPT_EPS = 1e-2  # fixed eps of C / (r + eps)^gamma; the law is finite at r = 0 
 
 
 def dcpt_loss(params: Params, n, d, r, eps: float = DCPT_EPS):
-  """L = E + A / N^alpha + B r^eta / D^beta + C / (r + eps)^gamma (Que et al. 2024). N and D are
-  arrays or numpy scalars (a Python float raises OverflowError where a power leaves the float range)."""
+  """L = E + A / N^alpha + B r^eta / D^beta + C / (r + eps)^gamma (Que et al. 2024)."""
   return (params['E'] + params['A'] / n ** params['alpha']
           + params['B'] * r ** params['eta'] / d ** params['beta']
           + params['C'] / (r + eps) ** params['gamma'])
@@ -219,6 +218,12 @@ def form(name: str, eps: float = DCPT_EPS) -> Form:
 # ---------------------------------------------------------------------------------------------------
 # Usages of the D-CPT Law (Que et al. 2024, section "Usages")
 
+def _float64(x):
+  """x in float64 numpy: a degenerate fit's power (alpha = 6e45 happened in a quick sweep; fit.warnings
+  flags it) is then inf, its term 0, where Python's float power raises OverflowError."""
+  return np.asarray(x, np.float64)
+
+
 def _share_grid(size: int, lowest: float = 0.0):
   return jnp.linspace(lowest, 1.0, size)
 
@@ -232,6 +237,7 @@ def tradeoff_share(domain: Params, general: Params, n, d, general_start_loss, ma
   (r = 1 - r_d). Searched on a grid of `grid_size` shares in [0, 1]; nan if no share qualifies.
   """
   r_d = _share_grid(grid_size)
+  n, d = _float64(n), _float64(d)
   domain_loss = dcpt_loss(domain, n, d, r_d, eps)
   general_loss = dcpt_loss(general, n, d, 1.0 - r_d, eps)
   ok = general_loss <= (1.0 + max_increase) * general_start_loss
@@ -249,7 +255,7 @@ def limited_domain_share(domain: Params, n, domain_tokens, max_tokens=jnp.inf,
   lowest = jnp.clip(domain_tokens / max_tokens, 1.0 / grid_size, 1.0)
   r_d = lowest + (1.0 - lowest) * jnp.linspace(0.0, 1.0, grid_size)
   tokens = domain_tokens / r_d
-  best = jnp.argmin(dcpt_loss(domain, n, tokens, r_d, eps))
+  best = jnp.argmin(dcpt_loss(domain, _float64(n), tokens, r_d, eps))
   return r_d[best], tokens[best]
 
 

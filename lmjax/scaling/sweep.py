@@ -374,13 +374,12 @@ def usages(domain: Mapping, general: Mapping, table: Mapping, sweep_cfg, start: 
   the budget 6 N D at the usage-(a) share."""
   import jax  # pylint: disable=import-outside-toplevel
   eps = float(sweep_cfg.eps)
-  d_max = np.float64(np.max(table['tokens']))  # numpy scalars: a degenerate fit's power is inf, not
-  # Python's OverflowError (alpha = 6e45 happened in a quick sweep; fit.warnings flags it)
+  d_max = float(np.max(table['tokens']))
   start_by_n = {float(s['n']): float(s['general_loss']) for s in start}
   out = []
   with jax.enable_x64(True):
-    for n in sorted(set(np.float64(v) for v in table['n'])):
-      entry = dict(n=float(n), tokens=float(d_max))
+    for n in sorted(set(float(v) for v in table['n'])):
+      entry = dict(n=n, tokens=d_max)
       share = math.nan
       if n in start_by_n:
         share = float(laws.tradeoff_share(domain, general, n, d_max, start_by_n[n],
