@@ -6,6 +6,8 @@ import scipy.stats
 from lmjax import phases
 from lmjax.data import pipeline
 
+import docstream
+
 
 def _sources(mix, rows):
   return np.array([mix.assign(g)[0] for g in rows])
@@ -61,14 +63,9 @@ def test_each_source_row_is_drawn_once_in_order():
                                                           for s in range(2)])
 
 
-class _Docs:
+def _Docs(lengths, base):
   """Document i of a source with base `base`: token ids base + 1000 * i + j."""
-
-  def __init__(self, lengths, base):
-    self.lengths, self.base = np.asarray(lengths, np.int64), base
-
-  def docs(self, indices):
-    return [self.base + 1000 * int(i) + np.arange(self.lengths[i]) for i in indices]
+  return docstream.DocStream(lengths, lambda i, n: base + 1000 * i + np.arange(n))
 
 
 def _pipeline(stages, lengths, *, repeats, batch=8, seq_len=16, block=16):

@@ -4,6 +4,7 @@ Packing is checked on fake documents whose token ids encode (document, position)
 row can be traced back to its document without trusting the pipeline. End-to-end tests build small
 synthetic sources (text files in a tmp dir) plus the always-present standard library corpus.
 """
+import json
 import os
 
 import numpy as np
@@ -13,17 +14,14 @@ from lmjax import batch as batch_lib, phases
 from lmjax.data import corpora
 from lmjax.data import pipeline
 
+import docstream
+
 KEYS = tuple(batch_lib.FIELDS)
 
 
-class FakeDocs:
+def FakeDocs(lengths):
   """Stands in for SourceData: document i is the ids 10_000 * (i + 1) + j, j = 0 .. len - 1."""
-
-  def __init__(self, lengths):
-    self.lengths = np.asarray(lengths, np.int64)
-
-  def docs(self, indices):
-    return [10_000 * (int(i) + 1) + np.arange(self.lengths[i]) for i in indices]
+  return docstream.DocStream(lengths, lambda i, n: 10_000 * (i + 1) + np.arange(n))
 
 
 BOS, EOS = 1, 2
@@ -221,7 +219,7 @@ def test_eval_batches_are_held_out_deterministic_and_padded(two_sources):
     assert 1 <= len(ev[name]) <= two_sources.eval.num_batches
     shard_dir = [os.path.join(root, d) for d in os.listdir(root) if d.startswith(name + '-')][0]
     train = pipeline.SourceData(shard_dir, 'train', verify=True)
-    train_texts = [p.tokenizer.decode(ids) for ids in train.docs(range(len(train.lengths)))]
+    train_texts = [p.tokenizer.decode(ids) for ids, _ in train.span(0, train.num_tokens)]
     docs = corpora.source_documents(two_sources.sources[name].corpora)
     held = [d for d in docs if d not in train_texts]
     assert held and len(held) + len(train_texts) == len(docs)
@@ -267,3 +265,29 @@ def test_tiny_mix_anneal_phase_starts_with_the_lr_decay():
     assert anneal[name] > pretrain[name]
   assert pretrain['zh'] == pretrain['en']
   assert start % cfg.train.eval_every == 0 and cfg.train.steps % cfg.train.eval_every == 0
+
+
+def test_source_data_spans_are_the_stream_of_its_shards(tmp_path):
+  """SourceData.span against the stream built by hand: documents across several shards and across
+  the starts' in-memory stride (64), any window [begin, end), with a few shards open at once."""
+  from lmjax.data import prepare  # pylint: disable=import-outside-toplevel
+  lengths = np.random.default_rng(0).integers(0, 40, size=700)
+  lengths[300] = 2_000  # longer than a window: spans several strides of positions
+  docs = [np.full(n, i % 60_000 + 3, np.uint16) for i, n in enumerate(lengths)]
+  shards = prepare.write_shards(iter(docs), str(tmp_path), 'train', shard_bytes=6_000)
+  assert len(shards) > 3 and max(s['records'] for s in shards) > 2 * 64
+  (tmp_path / 'stats.json').write_text(json.dumps(dict(
+      dtype='uint16', train=dict(documents=len(docs), tokens=int(lengths.sum()), shards=shards))))
+  data = pipeline.SourceData(str(tmp_path), 'train', verify=True, max_open=2)
+  stream = np.concatenate([np.concatenate([[-1], d.astype(np.int64), [-2]]) for d in docs])
+  owner = np.repeat(np.arange(len(docs)), lengths + 2)  # the document of each stream position
+  starts = np.concatenate([[0], np.cumsum(lengths + 2)])
+  assert data.num_tokens == len(stream)
+  rng = np.random.default_rng(1)
+  for begin in [0, len(stream) - 1, *rng.integers(0, len(stream), size=300)]:
+    end = min(int(begin) + int(rng.integers(1, 3_000)), len(stream))
+    got = data.span(int(begin), end)
+    want = np.unique(owner[begin:end])
+    assert [int(s) for _, s in got] == [int(starts[d]) for d in want]
+    for (ids, _), d in zip(got, want):
+      np.testing.assert_array_equal(ids, docs[d])

@@ -140,16 +140,15 @@ def test_prepare_on_an_object_store_and_hosts_fetch_only_what_they_read(tmp_path
   batches = [h.batch(0) for h in hosts]
   for h, b in zip(hosts, batches):
     rows = h._rows[0]
-    order, starts, perm = rows._epoch(0)
+    # Shard i holds stream positions [first_pos[i], first_pos[i + 1]) ([BOS] ids [EOS] per document).
+    first_pos = np.cumsum([0] + [s['tokens'] + 2 * s['records'] for s in stats['train']['shards']])
     needed = set()
     for g in range(h.row_offset, h.row_offset + h._local_batch):
       _, k = h._mixture.assign(g)
-      begin = int(perm[k]) * rows.seq_len
-      first = int(np.searchsorted(starts, begin, side='right')) - 1
-      last = int(np.searchsorted(starts, min(begin + rows.seq_len + 1, rows.epoch_tokens)))
-      first_doc = np.cumsum([0] + [s['records'] for s in stats['train']['shards']])
-      needed |= {stats['train']['shards'][int(np.searchsorted(first_doc, i, side='right')) - 1]['file']
-                 for i in order[first:last]}
+      begin = rows.stream_row(k) * rows.seq_len
+      end = min(begin + rows.seq_len + 1, int(first_pos[-1]))
+      needed |= {s['file'] for s, lo, hi in zip(stats['train']['shards'], first_pos, first_pos[1:])
+                 if lo < end and hi > begin}
     assert sorted(h._rows[0].data.fetched) == sorted(needed)
     assert len(needed) < len(stats['train']['shards'])
   # Two hosts' slices are the one-host batch.
@@ -171,7 +170,7 @@ def test_a_failure_while_writing_shards_leaves_no_scratch_and_a_rerun_prepares(t
   for i in range(20):
     (tmp_path / f'{i}.txt').write_text(_words(rng, 60))
   cfg = _cfg({'web': dict(corpora=f'txt:{tmp_path}/*.txt', max_chars=0)})
-  real = prepare._write_shards
+  real = prepare.write_shards
 
   def fails_on_eval(docs, directory, split, shard_bytes):
     written = real(docs, directory, split, shard_bytes)
@@ -179,12 +178,12 @@ def test_a_failure_while_writing_shards_leaves_no_scratch_and_a_rerun_prepares(t
       raise KeyboardInterrupt  # after the train shards are on disk
     return written
 
-  monkeypatch.setattr(prepare, '_write_shards', fails_on_eval)
+  monkeypatch.setattr(prepare, 'write_shards', fails_on_eval)
   with pytest.raises(KeyboardInterrupt):
     prepare.prepare(cfg, str(tmp_path / 'run'))
   run = tmp_path / 'run'
   assert not [p for p in run.rglob('*') if '.tmp' in p.name]
-  monkeypatch.setattr(prepare, '_write_shards', real)
+  monkeypatch.setattr(prepare, 'write_shards', real)
   done = prepare.prepare(cfg, str(run))
   stats = json.loads((pathlib.Path(done.dirs['web']) / 'stats.json').read_text())
   assert stats['train']['documents'] + stats['eval']['documents'] == 20

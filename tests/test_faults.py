@@ -105,8 +105,10 @@ def test_damaged_data_shard_and_tokenizer_are_errors_naming_them(tmp_path):
   with open(shard, 'r+b') as f:
     f.seek(100)
     f.write(b'\xff' * 16)
+  run = trainer.setup(tiny(cache, steps=1), str(tmp_path / 'second'))
   with pytest.raises(ValueError, match=f'data shard {shard!r} fails its checksum'):
-    trainer.setup(tiny(cache, steps=1), str(tmp_path / 'second'))
+    next(run.data_iter)  # a shard is checked when a row first reads it
+  run.checkpointer.close()
   (model,) = glob.glob(os.path.join(cache, 'tokenizer-*.model'))
   with open(model, 'r+b') as f:
     f.truncate(50)

@@ -4,14 +4,19 @@ Every training row is a pure function of (seed, global row index), so the stream
 resumable from one integer (grain's iterator state is the next step), a stage switch happens exactly
 at its step, and each of P processes computes only its slice of every global batch.
 
-Rows of one source ("concatenate then split" packing). A document is `[BOS] ids [EOS]`. Epoch e of a
-source orders its documents by a permutation seeded with (seed, source, e), concatenates them, and
-cuts the stream into rows of seq_len inputs (row r holds tokens [r*L, r*L+L) and their next tokens);
-the rows of the epoch are then visited in a second seeded permutation. The last row of an epoch is
-padded, so an epoch is exactly `rows_per_epoch` rows and every token is a target once per epoch.
-Segment ids number the document pieces in a row 1, 2, ... (0 = padding); positions restart at 0 at
-each piece (a document cut by a row boundary continues in the next row as a new piece: the model sees
-no context across rows anyway); weights are 1 where the target is the next token of the same document.
+Rows of one source ("concatenate then split" packing). A document is `[BOS] ids [EOS]`. A source's
+documents, in the order prepare stored them (content-hash order, so already shuffled), form one
+stream, cut into rows of seq_len inputs: row r holds stream positions [r*L, r*L+L) and their next
+tokens. Epoch e of the source visits those rows in a permutation seeded with (seed, source, e) --
+grain's index_shuffle, computed per index, so neither the rows nor the documents are ever listed.
+The last row is padded, so an epoch is exactly `rows_per_epoch` rows and every token is a target
+once per epoch. A row reads only the documents it overlaps, located by per-shard starts files that
+are memory-mapped when the row first touches their shard: memory and cost per row do not grow with
+the source (docs/data.md, "Rows at scale", says what this order gives up against a fresh document
+order each epoch). Segment ids number the document pieces in a row 1, 2, ... (0 = padding);
+positions restart at 0 at each piece (a document cut by a row boundary continues in another row as a
+new piece: the model sees no context across rows anyway); weights are 1 where the target is the next
+token of the same document.
 
 Mixture (after Levanter's block-deterministic mixture, data/mixture.py). The stages are the phases of
 `config.phases` (lmjax/phases.py) that have steps: stage j starts at its phase's first step and covers
@@ -29,9 +34,9 @@ small high-quality source is upsampled). The epochs each source saw are in `metr
 """
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
-import io
 import json
 import logging
 import os
@@ -39,6 +44,7 @@ import shutil
 import threading
 
 import grain
+import grain.experimental
 import ml_collections
 import numpy as np
 from array_record.python import array_record_module
@@ -79,91 +85,136 @@ def defaults() -> ml_collections.ConfigDict:
       clean=prepare_lib.defaults(),  # the cleaning stages' runner and thresholds (docs/data.md)
       cache_dir='',  # prepared data and tokenizer; '' = <workdir>/data (local or gs://). Set to share.
       shard_bytes=256 << 20,  # bytes of token ids per ArrayRecord train shard
-      verify_checksums=True,  # hash every shard at startup (a corrupt shard is an error naming it)
+      verify_checksums=True,  # hash each shard when a row first reads it (a corrupt one is an error naming it)
       num_threads=2,  # grain reader threads (and sentencepiece threads when preparing)
       prefetch=8,  # batches prefetched
   ))
 
 
 class SourceData:
-  """The prepared train (or eval) documents of one source: ArrayRecord shards + lengths.
+  """The prepared documents of one split of one source, read as one stream of `[BOS] ids [EOS]`
+  documents in stored order (content-hash order: lmjax/data/prepare.py).
 
-  `directory` is local or a URL (gs://; lmjax/fs.py). Local shards are all checked (size, record
-  count and, with `verify`, checksum) when it opens. ArrayRecord reads local files only, so a URL's
-  shards are copied to this host's disk (`mirror_dir`) when a document of theirs is first read, and
-  checked then: each host fetches only the shards its rows read.
+  Start-up reads stats.json alone: nothing per shard or per document. A shard is opened when a row
+  first reads from it: its ArrayRecord reader and its memory-mapped starts file
+  (prepare.starts_file), checked then (size, records, tokens and, with `verify`, the checksum; once a
+  process). At most `max_open` shards stay open (least recently used closed first). `directory` is local or a URL (gs://; lmjax/fs.py): ArrayRecord
+  reads local files only, so a URL's shard and starts file are copied to this host's disk
+  (`mirror_dir`) when first opened: each host fetches only the shards its rows read.
   """
 
-  def __init__(self, directory: str, split: str, verify: bool):
+  def __init__(self, directory: str, split: str, verify: bool, max_open: int = 64):
     stats_path = os.path.join(directory, 'stats.json')
     if not fs.isfile(stats_path):
       raise FileNotFoundError(f'prepared data {stats_path!r} does not exist')
     self.stats = json.loads(fs.read_text(stats_path))
     self.dtype = np.dtype(self.stats['dtype'])
-    with fs.open(os.path.join(directory, f'{split}_lengths.npy'), 'rb') as f:
-      self.lengths = np.load(io.BytesIO(f.read()))
-    self._directory, self._verify = directory, verify
+    self._directory, self._verify, self._max_open = directory, verify, max_open
     self._shards = self.stats[split]['shards']
-    self._readers = [None] * len(self._shards)
+    # Stream position of each shard's first token (+ the total).
+    self.shard_starts = np.cumsum([0] + [s['tokens'] + 2 * s['records'] for s in self._shards])
+    self.num_tokens = int(self.shard_starts[-1])
+    self.num_docs = int(sum(s['records'] for s in self._shards))
+    if self.num_docs != self.stats[split]['documents']:
+      raise ValueError(f'{directory}: its shards hold {self.num_docs} {split} documents, stats.json '
+                       f'says {self.stats[split]["documents"]}')
+    self._open: collections.OrderedDict[int, _OpenShard] = collections.OrderedDict()
+    self._checked: set[int] = set()
     self._lock = threading.Lock()
-    self._first = np.cumsum([0] + [s['records'] for s in self._shards])  # first document per shard
-    if len(self.lengths) != self._first[-1] or len(self.lengths) != self.stats[split]['documents']:
-      raise ValueError(f'{directory}: {len(self.lengths)} document lengths, {self._first[-1]} records, '
-                       f'stats.json says {self.stats[split]["documents"]} documents')
-    if fs.is_local(directory):
-      for i in range(len(self._shards)):
-        self._reader(i)
 
   @property
   def fetched(self) -> list[str]:
     """The shard files opened so far."""
-    return [s['file'] for s, r in zip(self._shards, self._readers) if r is not None]
+    return [self._shards[i]['file'] for i in sorted(self._checked)]
 
-  def _reader(self, i: int):
+  def _shard(self, i: int) -> _OpenShard:
+    """Shard i, opened (and checked, the first time) unless it is open."""
     with self._lock:
-      if self._readers[i] is None:
-        shard = self._shards[i]
-        path = os.path.join(self._directory, shard['file'])
-        if not fs.is_local(path):
-          path = _mirror(path, shard)
-        _check_shard(path, shard, self._verify)
-        reader = array_record_module.ArrayRecordReader(path, 'readahead_buffer_size:0',
-                                                       file_reader_buffer_size=32768)
-        if reader.num_records() != shard['records']:
-          raise ValueError(f'data shard {path!r} has {reader.num_records()} records, expected '
-                           f'{shard["records"]} (corrupt); delete {self._directory!r} to prepare it '
-                           'again')
-        self._readers[i] = reader  # thread-safe; random access reads
-      return self._readers[i]
+      if i in self._open:
+        self._open.move_to_end(i)
+        return self._open[i]
+    shard = self._shards[i]
+    path = os.path.join(self._directory, shard['file'])
+    starts_path = os.path.join(self._directory, prepare_lib.starts_file(shard['file']))
+    if not fs.is_local(path):
+      path, starts_path = _mirror(path, shard['bytes']), _mirror(starts_path, None)
+    if i not in self._checked:
+      _check_size(path, shard)
+      if self._verify and prepare_lib.file_checksum(path) != shard['checksum']:
+        raise ValueError(f'data shard {path!r} fails its checksum (corrupt); {_hint(path)}')
+    opened = _OpenShard(path, starts_path, shard)
+    with self._lock:  # an evicted shard closes once no thread is reading it (its last reference)
+      self._checked.add(i)
+      self._open[i] = opened
+      while len(self._open) > self._max_open:
+        self._open.popitem(last=False)
+      return opened
 
-  def docs(self, indices) -> list[np.ndarray]:
-    """Token ids of documents `indices` (each checked against its recorded length)."""
-    indices = np.asarray(indices, np.int64)
-    shard_of = np.searchsorted(self._first, indices, side='right') - 1
-    out = [None] * len(indices)
-    for shard in np.unique(shard_of):
-      at = np.flatnonzero(shard_of == shard)
-      records = self._reader(shard).read([int(i) for i in indices[at] - self._first[shard]])
-      for a, r in zip(at, records):
-        ids = np.frombuffer(r, self.dtype)
-        if len(ids) != self.lengths[indices[a]]:
-          raise ValueError(f'document {indices[a] - self._first[shard]} of data shard '
-                           f'{self._shards[shard]["file"]!r} in {self._directory!r}: {len(ids)} '
-                           f'tokens, expected {self.lengths[indices[a]]} (corrupt); delete its '
-                           'directory to re-prepare')
-        out[a] = ids
+  def span(self, begin: int, end: int) -> list[tuple[np.ndarray, int]]:
+    """The documents that overlap stream positions [begin, end): [(token ids, stream position of
+    the document's BOS)], in stream order; each document checked against its recorded length."""
+    out = []
+    i = int(np.searchsorted(self.shard_starts, begin, side='right')) - 1
+    while i < len(self._shards) and self.shard_starts[i] < end:
+      shard = self._shard(i)
+      offset = int(self.shard_starts[i])
+      first, starts = shard.locate(begin - offset, end - offset)
+      records = shard.reader.read(list(range(first, first + len(starts) - 1)))
+      for j, (record, start, stop) in enumerate(zip(records, starts, starts[1:]), start=first):
+        ids = np.frombuffer(record, self.dtype)
+        if len(ids) + 2 != stop - start:
+          raise ValueError(f'document {j} of data shard {self._shards[i]["file"]!r} in '
+                           f'{self._directory!r}: {len(ids)} tokens, expected {stop - start - 2} '
+                           '(corrupt); delete its directory to re-prepare')
+        out.append((ids, offset + int(start)))
+      i += 1
     return out
 
 
-def _check_shard(path: str, shard: dict, verify: bool) -> None:
-  hint = f'delete {os.path.dirname(path)!r} to prepare it again'
+class _OpenShard:
+  """An open shard: its ArrayRecord reader and its starts, every STRIDE-th in memory and the rest
+  read from the starts file a few at a time, so an open shard holds kilobytes whatever its size."""
+
+  STRIDE = 64
+
+  def __init__(self, path: str, starts_path: str, shard: dict):
+    self.reader = array_record_module.ArrayRecordReader(path, 'readahead_buffer_size:0',
+                                                        file_reader_buffer_size=32768)
+    try:
+      starts = np.load(starts_path, mmap_mode='r')
+    except (OSError, ValueError) as e:
+      raise ValueError(f'starts file {starts_path!r} of data shard {path!r}: {e}; {_hint(path)}') from None
+    n = shard['records']
+    if self.reader.num_records() != n or starts.shape != (n + 1,) or starts.dtype != np.int64 or \
+        int(starts[-1]) != shard['tokens'] + 2 * n:
+      raise ValueError(f'data shard {path!r}: {self.reader.num_records()} records and '
+                       f'{len(starts)} starts, expected {n} documents of {shard["tokens"]} tokens '
+                       f'(corrupt); {_hint(path)}')
+    self.coarse = np.array(starts[::self.STRIDE])  # a copy: the mapping goes with `starts`
+    self._file, self._data_offset, self._n = open(starts_path, 'rb'), starts.offset, n
+
+  def locate(self, begin: int, end: int) -> tuple[int, np.ndarray]:
+    """(first document, starts of documents first .. last + 1) of the documents overlapping the
+    shard's stream positions [begin, end)."""
+    lo = max(int(np.searchsorted(self.coarse, begin, side='right')) - 1, 0) * self.STRIDE
+    hi = min(int(np.searchsorted(self.coarse, end, side='left')) * self.STRIDE, self._n)
+    fine = np.frombuffer(os.pread(self._file.fileno(), (hi - lo + 1) * 8, self._data_offset + 8 * lo),
+                         np.int64)
+    first = max(int(np.searchsorted(fine, begin, side='right')) - 1, 0)
+    last = min(int(np.searchsorted(fine, end, side='left')), len(fine) - 1)  # exclusive
+    return lo + first, fine[first:last + 1]
+
+
+def _hint(path: str) -> str:
+  return f'delete {os.path.dirname(path)!r} to prepare it again'
+
+
+def _check_size(path: str, shard: dict) -> None:
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'data shard {path!r} is missing; {hint}')
+    raise FileNotFoundError(f'data shard {path!r} is missing; {_hint(path)}')
   if os.path.getsize(path) != shard['bytes']:
     raise ValueError(f'data shard {path!r} has {os.path.getsize(path)} bytes, expected '
-                     f'{shard["bytes"]} (truncated or corrupt); {hint}')
-  if verify and prepare_lib.file_checksum(path) != shard['checksum']:
-    raise ValueError(f'data shard {path!r} fails its checksum (corrupt); {hint}')
+                     f'{shard["bytes"]} (truncated or corrupt); {_hint(path)}')
 
 
 def mirror_dir() -> str:
@@ -173,11 +224,11 @@ def mirror_dir() -> str:
                                                              'lmjax', 'shards')
 
 
-def _mirror(url: str, shard: dict) -> str:
-  """A local copy of the shard at `url` (fetched unless a copy of the right size is there)."""
+def _mirror(url: str, size: int | None) -> str:
+  """A local copy of the file at `url` (fetched unless a copy is there, of `size` bytes if given)."""
   name = hashlib.blake2b(url.encode(), digest_size=8).hexdigest()
-  path = os.path.join(mirror_dir(), f'{name}-{shard["file"]}')
-  if os.path.isfile(path) and os.path.getsize(path) == shard['bytes']:
+  path = os.path.join(mirror_dir(), f'{name}-{os.path.basename(url)}')
+  if os.path.isfile(path) and (size is None or os.path.getsize(path) == size):
     return path
   os.makedirs(mirror_dir(), exist_ok=True)
   tmp = f'{path}.tmp{os.getpid()}.{threading.get_ident()}'
@@ -187,54 +238,51 @@ def _mirror(url: str, shard: dict) -> str:
   return path
 
 
-class PackedRows:
-  """Rows of seq_len tokens cut from the shuffled concatenation of one source's documents.
+def _shuffle_seed(seed: tuple[int, ...], epoch: int) -> int:
+  """A 32-bit seed of grain's index_shuffle from a source's seed and an epoch."""
+  digest = hashlib.blake2b(repr((*seed, epoch)).encode(), digest_size=4).digest()
+  return int.from_bytes(digest, 'little') >> 1  # index_shuffle takes a signed 32-bit seed
 
-  `row(k)` is row k of the infinite sequence epoch 0, epoch 1, ...; `rows_per_epoch` rows per epoch.
-  With `shuffle=False` (eval) there is one epoch in stored order.
+
+class PackedRows:
+  """Rows of seq_len tokens cut from one source's stream of documents; a fresh row order each epoch.
+
+  Row r of an epoch holds stream positions [r*L, r*L + L] (its inputs and their next tokens): the
+  rows are fixed cuts of the stream in stored order, and epoch e visits them in a permutation seeded
+  with (seed, e): grain's index_shuffle, a Feistel-style bijection computed per index, so no array per
+  row or document is ever built. `row(k)` is row k of the infinite sequence epoch 0, epoch 1, ...;
+  `rows_per_epoch` rows per epoch. With `shuffle=False` (eval) the rows are in stream order.
+  `data`: a SourceData (or anything with `num_tokens` and `span`).
   """
 
   def __init__(self, data: SourceData, seq_len: int, seed: tuple[int, ...], *, bos_id: int, eos_id: int,
                shuffle: bool = True):
     self.data, self.seq_len, self.seed, self.shuffle = data, seq_len, seed, shuffle
     self.bos_id, self.eos_id = bos_id, eos_id
-    self.doc_tokens = data.lengths + 2  # BOS and EOS
-    self.epoch_tokens = int(self.doc_tokens.sum())
+    self.epoch_tokens = int(data.num_tokens)
     # Targets are tokens 1..T-1 of the epoch's stream; row r has the targets r*L+1 .. r*L+L.
     self.rows_per_epoch = max(1, -(-(self.epoch_tokens - 1) // seq_len))
-    self._lock = threading.Lock()
 
-  @functools.lru_cache(maxsize=4)
-  def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(document order, start offset of each document in the order (+ total), row order)."""
-    n = len(self.doc_tokens)
-    if self.shuffle:
-      rng = np.random.default_rng([*self.seed, epoch])
-      order, rows = rng.permutation(n), rng.permutation(self.rows_per_epoch)
-    else:
-      order, rows = np.arange(n), np.arange(self.rows_per_epoch)
-    starts = np.zeros(n + 1, np.int64)
-    np.cumsum(self.doc_tokens[order], out=starts[1:])
-    return order, starts, rows
+  def stream_row(self, k: int) -> int:
+    """The row of the stream that row k of the sequence (epoch k // rows_per_epoch) reads."""
+    epoch, i = divmod(int(k), self.rows_per_epoch)
+    if not self.shuffle:
+      return i
+    return grain.experimental.index_shuffle(i, max_index=self.rows_per_epoch - 1,
+                                            seed=_shuffle_seed(self.seed, epoch), rounds=4)
 
   def row(self, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(tokens [L+1], piece ids [L+1]) of row k; piece ids 1, 2, ... per document piece, 0 = pad."""
-    epoch, i = divmod(int(k), self.rows_per_epoch)
-    with self._lock:
-      order, starts, rows = self._epoch(epoch)
     L = self.seq_len
-    begin = int(rows[i]) * L
+    begin = self.stream_row(k) * L
     end = min(begin + L + 1, self.epoch_tokens)
-    first = int(np.searchsorted(starts, begin, side='right')) - 1
-    last = int(np.searchsorted(starts, end, side='left'))  # exclusive
     tokens = np.zeros(L + 1, np.int32)
     pieces = np.zeros(L + 1, np.int32)
-    docs = self.data.docs(order[first:last])
     at = 0
-    for piece, (j, ids) in enumerate(zip(range(first, last), docs), start=1):
+    for piece, (ids, start) in enumerate(self.data.span(begin, end), start=1):
       # This row holds [lo, hi) of the document's [BOS] ids [EOS]; slice without copying it whole.
-      lo = max(begin - int(starts[j]), 0)
-      hi = min(end - int(starts[j]), len(ids) + 2)
+      lo = max(begin - start, 0)
+      hi = min(end - start, len(ids) + 2)
       pieces[at:at + hi - lo] = piece
       if lo == 0:
         tokens[at] = self.bos_id
@@ -290,6 +338,7 @@ class Mixture:
     self.start_rows = np.array([s * rows_per_step for s, _ in stages], np.int64)
     self.weights = [np.asarray(w, np.float64) for _, w in stages]
     self.full_counts = [_largest_remainder(w, block) for w in self.weights]  # per full block
+    self._block = functools.lru_cache(maxsize=64)(self._make_block)  # this mixture's blocks
     # Rows each source drew before each stage begins.
     self.before = np.zeros((len(stages) + 1, self.num_sources), np.int64)
     for j in range(len(stages) - 1):
@@ -308,8 +357,7 @@ class Mixture:
       out = out + self._block(j, full)[1][:, part]
     return out
 
-  @functools.lru_cache(maxsize=64)
-  def _block(self, j: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+  def _make_block(self, j: int, b: int) -> tuple[np.ndarray, np.ndarray]:
     """(source of each row [n], rows drawn per source before each position [S, n+1]) of a block."""
     n = self._block_len(j, b)
     counts = _largest_remainder(self.weights[j], n)
@@ -498,7 +546,7 @@ def build(data_cfg, phases, *, seq_len: int, global_batch_size: int, seed: int, 
   for n in names:
     data = SourceData(dirs[n], 'eval', verify)
     eval_rows[n] = (PackedRows(data, seq_len, 0, bos_id=tok.bos_id, eos_id=tok.eos_id, shuffle=False)
-                    if len(data.lengths) else None)
+                    if data.num_docs else None)
   epoch_rows = {n: r.rows_per_epoch for n, r in zip(names, rows)}
   mixture = Mixture(stage_weights(phases, data_cfg, names, epoch_rows), global_batch_size,
                     int(data_cfg.mix_block), seed)
