@@ -196,6 +196,36 @@ def test_clusters_are_connected_components_rooted_at_the_smallest_key():
   assert dedup.clusters([]) == {}
 
 
+def test_hash_to_min_finds_the_union_find_components_in_logarithmic_rounds():
+  """Hash-to-Min (the Beam runner's clusters) against union-find (scipy's connected components as
+  the oracle) on random graphs and on shuffled paths, the slowest case: a path of n nodes takes
+  about log2(n) rounds."""
+  import scipy.sparse  # pylint: disable=import-outside-toplevel
+  import scipy.sparse.csgraph  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  graphs = [[tuple(int(x) for x in rng.integers(0, n, 2)) for _ in range(e)]
+            for n, e in ((40, 30), (600, 500), (3000, 2500))]
+  paths = []
+  for n in (64, 1024):
+    perm = [int(x) for x in rng.permutation(n)]
+    paths.append(list(zip(perm[:-1], perm[1:])))
+  for pairs in graphs + paths:
+    nodes = sorted({x for p in pairs for x in p})
+    at = {x: i for i, x in enumerate(nodes)}
+    graph = scipy.sparse.coo_matrix((np.ones(len(pairs)), ([at[a] for a, _ in pairs],
+                                                           [at[b] for _, b in pairs])),
+                                    shape=(len(nodes), len(nodes)))
+    _, label = scipy.sparse.csgraph.connected_components(graph, directed=False)
+    smallest = {}
+    for x in nodes:
+      smallest.setdefault(label[at[x]], x)  # nodes are sorted: the first seen is the smallest
+    roots, rounds = dedup.components(pairs, rounds=40)
+    assert roots == {x: smallest[label[at[x]]] for x in nodes} == dedup.clusters(pairs)
+    assert rounds <= 2 * np.log2(len(nodes)) + 4
+  with pytest.raises(RuntimeError, match='after 3 Hash-to-Min rounds'):
+    dedup.components(paths[-1], rounds=3)
+
+
 def test_near_dedup_keeps_one_per_cluster_whatever_the_order(planted):
   texts, family, *_ = planted
   docs = [Doc('s', f'{i}', t) for i, t in enumerate(texts)]

@@ -42,10 +42,13 @@ def test_anneal_probe_ranks_clean_candidate_above_shuffled_one(tmp_path):
   rng = random.Random(0)
   with open(tmp_path / 'clean.jsonl', 'w') as clean, open(tmp_path / 'shuffled.jsonl', 'w') as bad:
     for p in _paragraphs():
-      words = p.split()
-      rng.shuffle(words)  # the same tokens, the order destroyed
+      # The same characters, words and order destroyed. (Shuffling whole words was too close to call
+      # at this scale: both candidates moved the default mix by +0.008 to +0.011 bpb, their order
+      # decided by the data order.)
+      chars = list(p)
+      rng.shuffle(chars)
       clean.write(json.dumps({'text': p}) + '\n')
-      bad.write(json.dumps({'text': ' '.join(words)}) + '\n')
+      bad.write(json.dumps({'text': ''.join(chars)}) + '\n')
   config = 'configs/experiment_tiny.py:quick=True,steps=120'
   cache, parent, work = tmp_path / 'data', tmp_path / 'parent', tmp_path / 'probe'
   pre = subprocess.run([sys.executable, '-m', 'lmjax.train', f'--config={config}', f'--workdir={parent}',
@@ -61,7 +64,8 @@ def test_anneal_probe_ranks_clean_candidate_above_shuffled_one(tmp_path):
   result = json.loads((work / 'results.json').read_text())
   assert result['ranking'] == ['clean', 'shuffled'], result['verdicts']
   v = result['verdicts']
-  assert v['shuffled']['delta_bpb']['mean'] > v['clean']['delta_bpb']['mean']
+  # Measured +0.034 against +0.011 bpb (2026-12-07): the ranking holds with a 0.01 bpb margin.
+  assert v['shuffled']['delta_bpb']['mean'] > v['clean']['delta_bpb']['mean'] + 0.01
   assert v['shuffled']['verdict'] == 'hurts'  # > 0.005 bits per byte worse than the default mix
   run = result['runs']['clean-s0']
   assert set(run['end']['bpb']) == {'zh', 'en', 'code', 'math', 'legal', 'clean', 'shuffled'}

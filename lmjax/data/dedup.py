@@ -48,6 +48,7 @@ hash) for 4, and combines the pairs globally for 5.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import os
@@ -341,6 +342,53 @@ def roots(parent: dict) -> dict:
 def clusters(pairs) -> dict:
   """{key: the smallest key of its connected component} for every key in `pairs` (union-find)."""
   return roots(union({}, pairs))
+
+
+# Connected components by Hash-to-Min (Rastogi et al., "Finding Connected Components in Map-Reduce
+# in Logarithmic Rounds", ICDE 2013): the distributed form of `clusters`. Each node v holds a set C_v,
+# first {v} and its neighbours; in a round v sends C_v to m = min(C_v) and {m} to every other member,
+# and the new C_v is the union of what v received. At the fixed point the smallest node of a
+# component holds the whole component and every other node holds {that node}. A Beam pipeline runs the
+# two functions below as FlatMap -> GroupByKey -> Map; `components` is the same rounds in memory.
+def hash_to_min_messages(node, cluster: tuple) -> Iterator[tuple]:
+  """A round's messages of `node` holding the sorted tuple `cluster`: (receiver, tuple of nodes)."""
+  m = cluster[0]
+  yield m, cluster
+  for u in cluster[1:]:
+    yield u, (m,)
+
+
+def hash_to_min_merge(received) -> tuple:
+  """The new sorted cluster of a node from the tuples it received."""
+  return tuple(sorted(set().union(*received)))
+
+
+def neighbourhood(pair: tuple) -> Iterator[tuple]:
+  """A pair's (node, pair) messages: their merge (hash_to_min_merge per node) over all pairs is
+  {node} and its neighbours."""
+  a, b = pair
+  yield a, (a, b)
+  yield b, (a, b)
+
+
+def components(pairs, rounds: int) -> tuple[dict, int]:
+  """({node: the smallest node of its component}, rounds run until nothing changed) by Hash-to-Min;
+  the in-memory reference of the Beam runner's near-duplicate clusters. Raises RuntimeError if the
+  sets still change after `rounds` rounds."""
+  state = _grouped(m for pair in pairs for m in neighbourhood(pair))
+  for r in range(rounds + 1):
+    new = _grouped(msg for node, c in state.items() for msg in hash_to_min_messages(node, c))
+    if new == state:
+      return {node: min(c[0], node) for node, c in state.items()}, r
+    state = new
+  raise RuntimeError(f'near-duplicate clusters still changed after {rounds} Hash-to-Min rounds')
+
+
+def _grouped(messages) -> dict:
+  by_node = collections.defaultdict(list)
+  for node, c in messages:
+    by_node[node].append(c)
+  return {node: hash_to_min_merge(cs) for node, cs in by_node.items()}
 
 
 def candidate_buckets(bands: np.ndarray) -> list[np.ndarray]:

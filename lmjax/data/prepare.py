@@ -84,6 +84,7 @@ def defaults():
   cfg = stages.defaults()
   cfg.runner = 'local'  # local | beam (DirectRunner unless beam_args names another)
   cfg.beam_args = ''  # Beam pipeline options, e.g. '--runner=DataflowRunner --project=P --region=R'
+  cfg.cc_rounds = 20  # Beam: Hash-to-Min rounds for near-duplicate clusters (~log2 of the widest)
   cfg.read = readers.defaults()
   return cfg
 
@@ -175,7 +176,7 @@ def _fingerprint(spec: str) -> list:
 
 def _clean_key(data_cfg, names: list[str]) -> str:
   return _hash(dict(v=FORMAT_VERSION, clean={k: v for k, v in data_cfg.clean.to_dict().items()
-                                             if k not in ('runner', 'beam_args')},
+                                             if k not in ('runner', 'beam_args', 'cc_rounds')},
                     sources=[[n, data_cfg.sources[n].corpora, *source_kind(data_cfg, n),
                               _fingerprint(data_cfg.sources[n].corpora)] for n in names]))
 
