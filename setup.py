@@ -64,12 +64,15 @@ setup(
         "tpu": ["jax[tpu]==0.10.2", "gcsfs==2026.10.1", *PINNED],
         "test": ["pytest==9.2.0", "nbclient==0.11.0", "nbformat==5.11.1",
                  "ipykernel==7.4.0", "datasketch==2.0.0",
-                 "apache-beam==2.77.0", "pyarrow==25.0.1",  # beam 2.77 needs pyarrow < 26
+                 "apache-beam[dask]==2.77.0", "pyarrow==25.0.1",  # beam 2.77 needs pyarrow < 26
+                 "dask==2026.8.0", "distributed==2026.8.0",  # Beam's DaskRunner, tests/test_data_beam.py
+                 "gcsfs==2026.10.1", "gcp-storage-emulator==2026.7.19",  # gs:// on a local emulator
                  "libtpu==0.0.42.1",  # the TPU compiler, for compile-only tests on CPU (lmjax.aot)
                  "wandb==0.31.0", *PINNED],
         "parquet": ["pyarrow==25.0.1"],
-        # prepare --runner=beam (lmjax/data/beam.py): DirectRunner here, Dataflow/Flink/Spark on a cluster
-        "beam": ["apache-beam==2.77.0", "pyarrow==25.0.1"],
+        # prepare --runner=beam (lmjax/data/beam.py): DirectRunner, Dask (tested), Dataflow (docs/data.md)
+        "beam": ["apache-beam[dask]==2.77.0", "pyarrow==25.0.1", "dask==2026.8.0",
+                 "distributed==2026.8.0"],
         # seqio Tasks/Mixtures as sources, prepared sources as seqio Tasks (lmjax/data/seqio_tasks.py).
         # TensorFlow comes with it, and seqio needs protobuf >= 7 where beam needs < 7: it cannot share
         # an environment with [beam] (or [test]), so its tests run in a venv of their own (.ci/run).

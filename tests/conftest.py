@@ -6,6 +6,9 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 # CPU unless told otherwise (run tests/gpu with JAX_PLATFORMS=cuda): with libtpu installed for the
 # compile-only TPU tests, JAX would otherwise try to open a TPU first in every process.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# gcsfs 2026.x waits ~60 s on each bucket call to gcp-storage-emulator (tests/test_data_beam.py)
+# unless this is off when gcsfs is imported. No test talks to the real GCS.
+os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
 # One clean store per (corpora, cleaning config) for the whole session, subprocesses and notebook
 # kernels included (lmjax/data/prepare.py `_clean_store`): the tiny demo's corpora are cleaned once,
 # not once per test that trains on them. tests/test_data_beam.py unsets it to clean with both runners.

@@ -1,12 +1,13 @@
 """The clean store's documents by content: an index of a source's kept documents in content-hash
 order (the order the held-out split and the report use) and random access to them.
 
-A clean store (lmjax/data/prepare.py's module docstring) holds docs/<source>-NNNNN-of-NNNNN.jsonl,
-one {"id", "text"} a line; `index_source` reads a source's files once and keeps ~44 bytes a document.
+A clean store (lmjax/data/prepare.py's module docstring; a local directory or a URL, read through
+lmjax.fs) holds docs/<source>-NNNNN-of-NNNNN.jsonl, one {"id", "text"} a line; `index_source` reads a source's files once and keeps ~44 bytes a document.
 """
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import glob
 import json
 import os
@@ -14,6 +15,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from lmjax import fs
 from lmjax.data import dedup
 
 
@@ -28,10 +30,12 @@ class SourceIndex(NamedTuple):
 
 def index_source(store: str, name: str) -> SourceIndex:
   """Indexes the docs files of source `name` in a clean store (one pass; ~44 bytes per document)."""
-  files = sorted(glob.glob(os.path.join(store, 'docs', f'{name}-*-of-*.jsonl')))
+  docs = os.path.join(store, 'docs')
+  files = [os.path.join(docs, f) for f in fs.listdir(docs)
+           if fnmatch.fnmatchcase(f, f'{glob.escape(name)}-*-of-*.jsonl')]
   keys, chars, file, offset = [], [], [], []
   for i, path in enumerate(files):
-    with open(path, 'rb') as f:
+    with fs.open(path, 'rb') as f:
       pos = 0
       for line in f:
         doc = json.loads(line)
@@ -53,7 +57,7 @@ def read_docs(index: SourceIndex, rows) -> Iterator[dict]:
     for r in rows:
       f = int(index.file[r])
       if f not in handles:
-        handles[f] = stack.enter_context(open(index.files[f], 'rb'))
+        handles[f] = stack.enter_context(fs.open(index.files[f], 'rb'))
       handles[f].seek(int(index.offset[r]))
       yield json.loads(handles[f].readline())
 

@@ -516,6 +516,9 @@ def validate(data_cfg) -> None:
   if data_cfg.clean.runner not in prepare_lib.RUNNERS:
     raise ValueError(f'config.data.clean.runner={data_cfg.clean.runner!r}: expected one of '
                      f'{prepare_lib.RUNNERS}')
+  for field in ('cc_rounds', 'beam_files'):
+    if int(data_cfg.clean[field]) < 1:
+      raise ValueError(f'config.data.clean.{field}={data_cfg.clean[field]}: expected a positive integer')
 
 
 def build(data_cfg, phases, *, seq_len: int, global_batch_size: int, seed: int, workdir: str,

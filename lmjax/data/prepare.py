@@ -85,6 +85,7 @@ def defaults():
   cfg.runner = 'local'  # local | beam (DirectRunner unless beam_args names another)
   cfg.beam_args = ''  # Beam pipeline options, e.g. '--runner=DataflowRunner --project=P --region=R'
   cfg.cc_rounds = 20  # Beam: Hash-to-Min rounds for near-duplicate clusters (~log2 of the widest)
+  cfg.beam_files = 16  # Beam: docs files per source (and drops files): one file's docs in a worker
   cfg.read = readers.defaults()
   return cfg
 
@@ -176,7 +177,7 @@ def _fingerprint(spec: str) -> list:
 
 def _clean_key(data_cfg, names: list[str]) -> str:
   return _hash(dict(v=FORMAT_VERSION, clean={k: v for k, v in data_cfg.clean.to_dict().items()
-                                             if k not in ('runner', 'beam_args', 'cc_rounds')},
+                                             if k not in ('runner', 'beam_args', 'cc_rounds', 'beam_files')},
                     sources=[[n, data_cfg.sources[n].corpora, *source_kind(data_cfg, n),
                               _fingerprint(data_cfg.sources[n].corpora)] for n in names]))
 
@@ -188,12 +189,13 @@ def _split_spec(data_cfg, name: str) -> list:
 
 # ----------------------------------------------------------------------------- 1. clean
 def clean(data_cfg, names: list[str], store: str, runner: str, verbose: bool) -> None:
-  """Writes the clean store of sources `names` to the local directory `store` (see the module
-  docstring) with the local or the Beam runner; counters.json is written last."""
+  """Writes the clean store of sources `names` to `store` (see the module docstring) with the local
+  runner (a local directory) or the Beam runner (a local directory or a URL its workers write to);
+  counters.json is written last and marks the store complete."""
   if runner not in RUNNERS:
     raise ValueError(f'config.data.clean.runner={runner!r}: expected one of {RUNNERS}')
   specs = [(n, data_cfg.sources[n].corpora, *source_kind(data_cfg, n)) for n in names]
-  os.makedirs(os.path.join(store, 'docs'), exist_ok=True)
+  fs.makedirs(os.path.join(store, 'docs'))
   if runner == 'beam':
     from lmjax.data import beam  # pylint: disable=import-outside-toplevel  (the [beam] extra)
     counters = beam.run(specs, data_cfg.clean, store)
@@ -366,6 +368,12 @@ def _write_source(data_cfg, tmp: str, name: str, index: clean_store.SourceIndex,
     json.dump(stats, f, indent=1)
 
 
+def _report_path(root: str, dirs: dict[str, str]) -> str:
+  """The report of the sources prepared in `dirs`, named by their directories' names (not paths: a
+  cache dir copied elsewhere, to a bucket say, stays complete)."""
+  return os.path.join(root, f'report-{_hash(sorted(os.path.basename(d) for d in dirs.values()))}.json')
+
+
 # ----------------------------------------------------------------------------- all of it
 class Prepared(NamedTuple):
   tokenizer: tokenizer_lib.Tokenizer
@@ -401,7 +409,7 @@ def prepare(data_cfg, workdir: str, verbose: bool = False) -> Prepared:
   if tok is not None:
     tok_hash = _tokenizer_hash(tok)
     dirs = {n: source_dir(data_cfg, root, key, n, tok_hash) for n in names}
-    report_path = os.path.join(root, f'report-{_hash(sorted(dirs.values()))}.json')
+    report_path = _report_path(root, dirs)
     if all(fs.isfile(os.path.join(d, 'stats.json')) for d in dirs.values()) and fs.isfile(report_path):
       return Prepared(tok, dirs, missing, None, report_path)
   with _cleaned_store(data_cfg, names, root, key, verbose) as store:
@@ -418,7 +426,7 @@ def prepare(data_cfg, workdir: str, verbose: bool = False) -> Prepared:
     kinds = {n: dict(zip(('kind', 'languages'), source_kind(data_cfg, n))) for n in names}
     report = report_lib.build(kinds, read_counters(store), store, indexes, stats,
                               runner=data_cfg.clean.runner)
-  report_path = os.path.join(root, f'report-{_hash(sorted(dirs.values()))}.json')
+  report_path = _report_path(root, dirs)
   for path in (report_path, os.path.join(workdir, 'data_report.json')):
     report_lib.save(report, path)
   if verbose:
@@ -440,20 +448,26 @@ def cleaned_documents(data_cfg, workdir: str, name: str) -> dict[str, list[str]]
 
 @contextlib.contextmanager
 def _cleaned_store(data_cfg, names: list[str], root: str, key: str, verbose: bool) -> Iterator[str]:
-  """The local directory of the clean store of sources `names`, cleaned first unless it was."""
-  with _clean_store(root, key) as store:
-    if not os.path.isfile(os.path.join(store, 'counters.json')):
+  """The clean store of sources `names` (a local directory, or a URL for the Beam runner), cleaned
+  first unless it was."""
+  with _clean_store(root, key, data_cfg.clean.runner) as store:
+    if not fs.isfile(os.path.join(store, 'counters.json')):
       clean(data_cfg, names, store, data_cfg.clean.runner, verbose)
     yield store
 
 
 @contextlib.contextmanager
-def _clean_store(root: str, key: str) -> Iterator[str]:
-  """The local directory of the clean store: clean-<key> in a local cache dir (kept), a temporary
-  directory for a URL cache dir (removed afterwards). LMJAX_CLEAN_CACHE, a local directory, holds the
-  clean stores of every cache dir instead: the key names everything a store depends on, so runs and
-  tests that clean the same corpora the same way clean them once (tests/conftest.py sets it)."""
+def _clean_store(root: str, key: str, runner: str) -> Iterator[str]:
+  """The clean store's directory: clean-<key> in a local cache dir (kept); in a URL cache dir,
+  clean-<key> there for the Beam runner (its workers write it; kept, counters.json marks it done)
+  and a local temporary directory for the local runner (removed afterwards). LMJAX_CLEAN_CACHE, a
+  local directory, holds the clean stores of every cache dir instead: the key names everything a
+  store depends on, so runs and tests that clean the same corpora the same way clean them once
+  (tests/conftest.py sets it)."""
   root = os.environ.get('LMJAX_CLEAN_CACHE') or root
+  if not fs.is_local(root) and runner == 'beam':
+    yield os.path.join(root, f'clean-{key}')
+    return
   if fs.is_local(root):
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f'clean-{key}')

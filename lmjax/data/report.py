@@ -22,7 +22,7 @@ two streaming passes that hold only counts per cluster and the examples.
 from __future__ import annotations
 
 import collections
-import glob
+import fnmatch
 import hashlib
 import heapq
 import json
@@ -46,8 +46,10 @@ def _rank(record: dict) -> bytes:
 
 
 def _drops(store: str):
-  for path in sorted(glob.glob(os.path.join(store, 'drops-*-of-*.jsonl'))):
-    with open(path, encoding='utf-8') as f:
+  for name in fs.listdir(store):
+    if not fnmatch.fnmatchcase(name, 'drops-*-of-*.jsonl'):
+      continue
+    with fs.open(os.path.join(store, name)) as f:
       for line in f:
         yield json.loads(line)
 
