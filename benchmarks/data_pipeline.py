@@ -36,7 +36,7 @@ def _rss() -> dict[str, float]:
   return out
 
 
-def child(dirs: list[str], seq: int, batch: int, seconds: float, steps: int) -> dict:
+def child(dirs: list[str], seq: int, batch: int, seconds: float, steps: int, max_open: int) -> dict:
   """Opens `dirs` as sources of one equal-weight mixture and measures it (runs in its own process)."""
   os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
   import grain  # pylint: disable=import-outside-toplevel
@@ -44,8 +44,9 @@ def child(dirs: list[str], seq: int, batch: int, seconds: float, steps: int) -> 
   from lmjax.data import pipeline  # pylint: disable=import-outside-toplevel
   rss0 = _rss()
   t0 = time.perf_counter()
-  rows = [pipeline.PackedRows(pipeline.SourceData(d, 'train', verify=True), seq, (SEED, i),
-                              bos_id=1, eos_id=2) for i, d in enumerate(dirs)]
+  sources = [pipeline.SourceData(d, 'train', verify=True, max_open=max_open) for d in dirs]
+  rows = [pipeline.PackedRows(data, seq, (SEED, i), bos_id=1, eos_id=2)
+          for i, data in enumerate(sources)]
   mixture = pipeline.Mixture([(0, np.full(len(dirs), 1 / len(dirs)))], batch, 1024, SEED)
   p = pipeline.Pipeline(None, [f's{i}' for i in range(len(dirs))], rows, mixture,
                         global_batch_size=batch, process_index=0, process_count=1, eval_rows={},
@@ -81,10 +82,12 @@ def main():
   parser.add_argument('--seconds', type=float, default=20.0)
   parser.add_argument('--steps', type=int, default=10000, help='memory after this many steps (largest '
                       'case; 0: skip)')
+  parser.add_argument('--max_open', type=int, default=32, help='open shards a source (SourceData)')
   parser.add_argument('--child', default='', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
-    print(json.dumps(child(args.child.split(','), args.seq, args.batch, args.seconds, args.steps)))
+    print(json.dumps(child(args.child.split(','), args.seq, args.batch, args.seconds, args.steps,
+                           args.max_open)))
     return
 
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -102,7 +105,7 @@ def main():
       largest = (n, k) == (max(docs), max(counts))
       cmd = [sys.executable, __file__, f'--child={",".join(dirs[:k])}', f'--seq={args.seq}',
              f'--batch={args.batch}', f'--seconds={args.seconds}',
-             f'--steps={args.steps if largest else 0}']
+             f'--steps={args.steps if largest else 0}', f'--max_open={args.max_open}']
       proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
       if proc.returncode:
         sys.exit(f'{" ".join(cmd)} failed:\n{proc.stderr}')

@@ -8,8 +8,9 @@ documents whose lengths are drawn from a log-normal with median 300 and mean ~50
 [1, 32768]), like web text. Every token of document i is the id (i mod 60000) + 3: the pipeline
 never looks at the ids, and constant documents let the shards be zstd-compressed to a few MB per
 million documents, so eight sources of 10M documents (40 GB of uint16 ids as prepare would write
-them) fit on a laptop's disk. Reading them costs the decompression on top of prepare's uncompressed
-shards, so a pipeline figure measured on them is if anything low. The held-out split is empty.
+them) fit on a laptop's disk. Reading them adds the decompression, but they also stay in the page
+cache, which 80 GB of real shards would not: a pipeline figure measured on them is the pipeline's
+own cost, not the disk's. The held-out split is empty.
 """
 import argparse
 import json

@@ -33,9 +33,10 @@ Portable by construction, because Beam's DaskRunner (2.77) gets several things s
 tagged output receives every element, outputs of finish_bundle are dropped (so BatchElements and
 WriteToText lose data) and only the last of several leaf transforms runs. So every step yields
 (kind, value) pairs that the next steps filter, batches are made inside a file's DoFn, files are
-written in DoFns, and the pipeline ends in one Flatten. Group keys are ints or tuples of ints (`_node`):
-compact, and hashed alike in every process (beam#29365 reported str keys splitting groups on Dask; it
-does not reproduce with dask 2026.8, but ints cost nothing).
+written in DoFns, and the pipeline ends in one Flatten. The documents, buckets and clusters are
+grouped by ints (`_node`: a key's bytes as a big-endian int, same order), hashed alike in every
+process (beam#29365 reported str keys splitting groups on Dask; it does not reproduce with dask
+2026.8); the counters are summed by (source, stage, outcome) strings.
 """
 from __future__ import annotations
 
@@ -151,11 +152,11 @@ def components(pairs, rounds: int):
   state = (pairs | 'neighbours' >> beam.FlatMap(dedup.neighbourhood)
            | 'group neighbours' >> beam.GroupByKey()
            | 'first sets' >> beam.MapTuple(lambda node, cs: (node, dedup.hash_to_min_merge(cs))))
-  changed = None
   for r in range(rounds):
     merged = (state | f'send {r}' >> beam.FlatMap(_send) | f'receive {r}' >> beam.GroupByKey()
               | f'merge {r}' >> beam.FlatMap(_merge))
-    state, changed = _kind(merged, 'state', f'round {r}'), _kind(merged, 'changed', f'round {r}')
+    state = _kind(merged, 'state', f'round {r}')
+  changed = _kind(merged, 'changed', 'last round')
   roots = state | 'roots' >> beam.MapTuple(lambda node, c: (node, min(c[0], node)))
   return roots, changed
 
@@ -234,10 +235,12 @@ def run(specs: list[tuple[str, str, str, str]], cfg: ml_collections.ConfigDict,
   _ = ((doc_lines, drop_lines, counts, changed_count) | 'outputs' >> beam.Flatten()
        | 'by file' >> beam.GroupByKey() | 'write' >> beam.FlatMap(_write, store, names, files))
   result = p.run()
-  result.wait_until_finish()
-  client = getattr(result, 'client', None)  # the DaskRunner's dask.distributed client
-  if client is not None:
-    client.close()
+  try:
+    result.wait_until_finish()
+  finally:
+    client = getattr(result, 'client', None)  # the DaskRunner's dask.distributed client
+    if client is not None:
+      client.close()
   changed_docs = json.loads(fs.read_text(os.path.join(store, CHANGED)))
   if changed_docs:
     raise RuntimeError(f'near-duplicate clusters: {changed_docs} documents still changed cluster in '

@@ -1,16 +1,16 @@
 """The clean store's documents by content: an index of a source's kept documents in content-hash
 order (the order the held-out split and the report use) and random access to them.
 
-A clean store (lmjax/data/prepare.py's module docstring; a local directory or a URL, read through
-lmjax.fs) holds docs/<source>-NNNNN-of-NNNNN.jsonl, one {"id", "text"} a line; `index_source` reads a source's files once and keeps ~44 bytes a document.
+A clean store (prepare.py's module docstring; a local directory or a URL, read through lmjax.fs)
+holds docs/<source>-NNNNN-of-NNNNN.jsonl, one {"id", "text"} a line; `index_source` reads a source's
+files once and keeps ~44 bytes a document.
 """
 from __future__ import annotations
 
 import contextlib
-import fnmatch
-import glob
 import json
 import os
+import re
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -31,8 +31,8 @@ class SourceIndex(NamedTuple):
 def index_source(store: str, name: str) -> SourceIndex:
   """Indexes the docs files of source `name` in a clean store (one pass; ~44 bytes per document)."""
   docs = os.path.join(store, 'docs')
-  files = [os.path.join(docs, f) for f in fs.listdir(docs)
-           if fnmatch.fnmatchcase(f, f'{glob.escape(name)}-*-of-*.jsonl')]
+  own = re.compile(rf'{re.escape(name)}-\d{{5}}-of-\d{{5}}\.jsonl')  # not source 'web-zh' for 'web'
+  files = [os.path.join(docs, f) for f in fs.listdir(docs) if own.fullmatch(f)]
   keys, chars, file, offset = [], [], [], []
   for i, path in enumerate(files):
     with fs.open(path, 'rb') as f:

@@ -10,10 +10,10 @@ stream, cut into rows of seq_len inputs: row r holds stream positions [r*L, r*L+
 tokens. Epoch e of the source visits those rows in a permutation seeded with (seed, source, e) --
 grain's index_shuffle, computed per index, so neither the rows nor the documents are ever listed.
 The last row is padded, so an epoch is exactly `rows_per_epoch` rows and every token is a target
-once per epoch. A row reads only the documents it overlaps, located by per-shard starts files that
-are memory-mapped when the row first touches their shard: memory and cost per row do not grow with
-the source (docs/data.md, "Rows at scale", says what this order gives up against a fresh document
-order each epoch). Segment ids number the document pieces in a row 1, 2, ... (0 = padding);
+once per epoch. A row reads only the documents it overlaps, located by per-shard starts files read
+on demand once a row first touches their shard: memory and cost per row do not grow with the source
+(docs/data.md, "Rows at scale", says what this order gives up against a fresh document order each
+epoch). Segment ids number the document pieces in a row 1, 2, ... (0 = padding);
 positions restart at 0 at each piece (a document cut by a row boundary continues in another row as a
 new piece: the model sees no context across rows anyway); weights are 1 where the target is the next
 token of the same document.
@@ -85,7 +85,7 @@ def defaults() -> ml_collections.ConfigDict:
       clean=prepare_lib.defaults(),  # the cleaning stages' runner and thresholds (docs/data.md)
       cache_dir='',  # prepared data and tokenizer; '' = <workdir>/data (local or gs://). Set to share.
       shard_bytes=256 << 20,  # bytes of token ids per ArrayRecord train shard
-      verify_checksums=True,  # hash each shard when a row first reads it (a corrupt one is an error naming it)
+      verify_checksums=True,  # hash each shard when a row first reads it (corrupt: an error naming it)
       num_threads=2,  # grain reader threads (and sentencepiece threads when preparing)
       prefetch=8,  # batches prefetched
   ))
@@ -96,14 +96,15 @@ class SourceData:
   documents in stored order (content-hash order: lmjax/data/prepare.py).
 
   Start-up reads stats.json alone: nothing per shard or per document. A shard is opened when a row
-  first reads from it: its ArrayRecord reader and its memory-mapped starts file
-  (prepare.starts_file), checked then (size, records, tokens and, with `verify`, the checksum; once a
-  process). At most `max_open` shards stay open (least recently used closed first). `directory` is local or a URL (gs://; lmjax/fs.py): ArrayRecord
+  first reads from it: its ArrayRecord reader and its starts file (prepare.starts_file, searched a
+  few entries at a time), checked then (size, records, tokens and, with
+  `verify`, the checksum; once a process). At most `max_open` shards stay open (least recently used
+  closed first). `directory` is local or a URL (gs://; lmjax/fs.py): ArrayRecord
   reads local files only, so a URL's shard and starts file are copied to this host's disk
   (`mirror_dir`) when first opened: each host fetches only the shards its rows read.
   """
 
-  def __init__(self, directory: str, split: str, verify: bool, max_open: int = 64):
+  def __init__(self, directory: str, split: str, verify: bool, max_open: int = 32):
     stats_path = os.path.join(directory, 'stats.json')
     if not fs.isfile(stats_path):
       raise FileNotFoundError(f'prepared data {stats_path!r} does not exist')
@@ -125,7 +126,8 @@ class SourceData:
   @property
   def fetched(self) -> list[str]:
     """The shard files opened so far."""
-    return [self._shards[i]['file'] for i in sorted(self._checked)]
+    with self._lock:
+      return [self._shards[i]['file'] for i in sorted(self._checked)]
 
   def _shard(self, i: int) -> _OpenShard:
     """Shard i, opened (and checked, the first time) unless it is open."""
@@ -172,44 +174,73 @@ class SourceData:
 
 
 class _OpenShard:
-  """An open shard: its ArrayRecord reader and its starts, every STRIDE-th in memory and the rest
-  read from the starts file a few at a time, so an open shard holds kilobytes whatever its size."""
+  """An open shard: its ArrayRecord reader, and its starts file searched with a few small reads a
+  row (opened for each search), so an open shard holds one file descriptor and no array, whatever its
+  size."""
 
-  STRIDE = 64
+  BLOCK = 64  # starts read at a time once the search is this close
 
   def __init__(self, path: str, starts_path: str, shard: dict):
     self.reader = array_record_module.ArrayRecordReader(path, 'readahead_buffer_size:0',
                                                         file_reader_buffer_size=32768)
-    try:
-      starts = np.load(starts_path, mmap_mode='r')
-    except (OSError, ValueError) as e:
-      raise ValueError(f'starts file {starts_path!r} of data shard {path!r}: {e}; {_hint(path)}') from None
     n = shard['records']
-    if self.reader.num_records() != n or starts.shape != (n + 1,) or starts.dtype != np.int64 or \
-        int(starts[-1]) != shard['tokens'] + 2 * n:
-      raise ValueError(f'data shard {path!r}: {self.reader.num_records()} records and '
-                       f'{len(starts)} starts, expected {n} documents of {shard["tokens"]} tokens '
+    if self.reader.num_records() != n:
+      raise ValueError(f'data shard {path!r} has {self.reader.num_records()} records, expected {n} '
                        f'(corrupt); {_hint(path)}')
-    self.coarse = np.array(starts[::self.STRIDE])  # a copy: the mapping goes with `starts`
-    self._file, self._data_offset, self._n = open(starts_path, 'rb'), starts.offset, n
+    self._path = starts_path
+    try:
+      with open(starts_path, 'rb') as f:
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(f)]
+        shape, fortran, dtype = read_header(f)
+        self._offset, size = f.tell(), os.fstat(f.fileno()).st_size
+    except (OSError, ValueError, KeyError) as e:
+      raise ValueError(f'starts file {starts_path!r} of data shard {path!r}: not a .npy file ({e}); '
+                       f'{_hint(path)}') from None
+    self._n = n
+    if dtype != np.dtype('<i8') or fortran or shape != (n + 1,) or size != self._offset + 8 * (n + 1) or \
+        self._starts(os.open(starts_path, os.O_RDONLY), n, n + 1, close=True)[0] != shard['tokens'] + 2 * n:
+      raise ValueError(f'starts file {starts_path!r}: {dtype} {shape}, expected int64 ({n + 1},) '
+                       f'ending at {shard["tokens"] + 2 * n} (corrupt); {_hint(path)}')
+
+  def _starts(self, fd: int, lo: int, hi: int, close: bool = False) -> np.ndarray:
+    """starts[lo:hi] read from the starts file open as `fd` (closed after with `close`)."""
+    try:
+      return np.frombuffer(os.pread(fd, 8 * (hi - lo), self._offset + 8 * lo), '<i8')
+    finally:
+      if close:
+        os.close(fd)
 
   def locate(self, begin: int, end: int) -> tuple[int, np.ndarray]:
     """(first document, starts of documents first .. last + 1) of the documents overlapping the
     shard's stream positions [begin, end)."""
-    lo = max(int(np.searchsorted(self.coarse, begin, side='right')) - 1, 0) * self.STRIDE
-    hi = min(int(np.searchsorted(self.coarse, end, side='left')) * self.STRIDE, self._n)
-    fine = np.frombuffer(os.pread(self._file.fileno(), (hi - lo + 1) * 8, self._data_offset + 8 * lo),
-                         np.int64)
-    first = max(int(np.searchsorted(fine, begin, side='right')) - 1, 0)
-    last = min(int(np.searchsorted(fine, end, side='left')), len(fine) - 1)  # exclusive
-    return lo + first, fine[first:last + 1]
+    fd = os.open(self._path, os.O_RDONLY)
+    try:
+      lo, hi = 0, self._n  # the first document is the last i < n with starts[i] <= begin
+      while hi - lo > self.BLOCK:
+        mid = (lo + hi) // 2
+        if self._starts(fd, mid, mid + 1)[0] <= begin:
+          lo = mid
+        else:
+          hi = mid
+      block = self._starts(fd, lo, min(lo + self.BLOCK, self._n) + 1)
+      while block[-1] < end and lo + len(block) - 1 < self._n:  # the row reaches past this block
+        more = self._starts(fd, lo + len(block), min(lo + len(block) + self.BLOCK, self._n + 1))
+        block = np.concatenate([block, more])
+    finally:
+      os.close(fd)
+    first = lo + max(int(np.searchsorted(block, begin, side='right')) - 1, 0)
+    last = min(lo + int(np.searchsorted(block, end, side='left')), self._n)  # exclusive
+    return first, block[first - lo:last - lo + 1]
 
 
 def _hint(path: str) -> str:
+  """What to do about a damaged prepared file."""
   return f'delete {os.path.dirname(path)!r} to prepare it again'
 
 
 def _check_size(path: str, shard: dict) -> None:
+  """Raises if the shard file is missing or not the size stats.json recorded."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'data shard {path!r} is missing; {_hint(path)}')
   if os.path.getsize(path) != shard['bytes']:
@@ -241,7 +272,7 @@ def _mirror(url: str, size: int | None) -> str:
 def _shuffle_seed(seed: tuple[int, ...], epoch: int) -> int:
   """A 32-bit seed of grain's index_shuffle from a source's seed and an epoch."""
   digest = hashlib.blake2b(repr((*seed, epoch)).encode(), digest_size=4).digest()
-  return int.from_bytes(digest, 'little') >> 1  # index_shuffle takes a signed 32-bit seed
+  return int.from_bytes(digest, 'little') >> 1  # 31 bits: within any integer seed index_shuffle takes
 
 
 class PackedRows:

@@ -27,7 +27,7 @@ such as gs://, through lmjax/fs.py):
   <source>-<key>/train-00000.arrayrecord  one record per document: its token ids (no BOS/EOS)
   <source>-<key>/train-00000.starts.npy   int64 [records + 1]: where each document of the shard starts
                                           in the shard's stream of `[BOS] ids [EOS]` documents (the
-                                          pipeline memory-maps it: lmjax/data/pipeline.py)
+                                          pipeline reads it on demand: lmjax/data/pipeline.py)
   <source>-<key>/eval-00000.arrayrecord   the held-out documents (one shard), eval-00000.starts.npy
   <source>-<key>/stats.json               documents, tokens, chars; per shard its file, records,
                                           tokens, bytes and checksum
@@ -466,7 +466,10 @@ def _clean_store(root: str, key: str, runner: str) -> Iterator[str]:
   (tests/conftest.py sets it)."""
   root = os.environ.get('LMJAX_CLEAN_CACHE') or root
   if not fs.is_local(root) and runner == 'beam':
-    yield os.path.join(root, f'clean-{key}')
+    store = os.path.join(root, f'clean-{key}')
+    if not fs.isfile(os.path.join(store, 'counters.json')):
+      fs.rmtree(store)  # what a failed or killed run left: its files would be read with the new ones
+    yield store
     return
   if fs.is_local(root):
     os.makedirs(root, exist_ok=True)
