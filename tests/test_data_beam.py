@@ -14,9 +14,8 @@ import sysconfig
 import numpy as np
 import pytest
 
-from lmjax import fs
-
 from lmjax import config as config_lib
+from lmjax import fs
 from lmjax.data import corpora
 from lmjax.data import prepare
 
@@ -75,14 +74,10 @@ def gcs():
   logging.getLogger('gcp_storage_emulator').setLevel(logging.WARNING)
   server = server_lib.create_server('127.0.0.1', port, in_memory=True, default_bucket='lmjax-test')
   server.start()
-  old = os.environ.get('STORAGE_EMULATOR_HOST')
-  os.environ['STORAGE_EMULATOR_HOST'] = f'http://127.0.0.1:{port}'
-  yield 'gs://lmjax-test'
+  with pytest.MonkeyPatch.context() as env:
+    env.setenv('STORAGE_EMULATOR_HOST', f'http://127.0.0.1:{port}')
+    yield 'gs://lmjax-test'
   server.stop()
-  if old is None:
-    os.environ.pop('STORAGE_EMULATOR_HOST')
-  else:
-    os.environ['STORAGE_EMULATOR_HOST'] = old
 
 
 @pytest.fixture(scope='module')

@@ -13,6 +13,7 @@ import pytest
 from lmjax import batch as batch_lib, phases
 from lmjax.data import corpora
 from lmjax.data import pipeline
+from lmjax.data import prepare
 
 import docstream
 
@@ -270,7 +271,6 @@ def test_tiny_mix_anneal_phase_starts_with_the_lr_decay():
 def test_source_data_spans_are_the_stream_of_its_shards(tmp_path):
   """SourceData.span against the stream built by hand: documents across several shards and across
   the starts' in-memory stride (64), any window [begin, end), with a few shards open at once."""
-  from lmjax.data import prepare  # pylint: disable=import-outside-toplevel
   lengths = np.random.default_rng(0).integers(0, 40, size=700)
   lengths[300] = 2_000  # longer than a window: spans several strides of positions
   docs = [np.full(n, i % 60_000 + 3, np.uint16) for i, n in enumerate(lengths)]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from lmjax import fs, phases
+from lmjax.data import clean_store
 from lmjax.data import pipeline
 from lmjax.data import prepare
 from lmjax.data import report as report_lib
@@ -208,11 +209,10 @@ def test_cleaned_documents_are_what_the_shards_hold_and_the_rest(tmp_path):
 
 def test_a_source_whose_name_prefixes_another_reads_only_its_own_documents(tmp_path):
   """Sources 'web' and 'web-zh' in one clean store: each index holds its own documents only."""
-  from lmjax.data import clean_store  # pylint: disable=import-outside-toplevel
   (tmp_path / 'docs').mkdir()
   for name, texts in (('web', ['a b c', 'd e f']), ('web-zh', ['一二三'])):
     (tmp_path / 'docs' / f'{name}-00000-of-00001.jsonl').write_text(
-        ''.join(prepare.doc_line(f'{name}{i}', t) for i, t in enumerate(texts)), encoding='utf-8')
+        ''.join(clean_store.doc_line(f'{name}{i}', t) for i, t in enumerate(texts)), encoding='utf-8')
   web = clean_store.index_source(str(tmp_path), 'web')
   assert sorted(d['text'] for d in clean_store.read_docs(web, range(len(web.chars)))) == ['a b c', 'd e f']
   assert len(clean_store.index_source(str(tmp_path), 'web-zh').chars) == 1

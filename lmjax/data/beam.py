@@ -46,9 +46,11 @@ import shlex
 
 import apache_beam as beam
 import ml_collections
+import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from lmjax import fs
+from lmjax.data import clean_store
 from lmjax.data import corpora
 from lmjax.data import dedup
 from lmjax.data import stages
@@ -97,12 +99,12 @@ def _clean_file(item, cfg: ml_collections.ConfigDict):
 
 def _exact(group):
   """The copies of one content: the one with the smallest id hash goes on; the others are drops."""
-  content, signed = group
+  _, signed = group
   signed = sorted(signed, key=lambda s: s[0])  # same content: doc_key order is id_key order
   yield 'doc', signed[0]
   for _, d, _, _ in signed[1:]:
     drop = Drop(d.source, d.doc_id, 'dedup', 'exact_duplicate', len(d.text))
-    yield 'drop', drop_record(drop, d.text, content.to_bytes(16, 'big').hex())
+    yield 'drop', drop_record(drop, d.text, _content_hex(signed[0][0]))
     yield _count(d.source, 'dedup', 'in', d)
     yield _count(d.source, 'dedup', 'exact_duplicate', d)
 
@@ -115,7 +117,6 @@ def _band_entries(signed):
 
 
 def _bucket(group, cfg: ml_collections.ConfigDict):
-  import numpy as np  # pylint: disable=import-outside-toplevel
   _, members = group
   members = sorted(members, key=lambda m: m[0])  # GroupByKey gives no order; dedup.near_rows sorts
   return dedup.bucket_pairs([m[0] for m in members], np.stack([m[1] for m in members]), cfg)
@@ -201,7 +202,6 @@ def run(specs: list[tuple[str, str, str, str]], cfg: ml_collections.ConfigDict,
         store: str) -> stages.Counters:
   """Cleans sources (name, corpora spec, kind, languages) into the clean store `store` (a local
   directory or a URL); returns the counters (prepare.clean writes them to counters.json)."""
-  from lmjax.data import prepare  # pylint: disable=import-outside-toplevel  (prepare imports us lazily)
   names = [n for n, *_ in specs]
   files = int(cfg.beam_files)
   items = [(n, spec_name, path, root, kind, languages) for n, spec, kind, languages in specs
@@ -223,7 +223,7 @@ def run(specs: list[tuple[str, str, str, str]], cfg: ml_collections.ConfigDict,
   doc_lines = (_kind(near, 'doc', 'kept')
                | 'doc lines' >> beam.MapTuple(lambda node, d: (
                    (names.index(d.source), node % files),
-                   (node, prepare.doc_line(d.doc_id, d.text)))))
+                   (node, clean_store.doc_line(d.doc_id, d.text)))))
   drop_lines = (_kind(events, 'drop', 'all') | 'drop lines' >> beam.Map(
       lambda r: ((-1, _node(dedup.id_key(r['source'], r['id'])) % files),
                  json.dumps(r, ensure_ascii=False) + '\n')))

@@ -28,6 +28,11 @@ class SourceIndex(NamedTuple):
   files: list[str]
 
 
+def doc_line(doc_id: str, text: str) -> str:
+  """A line of the clean store's docs files."""
+  return json.dumps(dict(id=doc_id, text=text), ensure_ascii=False) + '\n'
+
+
 def index_source(store: str, name: str) -> SourceIndex:
   """Indexes the docs files of source `name` in a clean store (one pass; ~44 bytes per document)."""
   docs = os.path.join(store, 'docs')

@@ -387,6 +387,7 @@ def components(pairs, rounds: int) -> tuple[dict, int]:
 
 
 def _grouped(messages) -> dict:
+  """{node: hash_to_min_merge of the tuples sent to it} of (node, tuple) messages."""
   by_node = collections.defaultdict(list)
   for node, c in messages:
     by_node[node].append(c)

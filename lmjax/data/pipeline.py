@@ -194,22 +194,19 @@ class _OpenShard:
                        (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(f)]
         shape, fortran, dtype = read_header(f)
         self._offset, size = f.tell(), os.fstat(f.fileno()).st_size
+        last = self._starts(f.fileno(), n, n + 1) if size == self._offset + 8 * (n + 1) else None
     except (OSError, ValueError, KeyError) as e:
       raise ValueError(f'starts file {starts_path!r} of data shard {path!r}: not a .npy file ({e}); '
                        f'{_hint(path)}') from None
     self._n = n
-    if dtype != np.dtype('<i8') or fortran or shape != (n + 1,) or size != self._offset + 8 * (n + 1) or \
-        self._starts(os.open(starts_path, os.O_RDONLY), n, n + 1, close=True)[0] != shard['tokens'] + 2 * n:
+    if dtype != np.dtype('<i8') or fortran or shape != (n + 1,) or last is None or \
+        last[0] != shard['tokens'] + 2 * n:
       raise ValueError(f'starts file {starts_path!r}: {dtype} {shape}, expected int64 ({n + 1},) '
                        f'ending at {shard["tokens"] + 2 * n} (corrupt); {_hint(path)}')
 
-  def _starts(self, fd: int, lo: int, hi: int, close: bool = False) -> np.ndarray:
-    """starts[lo:hi] read from the starts file open as `fd` (closed after with `close`)."""
-    try:
-      return np.frombuffer(os.pread(fd, 8 * (hi - lo), self._offset + 8 * lo), '<i8')
-    finally:
-      if close:
-        os.close(fd)
+  def _starts(self, fd: int, lo: int, hi: int) -> np.ndarray:
+    """starts[lo:hi] read from the starts file open as `fd`."""
+    return np.frombuffer(os.pread(fd, 8 * (hi - lo), self._offset + 8 * lo), '<i8')
 
   def locate(self, begin: int, end: int) -> tuple[int, np.ndarray]:
     """(first document, starts of documents first .. last + 1) of the documents overlapping the
@@ -269,6 +266,7 @@ def _mirror(url: str, size: int | None) -> str:
   return path
 
 
+@functools.lru_cache(maxsize=256)
 def _shuffle_seed(seed: tuple[int, ...], epoch: int) -> int:
   """A 32-bit seed of grain's index_shuffle from a source's seed and an epoch."""
   digest = hashlib.blake2b(repr((*seed, epoch)).encode(), digest_size=4).digest()

@@ -71,6 +71,8 @@ SHARD_FORMAT = 2  # bump when the shard files change (2: 64 records a chunk, per
 # reader opens in 0.2 ms with a small chunk index (one record a chunk: 9 ms and 3 MB a 256 MB shard).
 WRITER_OPTIONS = 'group_size:64,uncompressed'
 RUNNERS = ('local', 'beam')
+# config.data.clean fields that choose how the store is made, not what it holds (not in its key)
+_RUNNER_FIELDS = ('runner', 'beam_args', 'cc_rounds', 'beam_files')
 _ENCODE_BATCH = 256  # documents per tokenizer call
 # A source's kind and languages when its config does not say: by the domain of its first corpus;
 # your own files ('' domain) are taken as they are. Formal math (metamath) is filtered as code.
@@ -177,7 +179,7 @@ def _fingerprint(spec: str) -> list:
 
 def _clean_key(data_cfg, names: list[str]) -> str:
   return _hash(dict(v=FORMAT_VERSION, clean={k: v for k, v in data_cfg.clean.to_dict().items()
-                                             if k not in ('runner', 'beam_args', 'cc_rounds', 'beam_files')},
+                                             if k not in _RUNNER_FIELDS},
                     sources=[[n, data_cfg.sources[n].corpora, *source_kind(data_cfg, n),
                               _fingerprint(data_cfg.sources[n].corpora)] for n in names]))
 
@@ -218,14 +220,9 @@ def _clean_local(specs, cfg, store: str, verbose: bool) -> stages.Counters:
     write_drop = lambda record: drops.write(json.dumps(record, ensure_ascii=False) + '\n')
     for doc in stages.run(sources, cfg, counters, spill_dir=store, on_drop=write_drop,
                           progress=bar.update):
-      out[doc.source].write(doc_line(doc.doc_id, doc.text))
+      out[doc.source].write(clean_store.doc_line(doc.doc_id, doc.text))
   bar.close()
   return counters
-
-
-def doc_line(doc_id: str, text: str) -> str:
-  """A line of the clean store's docs files."""
-  return json.dumps(dict(id=doc_id, text=text), ensure_ascii=False) + '\n'
 
 
 def read_counters(store: str) -> stages.Counters:
