@@ -14,6 +14,7 @@ step aside goes through lmjax/fs.py.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import orbax.checkpoint as ocp
@@ -42,9 +43,11 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state: dict, data_state) -> None:
-    """Starts writing checkpoint `step` (returns before the write completes when async)."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+    """Starts writing checkpoint `step` (returns before the write completes when async). A write
+    that fails (a full disk) leaves no partial files behind: the error is raised once they are gone."""
+    with self._partial_removed_on_error():
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
 
   def restore_latest(self, abstract_state: dict) -> tuple[int, dict, object]:
     """(step, state, data_state) of the newest checkpoint that restores. One that does not (a file
@@ -77,8 +80,21 @@ class Checkpointer:
     return restored['state'], restored['data']
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._partial_removed_on_error():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
+
+  @contextlib.contextmanager
+  def _partial_removed_on_error(self):
+    """Removes orbax's temporary step directories (`<step>.orbax-checkpoint-tmp*`) when the body
+    raises: a failed write's partial files would otherwise hold the space a retry needs."""
+    try:
+      yield
+    except BaseException:
+      for name in fs.listdir(self.directory):
+        if '.orbax-checkpoint-tmp' in name:
+          fs.rmtree(os.path.join(self.directory, name))
+      raise

@@ -84,13 +84,15 @@ def _mount_tmpfs(path, size):
 
 def test_full_disk_fails_the_save_clearly_and_keeps_the_previous(cache, tmp_path):
   """A 20 MiB filesystem holds one checkpoint of the tiny run (~12.6 MB: params and two Adam
-  moments) but not two: the second save fails with the disk's error, the first stays restorable."""
+  moments) but not two: the second save fails with the disk's error and leaves no partial files, the
+  first stays restorable."""
   disk = str(tmp_path / 'disk')
   _mount_tmpfs(disk, '20m')
   try:
     workdir = os.path.join(disk, 'run')
     with pytest.raises(Exception, match='No space left on device|RESOURCE_EXHAUSTED|ENOSPC'):
       trainer.run(tiny(cache, keep_checkpoints=3), workdir)
+    assert not glob.glob(os.path.join(workdir, 'checkpoints', '*.orbax-checkpoint-tmp*'))  # space freed
     run = trainer.setup(tiny(cache), workdir)
     run.checkpointer.close()
     assert run.start_step == 2
