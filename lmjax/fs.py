@@ -164,16 +164,20 @@ def read_text(path: str) -> str:
     return f.read()
 
 
+def upload_file(local_path: str, path: str) -> None:
+  """Copies the local file `local_path` to `path` (a local path or a URL; overwriting)."""
+  if is_local(path):
+    os.makedirs(os.path.dirname(abspath(path)), exist_ok=True)
+    shutil.copyfile(local_path, path)
+  else:
+    fs, p = _fs(path)
+    fs.put_file(local_path, p)
+
+
 def upload(local_dir: str, url: str) -> None:
   """Copies every file under the local directory `local_dir` to the same relative path under `url`
   (overwriting)."""
   for root, _, files in os.walk(local_dir):
     for name in files:
       src = os.path.join(root, name)
-      dst = os.path.join(url, os.path.relpath(src, local_dir))
-      if is_local(dst):
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        shutil.copyfile(src, dst)
-      else:
-        fs, p = _fs(dst)
-        fs.put_file(src, p)
+      upload_file(src, os.path.join(url, os.path.relpath(src, local_dir)))

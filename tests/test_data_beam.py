@@ -39,6 +39,8 @@ def test_beam_and_local_runners_prepare_the_same_data(tmp_path, monkeypatch):
       'legal': dict(corpora=f'common_licenses,txt:{corpora.COMMON_LICENSES_DIR}/GPL-3',
                     max_chars=0)}
   cfg.tokenizer.sample_weights = {}
+  cfg.shard_bytes = 4096  # many shards, each read from several docs files, and the GPL longer than one
+  cfg.clean.beam_files = 8
   out = {}
   for runner in prepare.RUNNERS:
     cfg.clean.runner = runner
@@ -47,10 +49,15 @@ def test_beam_and_local_runners_prepare_the_same_data(tmp_path, monkeypatch):
   assert local.report['runner'] == 'local' and beam.report['runner'] == 'beam'
   assert dict(local.report, runner='') == dict(beam.report, runner='')
   assert local.report['dedup']['exact_dropped'] and local.report['dedup']['near_clusters']
+  gaps = {}
   for name in cfg.sources:
     assert os.path.basename(local.dirs[name]) == os.path.basename(beam.dirs[name])
     stats = [json.load(open(os.path.join(r.dirs[name], 'stats.json'))) for r in (local, beam)]
-    assert stats[0] == stats[1] and stats[0]['train']['documents'] > 0
+    assert stats[0] == stats[1] and stats[0]['train']['documents'] > 0  # checksums: the same bytes
+    numbers = [int(s['file'][6:11]) for s in stats[0]['train']['shards']]
+    gaps[name] = numbers[-1] + 1 - len(numbers)
+  assert min(gaps.values()) == 0 and max(gaps.values()) > 0  # a document longer than a shard
+  assert len(stats[0]['train']['shards']) > 1
   # The kept documents are the same (the stores' files differ only in order).
   for name in cfg.sources:
     docs = []
@@ -59,6 +66,7 @@ def test_beam_and_local_runners_prepare_the_same_data(tmp_path, monkeypatch):
       root = os.path.join(os.path.dirname(r.dirs[name]), store, 'docs')
       docs.append(sorted(line for f in os.listdir(root) if f.startswith(f'{name}-')
                          for line in open(os.path.join(root, f), encoding='utf-8')))
+      assert not [d for d in os.listdir(os.path.dirname(root)) if d.startswith('tokens-')]  # removed
     assert docs[0] == docs[1]
 
 
@@ -121,7 +129,8 @@ def test_dask_workers_on_gcs_prepare_the_demo_byte_identical_to_the_local_runner
   # The report names its runner; everything else is the same bytes.
   report = [n for n in ours if n.startswith('report-') and n.endswith('.json')]
   for name in report:
-    assert dict(json.loads(ours.pop(name)), runner='') == dict(json.loads(theirs.pop(name)), runner='')
+    a, b = json.loads(ours.pop(name)), json.loads(theirs.pop(name))
+    assert {k: v for k, v in a.items() if k != 'runner'} == {k: v for k, v in b.items() if k != 'runner'}
   assert sorted(ours) == sorted(theirs) and len(ours) > 10
   assert [n for n in ours if ours[n] != theirs[n]] == []
   assert local.report['dedup']['near_clusters'] > 0 and local.report['dedup']['exact_dropped'] > 0

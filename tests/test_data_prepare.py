@@ -10,8 +10,10 @@ import pathlib
 import uuid
 
 import fsspec
+import ml_collections
 import numpy as np
 import pytest
+from array_record.python import array_record_module
 
 from lmjax import fs, phases
 from lmjax.data import clean_store
@@ -216,3 +218,44 @@ def test_a_source_whose_name_prefixes_another_reads_only_its_own_documents(tmp_p
   web = clean_store.index_source(str(tmp_path), 'web')
   assert sorted(d['text'] for d in clean_store.read_docs(web, range(len(web.chars)))) == ['a b c', 'd e f']
   assert len(clean_store.index_source(str(tmp_path), 'web-zh').chars) == 1
+
+
+def test_the_split_from_file_sizes_is_the_split_of_the_whole_source():
+  """prepare.split_files (a Beam store: sizes per file, the lengths of a few files read) against
+  prepare.split over all the lengths in memory, for random sources cut into random files."""
+  rng = np.random.default_rng(3)
+  for _ in range(2000):
+    lengths = rng.integers(1, 50, int(rng.integers(0, 40)))
+    eval_cfg = ml_collections.ConfigDict(dict(
+        holdout_chars=int(rng.integers(0, 600)),
+        max_holdout_fraction=float(rng.choice([0.05, 0.3, 0.5, 1.0]))))
+    max_chars = int(rng.choice([0, int(rng.integers(1, 800))]))
+    parts = np.split(lengths, np.sort(rng.integers(0, len(lengths) + 1, int(rng.integers(0, 6)))))
+    files = {3 * i: p for i, p in enumerate(parts) if len(p)}  # file numbers with gaps: empty files
+    read = []
+    got = prepare.split_files([(i, len(p), int(p.sum())) for i, p in files.items()],
+                              lambda i: read.append(i) or files[i], eval_cfg, max_chars)
+    assert got == prepare.split(lengths, eval_cfg, max_chars)
+    assert len(read) <= 3
+
+
+def test_a_document_goes_to_the_shard_its_offset_names(tmp_path):
+  """write_shards: shard k holds exactly the documents whose ids start in [k, k+1) * shard_bytes of
+  the split (numbers a document longer than a shard spans stay unused), in order."""
+  lengths = np.random.default_rng(4).integers(1, 300, 200)
+  lengths[50] = 3_000  # 6,000 bytes: spans shards
+  docs = [np.full(n, i + 3, np.uint16) for i, n in enumerate(lengths)]
+  shards = prepare.write_shards(iter(docs), str(tmp_path), 'train', shard_bytes=1_000)
+  offsets = np.concatenate([[0], np.cumsum(lengths * 2)[:-1]])
+  want = collections.defaultdict(list)
+  for i, o in enumerate(offsets):
+    want[int(o) // 1_000].append(i)
+  assert [s['file'] for s in shards] == [f'train-{k:05d}.arrayrecord' for k in sorted(want)]
+  assert len(shards) < int(offsets[-1]) // 1_000 + 1  # some numbers unused
+  for s in shards:
+    k = int(s['file'][6:11])
+    reader = array_record_module.ArrayRecordReader(str(tmp_path / s['file']))
+    got = [np.frombuffer(r, np.uint16) for r in reader.read_all()]
+    reader.close()
+    assert [int(g[0]) - 3 for g in got] == want[k]
+    assert s['tokens'] == sum(len(g) for g in got)

@@ -1,7 +1,8 @@
 """The Beam runner of the clean step: the same stage functions as the local runner (stages.py), as
 an Apache Beam pipeline that needs no machine to hold more than one file's documents, one LSH bucket
-or one node's cluster. It writes the same clean store as prepare's local runner (prepare.py's
-module docstring), so the documents, shards and report that follow are the same.
+or one node's cluster. It writes the clean store of prepare's local runner (prepare.py's module
+docstring) with the same documents, in key-range files (clean_store.part), so the shards and
+report that follow are the same.
 
   python -m lmjax.prepare --config=configs/tiny_mix.py --workdir=/tmp/run --runner=beam
   pip install -e '.[beam]'   # apache-beam[dask]==2.77.0 (with pyarrow==25.0.1)
@@ -19,19 +20,29 @@ The pipeline:
                             another is a near-duplicate. The root is the component's smallest doc_key,
                             as the local runner's union-find keeps, so the kept copy is the same
                             whatever the runner, the worker count or the bundle order.
-  outputs                -> docs/<source>-SSSSS-of-NNNNN.jsonl (a document goes to file doc_key mod
-                            N, N = config.data.clean.beam_files, sorted by doc_key within it),
-                            drops-SSSSS-of-NNNNN.jsonl, and the counters summed per (source, stage,
-                            outcome), each file written whole through lmjax.fs by one worker
+  outputs                -> docs/<source>-SSSSS-of-NNNNN.jsonl (`part`: file i holds the i-th of N
+                            equal ranges of doc_key, N = config.data.clean.beam_files, sorted by
+                            doc_key within it, so the files in order are the source in content-hash
+                            order), drops-SSSSS-of-NNNNN.jsonl, the counters summed per (source,
+                            stage, outcome) and beam-files.json (documents and characters of each
+                            docs file: what beam_shards.py splits by), each file written whole
+                            through lmjax.fs by one worker
+
+  report summary         -> report.summarize's figures where the drops are (`report_summary`):
+                            examples and cluster members by Top.SmallestPerKey, group sizes by
+                            CombinePerKey, each cluster joined with its kept document, the largest
+                            by a TopCombineFn on one key; into beam-summary.json
 
 The store is `<cache dir>/clean-<key>` (prepare._clean_store), local or gs://, so cluster workers
-write it directly; the launching machine then reads it through lmjax.fs. Pipeline options come from
+write it directly; split, tokenizer, tokenization and shards follow as Beam pipelines over it
+(beam_shards.py), and the launching machine reads only its small JSON files. Pipeline options come from
 config.data.clean.beam_args; the default is the DirectRunner on one worker. docs/data.md has the Dask
 and Dataflow command lines.
 
 Portable by construction, because Beam's DaskRunner (2.77) gets several things silently wrong: a
-tagged output receives every element, outputs of finish_bundle are dropped (so BatchElements and
-WriteToText lose data) and only the last of several leaf transforms runs. So every step yields
+tagged output receives every element, outputs of finish_bundle are dropped (so BatchElements,
+WriteToText and Top.Of/Top.Smallest lose data; Top.SmallestPerKey and CombinePerKey work) and only
+the last of several leaf transforms runs. So every step yields
 (kind, value) pairs that the next steps filter, batches are made inside a file's DoFn, files are
 written in DoFns, and the pipeline ends in one Flatten. The documents, buckets and clusters are
 grouped by ints (`_node`: a key's bytes as a big-endian int, same order), hashed alike in every
@@ -53,6 +64,8 @@ from lmjax import fs
 from lmjax.data import clean_store
 from lmjax.data import corpora
 from lmjax.data import dedup
+from lmjax.data import records
+from lmjax.data import report
 from lmjax.data import stages
 from lmjax.data.records import Doc, Drop, drop_record
 
@@ -171,31 +184,102 @@ def _near(joined):
   if root == key:
     yield 'doc', (key, d)
     yield _count(d.source, 'dedup', 'kept', d)
+    if group['root']:  # the kept document of a cluster
+      yield 'root', (_content_hex(key), dict(source=d.source, id=d.doc_id,
+                                             text=d.text[:records.SNIPPET_CHARS]))
     return
   drop = Drop(d.source, d.doc_id, 'dedup', 'near_duplicate', len(d.text))
   yield 'drop', drop_record(drop, d.text, _content_hex(root))
   yield _count(d.source, 'dedup', 'near_duplicate', d)
 
 
+def _cluster(joined):
+  """(-size, name, dropped members shown, kept document) of a near-duplicate cluster."""
+  of, group = joined
+  if group['n']:
+    members = group['members'][0] if group['members'] else []
+    kept = group['kept'][0] if group['kept'] else None
+    yield (-group['n'][0], of, [dict(source=s, id=i, text=t) for _, s, i, t in members], kept)
+
+
+def report_summary(drops, roots):
+  """report.summarize's dedup, examples and clusters, from the drop records and the clusters' kept
+  documents (content hex, {source, id, text}), where they are: ('examples', key, list), ('totals',
+  reason, (groups, dropped)) and ('clusters', the largest) for `_summary`."""
+  examples = (drops | 'example keys' >> beam.Map(lambda r: (
+      f'{r["source"]}/{r["stage"]}/{r["reason"]}',
+      (records.rank(r['source'], r['id']), r['id'], r['chars'], r['text'])))
+              | 'examples' >> beam.combiners.Top.SmallestPerKey(report.EXAMPLES)
+              | 'example rows' >> beam.MapTuple(lambda key, top: (
+                  'examples', key, [dict(id=i, chars=c, text=t) for _, i, c, t in top])))
+  dups = drops | 'duplicates' >> beam.Filter(lambda r: r['reason'] in report.DUPLICATES)
+  sizes = (dups | 'group keys' >> beam.Map(lambda r: ((r['reason'], r['of']), 1))
+           | 'group sizes' >> beam.CombinePerKey(sum))
+  totals = (sizes | 'per reason' >> beam.MapTuple(lambda key, n: (key[0], (1, n)))
+            | 'totals' >> beam.CombinePerKey(_sum)
+            | 'total rows' >> beam.MapTuple(lambda reason, v: ('totals', reason, v)))
+  near = (sizes | 'near sizes' >> beam.Filter(lambda kv: kv[0][0] == 'near_duplicate')
+          | 'by cluster' >> beam.MapTuple(lambda key, n: (key[1], n)))
+  members = (dups | 'near members' >> beam.Filter(lambda r: r['reason'] == 'near_duplicate')
+             | 'member keys' >> beam.Map(lambda r: (r['of'], (
+                 records.rank(r['source'], r['id']), r['source'], r['id'], r['text'])))
+             | 'members shown' >> beam.combiners.Top.SmallestPerKey(report.EXAMPLES))
+  clusters = ({'n': near, 'members': members, 'kept': roots} | 'join clusters' >> beam.CoGroupByKey()
+              | 'clusters' >> beam.FlatMap(_cluster) | 'one key' >> beam.Map(lambda c: (0, c))
+              | 'largest' >> beam.CombinePerKey(beam.combiners.TopCombineFn(report.CLUSTERS,
+                                                                             reverse=True))
+              | 'cluster rows' >> beam.MapTuple(lambda _, top: ('clusters', top)))
+  return (examples, totals, clusters) | 'summary' >> beam.Flatten()
+
+
+def _summary(parts) -> dict:
+  """report.summarize's dict from report_summary's parts."""
+  examples, totals, top = {}, {}, []
+  for part in parts:
+    if part[0] == 'examples':
+      examples[part[1]] = part[2]
+    elif part[0] == 'totals':
+      totals[part[1]] = part[2]
+    elif part[0] == 'clusters':
+      top = part[1]
+  (exact_groups, exact_dropped), (near_clusters, near_dropped) = (
+      totals.get(reason, (0, 0)) for reason in report.DUPLICATES)
+  return dict(
+      dedup=dict(exact_groups=exact_groups, exact_dropped=exact_dropped,
+                 near_clusters=near_clusters, near_dropped=near_dropped),
+      examples={k: examples[k] for k in sorted(examples)},
+      clusters=[dict(size=1 - neg_size, kept=kept, dropped=dropped)
+                for neg_size, _, dropped, kept in sorted(top, key=lambda c: c[:2])])
+
+
 def _write(item, store: str, names: list[str], files: int):
-  """Writes one output file of the store whole (fs.write_atomic) and yields its path. item: (key,
-  lines); key (source index, file index) for documents, (-1, file index) for drops, (-2, 0) for the
-  counters, (-3, 0) for the changed count."""
+  """Writes one output file of the store whole (fs.write_atomic). item: (key, values); key (source
+  index, file index) for documents, (-1, file index) for drops, (-2, 0) for the counters, (-3, 0)
+  for the changed count, (-4, 0) for the docs files' sizes, (-5, 0) for the report's summary (one
+  element whatever the drops: the pipeline adds a ('seed',)). A docs file yields its ('file', [source,
+  index, documents, characters])."""
   (what, i), values = item
-  if what >= 0:
-    path = os.path.join(store, 'docs', f'{names[what]}-{i:05d}-of-{files:05d}.jsonl')
-    text = ''.join(line for _, line in sorted(values))
+  if what == -5:
+    path = os.path.join(store, clean_store.SUMMARY)
+    text = json.dumps(_summary(values))
+  elif what >= 0:
+    path = clean_store.docs_file(store, names[what], i, files)
+    docs = sorted(values)
+    text = ''.join(line for _, _, line in docs)
+    yield 'file', [names[what], i, len(docs), sum(chars for _, chars, _ in docs)]
   elif what == -1:
     path = os.path.join(store, f'drops-{i:05d}-of-{files:05d}.jsonl')
     text = ''.join(sorted(values))
   elif what == -2:
     path = os.path.join(store, COUNTERS)
     text = json.dumps(sorted(values))
-  else:
+  elif what == -3:
     path = os.path.join(store, CHANGED)
     text = json.dumps(sum(values))
+  else:
+    path = os.path.join(store, clean_store.SIZES)
+    text = json.dumps(dict(files=files, rows=sorted(values)))
   fs.write_atomic(path, text)
-  yield path
 
 
 def run(specs: list[tuple[str, str, str, str]], cfg: ml_collections.ConfigDict,
@@ -206,8 +290,7 @@ def run(specs: list[tuple[str, str, str, str]], cfg: ml_collections.ConfigDict,
   files = int(cfg.beam_files)
   items = [(n, spec_name, path, root, kind, languages) for n, spec, kind, languages in specs
            for spec_name, path, root in corpora.files(spec)]
-  args = shlex.split(cfg.beam_args) or ['--runner=DirectRunner', '--direct_num_workers=1']
-  p = beam.Pipeline(options=PipelineOptions(args))
+  p = pipeline(cfg)
   cleaned = (p | 'files' >> beam.Create(items) | beam.Reshuffle()
              | 'clean' >> beam.FlatMap(_clean_file, cfg))
   signed = _kind(cleaned, 'doc', 'cleaned')
@@ -222,9 +305,10 @@ def run(specs: list[tuple[str, str, str, str]], cfg: ml_collections.ConfigDict,
   events = (cleaned, exact, near) | 'events' >> beam.Flatten()
   doc_lines = (_kind(near, 'doc', 'kept')
                | 'doc lines' >> beam.MapTuple(lambda node, d: (
-                   (names.index(d.source), node % files),
-                   (node, clean_store.doc_line(d.doc_id, d.text)))))
-  drop_lines = (_kind(events, 'drop', 'all') | 'drop lines' >> beam.Map(
+                   (names.index(d.source), clean_store.part(node, files)),
+                   (node, len(d.text), clean_store.doc_line(d.doc_id, d.text)))))
+  drops = _kind(events, 'drop', 'all')
+  drop_lines = (drops | 'drop lines' >> beam.Map(
       lambda r: ((-1, _node(dedup.id_key(r['source'], r['id'])) % files),
                  json.dumps(r, ensure_ascii=False) + '\n')))
   counts = (_kind(events, 'count', 'all') | 'sum counts' >> beam.CombinePerKey(_sum)
@@ -232,15 +316,15 @@ def run(specs: list[tuple[str, str, str, str]], cfg: ml_collections.ConfigDict,
   changed_count = (changed | 'ones' >> beam.Map(lambda _: 1)
                    | 'count changed' >> beam.CombineGlobally(sum)
                    | 'changed row' >> beam.Map(lambda n: ((-3, 0), n)))
-  _ = ((doc_lines, drop_lines, counts, changed_count) | 'outputs' >> beam.Flatten()
-       | 'by file' >> beam.GroupByKey() | 'write' >> beam.FlatMap(_write, store, names, files))
-  result = p.run()
-  try:
-    result.wait_until_finish()
-  finally:
-    client = getattr(result, 'client', None)  # the DaskRunner's dask.distributed client
-    if client is not None:
-      client.close()
+  summary = ((report_summary(drops, _kind(near, 'root', 'kept')),
+              p | 'summary seed' >> beam.Create([('seed',)]))
+             | 'summary parts' >> beam.Flatten()
+             | 'summary rows' >> beam.Map(lambda part: ((-5, 0), part)))
+  written = ((doc_lines, drop_lines, counts, changed_count, summary) | 'outputs' >> beam.Flatten()
+             | 'by file' >> beam.GroupByKey() | 'write' >> beam.FlatMap(_write, store, names, files))
+  _ = (_kind(written, 'file', 'docs files') | 'sizes' >> beam.Map(lambda row: ((-4, 0), row))
+       | 'all sizes' >> beam.GroupByKey() | 'write sizes' >> beam.FlatMap(_write, store, names, files))
+  execute(p)
   changed_docs = json.loads(fs.read_text(os.path.join(store, CHANGED)))
   if changed_docs:
     raise RuntimeError(f'near-duplicate clusters: {changed_docs} documents still changed cluster in '
@@ -251,6 +335,24 @@ def run(specs: list[tuple[str, str, str, str]], cfg: ml_collections.ConfigDict,
       fs.read_text(os.path.join(store, COUNTERS))):
     counters.add(source, stage, outcome, docs, chars)
   return counters
+
+
+def pipeline(cfg: ml_collections.ConfigDict) -> beam.Pipeline:
+  """A pipeline with config.data.clean.beam_args as its options (default: the DirectRunner, one
+  worker)."""
+  args = shlex.split(cfg.beam_args) or ['--runner=DirectRunner', '--direct_num_workers=1']
+  return beam.Pipeline(options=PipelineOptions(args))
+
+
+def execute(p: beam.Pipeline) -> None:
+  """Runs `p` to the end; the DaskRunner's client is closed whatever happens."""
+  result = p.run()
+  try:
+    result.wait_until_finish()
+  finally:
+    client = getattr(result, 'client', None)  # the DaskRunner's dask.distributed client
+    if client is not None:
+      client.close()
 
 
 def _sum(values):

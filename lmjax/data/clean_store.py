@@ -3,7 +3,11 @@ order (the order the held-out split and the report use) and random access to the
 
 A clean store (prepare.py's module docstring; a local directory or a URL, read through lmjax.fs)
 holds docs/<source>-NNNNN-of-NNNNN.jsonl, one {"id", "text"} a line; `index_source` reads a source's
-files once and keeps ~44 bytes a document.
+files once and keeps ~44 bytes a document (the local runner's path: its store has one unsorted file a
+source). A Beam store (beam.py) needs no index: its file i holds the i-th of N equal ranges of the
+doc_key space (`part`), sorted, so its files in order are the source in content-hash order, and
+beam-files.json (`read_sizes`) has their documents and characters; beam-summary.json is the
+report's summary of its drops (report.summarize), made in the pipeline.
 """
 from __future__ import annotations
 
@@ -17,6 +21,48 @@ import numpy as np
 
 from lmjax import fs
 from lmjax.data import dedup
+
+
+SIZES = 'beam-files.json'  # a Beam store's {"files": N, "rows": [[source, file, docs, chars], ...]}
+SUMMARY = 'beam-summary.json'  # a Beam store's report.summarize of its drops
+
+
+def part(node: int, files: int) -> int:
+  """The docs file of a Beam store that holds doc_key `node` (an int, big-endian): the index of its
+  range when the key space is cut into `files` equal ranges (by the key's top 64 bits, uniform:
+  they are a content hash). So a Beam store's files in order hold a source in content-hash order."""
+  return ((node >> 128) * files) >> 64
+
+
+def docs_file(store: str, source: str, i: int, files: int) -> str:
+  return os.path.join(store, 'docs', f'{source}-{i:05d}-of-{files:05d}.jsonl')
+
+
+class Sizes(NamedTuple):
+  """A Beam store's docs files: `files` of them per source; per source, its (file index, documents,
+  characters) in file order (files without documents are absent)."""
+  files: int
+  sources: dict[str, list[tuple[int, int, int]]]
+
+
+def read_sizes(store: str) -> Sizes | None:
+  """The sizes of a Beam store's docs files; None for a local runner's store (one unsorted file a
+  source, indexed whole by `index_source`)."""
+  path = os.path.join(store, SIZES)
+  if not fs.isfile(path):
+    return None
+  sizes = json.loads(fs.read_text(path))
+  sources = {}
+  for source, i, docs, chars in sizes['rows']:
+    sources.setdefault(source, []).append((i, docs, chars))
+  return Sizes(sizes['files'], sources)
+
+
+def file_docs(path: str) -> Iterator[dict]:
+  """The {"id", "text"} documents of one docs file, in its order."""
+  with fs.open(path, 'rb') as f:
+    for line in f:
+      yield json.loads(line)
 
 
 class SourceIndex(NamedTuple):

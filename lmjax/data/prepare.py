@@ -4,27 +4,35 @@ Steps (docs/data.md has the whole story):
 1. Clean (`clean`): every source's files stream through normalize -> langid -> quality filters
    (lmjax/data/stages.py), then exact and near-duplicates are removed across all sources, by the
    local runner (stages.run, the default) or by Apache Beam (beam.py; config.data.clean.runner or
-   `python -m lmjax.prepare --runner=beam`). Both write the same *clean store*:
+   `python -m lmjax.prepare --runner=beam`). Both write a *clean store*:
      docs/<source>-NNNNN-of-NNNNN.jsonl    the kept documents, {"id", "text"} per line
      drops-NNNNN-of-NNNNN.jsonl            every dropped document (records.drop_record)
      counters.json                         documents and characters per (source, stage, outcome)
-2. Split (`split`): a source's kept documents in content-hash order (dedup.content_key) are held out
-   until `eval.holdout_chars` characters (at most `eval.max_holdout_fraction` of them); the train
-   documents are the next ones, up to the source's `max_chars` (0: all).
+   Beam's also has beam-files.json and beam-summary.json (clean_store.py), and its docs files are
+   ranges of the content-hash order, so with the Beam runner the steps below run as Beam pipelines
+   too (beam_shards.py): no machine holds a source's documents. Otherwise (a local runner's store,
+   or a Beam store reused by the local runner) they run here (`_rest_local`).
+2. Split (`split`, `split_files`): a source's kept documents in content-hash order
+   (dedup.content_key) are held out until `eval.holdout_chars` characters (at most
+   `eval.max_holdout_fraction` of them); the train documents are the next ones, up to the source's
+   `max_chars` (0: all).
 3. The tokenizer is trained on a weighted sample of the cleaned train documents (or loaded from
    `tokenizer.path`, a local path or URL).
-4. Shards: each source's train and held-out documents tokenized into ArrayRecord files.
+4. Shards: each source's train and held-out documents tokenized into ArrayRecord files; a document
+   goes to the shard its offset in the split names (`shard_of`), whoever writes it.
 5. The report (report.py): per stage and source, documents and tokens in, kept and dropped by
    reason, example drops and duplicate clusters; JSON and a PNG bar chart.
 
 Layout under the cache dir (`config.data.cache_dir`, else `<workdir>/data`; a local path or a URL
 such as gs://, through lmjax/fs.py):
 
-  clean-<key>/                            the clean store (local cache dirs only: for a URL it is
-                                          built in a local temporary directory and removed; under
+  clean-<key>/                            the clean store (for a URL cache dir: the Beam runner's
+                                          workers write it there; the local runner's is built in a
+                                          local temporary directory and removed; under
                                           $LMJAX_CLEAN_CACHE instead when that is set)
   tokenizer-<key>.model                   the trained sentencepiece model (unless tokenizer.path)
-  <source>-<key>/train-00000.arrayrecord  one record per document: its token ids (no BOS/EOS)
+  <source>-<key>/train-00000.arrayrecord  one record per document: its token ids (no BOS/EOS); shard
+                                          k holds the documents starting in [k, k+1) x shard_bytes
   <source>-<key>/train-00000.starts.npy   int64 [records + 1]: where each document of the shard starts
                                           in the shard's stream of `[BOS] ids [EOS]` documents (the
                                           pipeline reads it on demand: lmjax/data/pipeline.py)
@@ -50,7 +58,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import fsspec
 import numpy as np
@@ -65,15 +73,16 @@ from lmjax.data import report as report_lib
 from lmjax.data import stages
 from lmjax.data import tokenizer as tokenizer_lib
 
-FORMAT_VERSION = 3  # bump when the cleaned documents change
-SHARD_FORMAT = 2  # bump when the shard files change (2: 64 records a chunk, per-shard starts)
+FORMAT_VERSION = 4  # bump when the clean store changes (4: a Beam store's files are key ranges)
+SHARD_FORMAT = 3  # bump when the shard files change (2: 64 records a chunk, per-shard starts;
+#                  3: a document's shard by its offset, shard_of)
 # 64 records a chunk: a row reads a run of consecutive documents, so one chunk serves several, and a
 # reader opens in 0.2 ms with a small chunk index (one record a chunk: 9 ms and 3 MB a 256 MB shard).
 WRITER_OPTIONS = 'group_size:64,uncompressed'
 RUNNERS = ('local', 'beam')
 # config.data.clean fields that choose how the store is made, not what it holds (not in its key)
 _RUNNER_FIELDS = ('runner', 'beam_args', 'cc_rounds', 'beam_files')
-_ENCODE_BATCH = 256  # documents per tokenizer call
+ENCODE_BATCH = 256  # documents per tokenizer call
 # A source's kind and languages when its config does not say: by the domain of its first corpus;
 # your own files ('' domain) are taken as they are. Formal math (metamath) is filtered as code.
 _KIND_OF_DOMAIN = {'code': 'code', 'math': 'code', 'zh': 'zh', 'en': 'en', 'legal': 'en', '': 'raw'}
@@ -121,6 +130,37 @@ def split(lengths: np.ndarray, eval_cfg, max_chars: int) -> tuple[int, int]:
   if max_chars:
     rest = before[n_eval:] - before[n_eval]
     n_train = min(n_train, int(np.searchsorted(rest, max_chars, side='left')))
+  return n_eval, n_train
+
+
+def split_files(files: list[tuple[int, int, int]], lengths_of: Callable[[int], np.ndarray], eval_cfg,
+                max_chars: int) -> tuple[int, int]:
+  """`split` of a source held as docs files whose concatenation is its content-hash order (a Beam
+  store: clean_store.Sizes), without its lengths in memory: files[j] = (file index, documents,
+  characters); lengths_of(file index) = the characters of that file's documents. Reads the lengths
+  of at most three files (where the hold-out and max_chars end)."""
+  docs = np.array([0] + [d for _, d, _ in files], np.int64).cumsum()  # documents before file j
+  chars = np.array([0] + [c for _, _, c in files], np.int64).cumsum()  # characters before file j
+  n = int(docs[-1])
+  limit = max(1, int(n * eval_cfg.max_holdout_fraction)) if n > 1 else 0
+
+  def before_in(j: int) -> np.ndarray:  # characters before each document of file j
+    return chars[j] + np.concatenate([[0], np.cumsum(lengths_of(files[j][0]))[:-1]])
+
+  def count_below(x: int) -> int:  # documents with fewer than x characters before them
+    j = int(np.searchsorted(chars[:-1], x, side='left')) - 1  # the last file starting below x
+    return 0 if j < 0 else int(docs[j] + np.searchsorted(before_in(j), x, side='left'))
+
+  def before(k: int) -> int:  # characters before document k
+    if k == n:
+      return int(chars[-1])
+    j = int(np.searchsorted(docs, k, side='right')) - 1
+    return int(before_in(j)[k - docs[j]])
+
+  n_eval = min(limit, count_below(eval_cfg.holdout_chars))
+  n_train = n - n_eval
+  if max_chars:
+    n_train = min(n_train, count_below(before(n_eval) + max_chars) - n_eval)
   return n_eval, n_train
 
 
@@ -247,16 +287,11 @@ def _tokenizer_path(data_cfg, root: str, key: str, names: list[str]) -> str:
   return os.path.join(root, f'tokenizer-{tkey}.model')
 
 
-def train_tokenizer(data_cfg, path: str, indexes: dict[str, clean_store.SourceIndex]) -> tokenizer_lib.Tokenizer:
-  """Trains the tokenizer on a weighted sample of the cleaned train documents (tokenizer.sample)."""
+def train_tokenizer(data_cfg, path: str, train_texts: dict[str, Iterator[str]]) -> tokenizer_lib.Tokenizer:
+  """Trains the tokenizer on a weighted sample (tokenizer.sample) of each source's train documents,
+  `train_texts[source]` in content-hash order (read only as far as the sample goes)."""
   tcfg = data_cfg.tokenizer
-
-  def train_texts(name):
-    rows = split_rows(data_cfg, name, indexes[name])['train']
-    return (d['text'] for d in clean_store.read_docs(indexes[name], rows))
-
-  sentences = tokenizer_lib.sample({n: train_texts(n) for n in indexes},
-                                   {k: float(v) for k, v in tcfg.sample_weights.items()},
+  sentences = tokenizer_lib.sample(train_texts, {k: float(v) for k, v in tcfg.sample_weights.items()},
                                    int(tcfg.sample_chars))
   return tokenizer_lib.train(sentences, path, vocab_size=int(tcfg.vocab_size),
                              model_type=tcfg.model_type, character_coverage=tcfg.character_coverage,
@@ -284,35 +319,68 @@ def starts_file(shard_file: str) -> str:
   return shard_file.removesuffix('.arrayrecord') + '.starts.npy'
 
 
+class ShardWriter:
+  """Writes shard `k` of a split, `<prefix>-<k:05d>.arrayrecord` (one record a document: its token
+  ids) and its starts file, into the local directory `directory`."""
+
+  def __init__(self, directory: str, prefix: str, k: int, writer_options: str = WRITER_OPTIONS):
+    self.path = os.path.join(directory, f'{prefix}-{k:05d}.arrayrecord')
+    self._writer = array_record_module.ArrayRecordWriter(self.path, writer_options)
+    self._lengths = []
+
+  def write(self, data: bytes, tokens: int) -> None:
+    self._writer.write(data)
+    self._lengths.append(tokens)
+
+  def close(self) -> dict:
+    """Closes the shard and writes its starts; returns its entry of stats.json."""
+    self._writer.close()
+    starts = np.zeros(len(self._lengths) + 1, np.int64)
+    np.cumsum(np.asarray(self._lengths, np.int64) + 2, out=starts[1:])  # BOS and EOS
+    np.save(starts_file(self.path), starts)
+    return dict(file=os.path.basename(self.path), records=len(self._lengths),
+                tokens=int(sum(self._lengths)), bytes=os.path.getsize(self.path),
+                checksum=file_checksum(self.path))
+
+
+def shard_of(offset: int, shard_bytes: int) -> int:
+  """The shard of a document whose token ids start `offset` bytes into its split's stream of ids:
+  shard k holds the documents starting in [k, k + 1) * shard_bytes (0: one shard). A rule of the
+  offset alone, so writers of different parts of a split (beam_shards.py) agree; a document longer
+  than shard_bytes leaves the next numbers unused."""
+  return offset // shard_bytes if shard_bytes > 0 else 0
+
+
 def write_shards(token_docs: Iterator[np.ndarray], directory: str, prefix: str, shard_bytes: int,
                  writer_options: str = WRITER_OPTIONS) -> list[dict]:
-  """Writes documents into ArrayRecord shards of about `shard_bytes` token bytes (0: one shard), each
-  with its starts file; returns the shards' entries of stats.json."""
-  shards, lengths, writer, path = [], [], None, ''
-
-  def close():
-    writer.close()
-    doc_tokens = np.asarray(lengths, np.int64) + 2  # BOS and EOS
-    starts = np.zeros(len(lengths) + 1, np.int64)
-    np.cumsum(doc_tokens, out=starts[1:])
-    np.save(os.path.join(directory, starts_file(os.path.basename(path))), starts)
-    shards.append(dict(file=os.path.basename(path), records=len(lengths), tokens=int(sum(lengths)),
-                       bytes=os.path.getsize(path), checksum=file_checksum(path)))
-
-  size = 0
+  """Writes a split's documents, in order, into shards of about `shard_bytes` token bytes
+  (`shard_of`) in `directory`; returns their entries of stats.json."""
+  shards, writer, offset = [], None, 0
   for ids in token_docs:
-    if writer is None or (size >= shard_bytes and shard_bytes > 0):
-      if writer is not None:
-        close()
-      path = os.path.join(directory, f'{prefix}-{len(shards):05d}.arrayrecord')
-      writer, size, lengths = array_record_module.ArrayRecordWriter(path, writer_options), 0, []
     data = ids.tobytes()
-    writer.write(data)
-    size += len(data)
-    lengths.append(len(ids))
+    k = shard_of(offset, shard_bytes)
+    if writer is None or not writer.path.endswith(f'-{k:05d}.arrayrecord'):
+      if writer is not None:
+        shards.append(writer.close())
+      writer = ShardWriter(directory, prefix, k, writer_options)
+    writer.write(data, len(ids))
+    offset += len(data)
   if writer is not None:
-    close()
+    shards.append(writer.close())
   return shards
+
+
+def source_stats(data_cfg, name: str, tok, tok_hash: str, missing_corpora: dict,
+                 splits: dict[str, tuple[int, int, list[dict]]]) -> dict:
+  """A source's stats.json; splits: {'train' and 'eval': (documents, characters, shard entries)}."""
+  stats = dict(source=name, corpora=data_cfg.sources[name].corpora, missing_corpora=missing_corpora,
+               dtype=token_dtype(tok.vocab_size).name, tokenizer=os.path.basename(tok.path),
+               tokenizer_hash=tok_hash)
+  for split_name in ('train', 'eval'):
+    documents, chars, shards = splits[split_name]
+    stats[split_name] = dict(documents=documents, tokens=sum(s['tokens'] for s in shards),
+                             chars=chars, shards=shards)
+  return stats
 
 
 def write_source(data_cfg, final: str, name: str, index: clean_store.SourceIndex, tok, tok_hash: str,
@@ -343,8 +411,7 @@ def _write_source(data_cfg, tmp: str, name: str, index: clean_store.SourceIndex,
   dtype = token_dtype(tok.vocab_size)
   threads = int(data_cfg.num_threads) or 1
   rows_by_split = split_rows(data_cfg, name, index)
-  stats = dict(source=name, corpora=data_cfg.sources[name].corpora, missing_corpora=missing_corpora,
-               dtype=dtype.name, tokenizer=os.path.basename(tok.path), tokenizer_hash=tok_hash)
+  splits = {}
   for split_name in ('train', 'eval'):
     rows = rows_by_split[split_name]
 
@@ -352,15 +419,15 @@ def _write_source(data_cfg, tmp: str, name: str, index: clean_store.SourceIndex,
       batch = []
       for doc in clean_store.read_docs(index, rows):
         batch.append(doc['text'])
-        if len(batch) == _ENCODE_BATCH:
+        if len(batch) == ENCODE_BATCH:
           yield from (np.asarray(x, dtype) for x in tok.encode_batch(batch, num_threads=threads))
           batch = []
       yield from (np.asarray(x, dtype) for x in tok.encode_batch(batch, num_threads=threads))
 
     shard_bytes = int(data_cfg.shard_bytes) if split_name == 'train' else 0
-    shards = write_shards(encoded(), tmp, split_name, shard_bytes)
-    stats[split_name] = dict(documents=len(rows), tokens=sum(s['tokens'] for s in shards),
-                             chars=int(index.chars[rows.start:rows.stop].sum()), shards=shards)
+    splits[split_name] = (len(rows), int(index.chars[rows.start:rows.stop].sum()),
+                          write_shards(encoded(), tmp, split_name, shard_bytes))
+  stats = source_stats(data_cfg, name, tok, tok_hash, missing_corpora, splits)
   with open(os.path.join(tmp, 'stats.json'), 'w') as f:
     json.dump(stats, f, indent=1)
 
@@ -410,18 +477,12 @@ def prepare(data_cfg, workdir: str, verbose: bool = False) -> Prepared:
     if all(fs.isfile(os.path.join(d, 'stats.json')) for d in dirs.values()) and fs.isfile(report_path):
       return Prepared(tok, dirs, missing, None, report_path)
   with _cleaned_store(data_cfg, names, root, key, verbose) as store:
-    indexes = {n: clean_store.index_source(store, n) for n in names}
-    if tok is None:
-      tok = train_tokenizer(data_cfg, tok_path, indexes)
-    tok_hash = _tokenizer_hash(tok)
-    dirs = {n: source_dir(data_cfg, root, key, n, tok_hash) for n in names}
-    for n, d in dirs.items():
-      if not fs.isfile(os.path.join(d, 'stats.json')):
-        write_source(data_cfg, d, n, indexes[n], tok, tok_hash,
-                     corpora.missing(data_cfg.sources[n].corpora))
+    sizes = clean_store.read_sizes(store)  # None: a local runner's store (indexed whole here)
+    rest = _rest_beam if sizes is not None and data_cfg.clean.runner == 'beam' else _rest_local
+    tok, dirs, summary = rest(data_cfg, names, root, key, store, sizes, tok, tok_path)
     stats = {n: json.loads(fs.read_text(os.path.join(d, 'stats.json'))) for n, d in dirs.items()}
     kinds = {n: dict(zip(('kind', 'languages'), source_kind(data_cfg, n))) for n in names}
-    report = report_lib.build(kinds, read_counters(store), store, indexes, stats,
+    report = report_lib.build(kinds, read_counters(store), summary, stats,
                               runner=data_cfg.clean.runner)
   report_path = _report_path(root, dirs)
   for path in (report_path, os.path.join(workdir, 'data_report.json')):
@@ -429,6 +490,48 @@ def prepare(data_cfg, workdir: str, verbose: bool = False) -> Prepared:
   if verbose:
     print(report_lib.table(report), file=sys.stderr)
   return Prepared(tok, dirs, missing, report, report_path)
+
+
+def _rest_local(data_cfg, names: list[str], root: str, key: str, store: str, _, tok, tok_path: str):
+  """Steps 2-5 on this machine over a store indexed whole (the local runner's): (tokenizer,
+  {source: shard directory}, the report's summary of the drops)."""
+  indexes = {n: clean_store.index_source(store, n) for n in names}
+  if tok is None:
+    tok = train_tokenizer(data_cfg, tok_path, {
+        n: (d['text'] for d in clean_store.read_docs(indexes[n], split_rows(data_cfg, n, i)['train']))
+        for n, i in indexes.items()})
+  tok_hash = _tokenizer_hash(tok)
+  dirs = {n: source_dir(data_cfg, root, key, n, tok_hash) for n in names}
+  for n, d in dirs.items():
+    if not fs.isfile(os.path.join(d, 'stats.json')):
+      write_source(data_cfg, d, n, indexes[n], tok, tok_hash,
+                   corpora.missing(data_cfg.sources[n].corpora))
+
+  def find_kept(content: bytes):
+    for name, index in indexes.items():
+      doc = clean_store.find_doc(index, content)
+      if doc is not None:
+        return name, doc
+    return None
+
+  return tok, dirs, report_lib.summarize(lambda: report_lib.drops(store), find_kept)
+
+
+def _rest_beam(data_cfg, names: list[str], root: str, key: str, store: str,
+               sizes: clean_store.Sizes, tok, tok_path: str):
+  """Steps 2-5 as Beam pipelines over a Beam store (beam_shards.py; the report's summary was made
+  in the clean pipeline); returns as _rest_local."""
+  from lmjax.data import beam_shards  # pylint: disable=import-outside-toplevel  (the [beam] extra)
+  split = beam_shards.splits(data_cfg, names, store, sizes)
+  if tok is None:
+    tok = beam_shards.train_tokenizer(data_cfg, tok_path, store, sizes, split)
+  tok_hash = _tokenizer_hash(tok)
+  dirs = {n: source_dir(data_cfg, root, key, n, tok_hash) for n in names}
+  todo = {n: d for n, d in dirs.items() if not fs.isfile(os.path.join(d, 'stats.json'))}
+  if todo:
+    beam_shards.write_sources(data_cfg, todo, store, sizes, split, tok, tok_hash,
+                              {n: corpora.missing(data_cfg.sources[n].corpora) for n in todo})
+  return tok, dirs, json.loads(fs.read_text(os.path.join(store, clean_store.SUMMARY)))
 
 
 def cleaned_documents(data_cfg, workdir: str, name: str) -> dict[str, list[str]]:

@@ -6,6 +6,7 @@ records are NamedTuples of plain str/int: picklable, and cheap to count by (sour
 """
 from __future__ import annotations
 
+import hashlib
 from typing import NamedTuple
 
 SNIPPET_CHARS = 1000  # characters of a dropped document kept for the report's examples
@@ -33,3 +34,9 @@ def drop_record(drop: Drop, text: str = '', of: str = '') -> dict:
   content key of the copy kept in its place."""
   return dict(source=drop.source, id=drop.doc_id, stage=drop.stage, reason=drop.reason,
               chars=drop.chars, of=of, text=text[:SNIPPET_CHARS])
+
+
+def rank(source: str, doc_id: str) -> bytes:
+  """A document's place among the report's examples (the smallest are shown): a hash of where it
+  came from, so the choice does not depend on the runner or the reading order."""
+  return hashlib.blake2b(f'{source}\0{doc_id}'.encode('utf-8', 'surrogatepass'), digest_size=8).digest()

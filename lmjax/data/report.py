@@ -1,6 +1,7 @@
 """The prepare report: what every stage kept and dropped, per source, with examples.
 
-`build` makes a JSON-able dict from a clean store (prepare.py) and the prepared shards' stats:
+`build` makes a JSON-able dict from a clean store's counters and drops (prepare.py; `summarize`
+reads the drops, or the Beam runner summarizes them in its pipeline) and the shards' stats:
 
   sources   {source: {kind, languages, train/eval documents and tokens, tokens_per_char}}
   rows      [{source, stage, outcome, docs, chars, tokens}] for the stages read, normalize, langid,
@@ -23,29 +24,25 @@ from __future__ import annotations
 
 import collections
 import fnmatch
-import hashlib
 import heapq
 import json
 import os
+from typing import Callable, Iterable, Iterator
 
 from matplotlib.backends import backend_agg
 from matplotlib import figure as figure_lib
 
 from lmjax import fs
-from lmjax.data import clean_store
 from lmjax.data import records
 
 STAGES = ('read', 'normalize', 'langid', 'quality', 'dedup')
 EXAMPLES = 3  # example drops per (source, stage, reason), and dropped members shown per cluster
 CLUSTERS = 5  # near-duplicate clusters shown
+DUPLICATES = ('exact_duplicate', 'near_duplicate')  # the dedup stage's drop reasons
 
 
-def _rank(record: dict) -> bytes:
-  return hashlib.blake2b(f'{record["source"]}\0{record["id"]}'.encode('utf-8', 'surrogatepass'),
-                         digest_size=8).digest()
-
-
-def _drops(store: str):
+def drops(store: str) -> Iterator[dict]:
+  """The drop records of a clean store (records.drop_record), file by file."""
   for name in fs.listdir(store):
     if not fnmatch.fnmatchcase(name, 'drops-*-of-*.jsonl'):
       continue
@@ -54,31 +51,18 @@ def _drops(store: str):
         yield json.loads(line)
 
 
-def build(kinds: dict[str, dict], counters, store: str, indexes: dict, stats: dict[str, dict],
-          runner: str) -> dict:
-  """The report of a clean store (see the module docstring).
-
-  Args:
-    kinds: {source: {kind, languages}}; counters: stages.Counters of the store; store: its local
-    directory; indexes: {source: clean_store.SourceIndex} of its kept documents; stats: {source: the
-    stats.json of its prepared shards}; runner: 'local' or 'beam'.
-  """
-  sources = {}
-  for name, s in stats.items():
-    per_char = s['train']['tokens'] / max(s['train']['chars'], 1)
-    sources[name] = dict(**kinds[name], tokens_per_char=round(per_char, 4),
-                         train=dict(documents=s['train']['documents'], tokens=s['train']['tokens']),
-                         eval=dict(documents=s['eval']['documents'], tokens=s['eval']['tokens']))
-  rows = [dict(r, tokens=round(r['chars'] * sources[r['source']]['tokens_per_char']))
-          for r in counters.rows()]
-  # Pass 1: group sizes and examples.
-  groups = {'exact_duplicate': collections.Counter(), 'near_duplicate': collections.Counter()}
+def summarize(read_drops: Callable[[], Iterable[dict]],
+              find_kept: Callable[[bytes], tuple[str, dict] | None]) -> dict:
+  """The report's dedup, examples and clusters from the drop records (two streaming passes of
+  `read_drops()`); find_kept(content_key) -> (source, {"id", "text"}) of the kept document with that
+  content, or None. The Beam runner computes the same in its pipeline (beam.report_summary)."""
+  groups = {DUPLICATES[0]: collections.Counter(), DUPLICATES[1]: collections.Counter()}
   examples = collections.defaultdict(list)  # heaps of (-rank, ...) keeping the EXAMPLES smallest
-  for r in _drops(store):
+  for r in read_drops():  # pass 1: group sizes and examples
     if r['reason'] in groups:
       groups[r['reason']][(r['source'], r['of'])] += 1
     heap = examples[f'{r["source"]}/{r["stage"]}/{r["reason"]}']
-    item = (tuple(-b for b in _rank(r)), r['id'], r['chars'], r['text'])
+    item = (tuple(-b for b in records.rank(r['source'], r['id'])), r['id'], r['chars'], r['text'])
     if len(heap) < EXAMPLES:
       heapq.heappush(heap, item)
     elif item > heap[0]:
@@ -90,26 +74,44 @@ def build(kinds: dict[str, dict], counters, store: str, indexes: dict, stats: di
   exact = {of for _, of in groups['exact_duplicate']}
   top = sorted(near.items(), key=lambda kv: (-kv[1], kv[0]))[:CLUSTERS]
   members = {of: [] for of, _ in top}
-  for r in _drops(store):  # pass 2: the members of the clusters shown
+  for r in read_drops():  # pass 2: the members of the clusters shown
     if r['reason'] == 'near_duplicate' and r['of'] in members:
-      members[r['of']].append((_rank(r), dict(source=r['source'], id=r['id'], text=r['text'])))
+      members[r['of']].append((records.rank(r['source'], r['id']),
+                               dict(source=r['source'], id=r['id'], text=r['text'])))
   clusters = []
   for of, n in top:
-    kept = None
-    for name, index in indexes.items():
-      doc = clean_store.find_doc(index, bytes.fromhex(of))
-      if doc is not None:
-        kept = dict(source=name, id=doc['id'], text=doc['text'][:records.SNIPPET_CHARS])
-        break
+    found, kept = find_kept(bytes.fromhex(of)), None
+    if found is not None:
+      name, doc = found
+      kept = dict(source=name, id=doc['id'], text=doc['text'][:records.SNIPPET_CHARS])
     clusters.append(dict(size=n + 1, kept=kept,
                          dropped=[m for _, m in sorted(members[of], key=lambda x: x[0])[:EXAMPLES]]))
   return dict(
-      runner=runner, sources=sources, rows=rows,
       dedup=dict(exact_groups=len(exact), exact_dropped=sum(groups['exact_duplicate'].values()),
                  near_clusters=len(near), near_dropped=sum(near.values())),
       examples={k: [dict(id=i, chars=c, text=t) for _, i, c, t in sorted(v, reverse=True)]
                 for k, v in sorted(examples.items())},
       clusters=clusters)
+
+
+def build(kinds: dict[str, dict], counters, summary: dict, stats: dict[str, dict],
+          runner: str) -> dict:
+  """The report (see the module docstring).
+
+  Args:
+    kinds: {source: {kind, languages}}; counters: stages.Counters of the clean store; summary: its
+    drops' `summarize`; stats: {source: the stats.json of its prepared shards}; runner: 'local' or
+    'beam'.
+  """
+  sources = {}
+  for name, s in stats.items():
+    per_char = s['train']['tokens'] / max(s['train']['chars'], 1)
+    sources[name] = dict(**kinds[name], tokens_per_char=round(per_char, 4),
+                         train=dict(documents=s['train']['documents'], tokens=s['train']['tokens']),
+                         eval=dict(documents=s['eval']['documents'], tokens=s['eval']['tokens']))
+  rows = [dict(r, tokens=round(r['chars'] * sources[r['source']]['tokens_per_char']))
+          for r in counters.rows()]
+  return dict(runner=runner, sources=sources, rows=rows, **summary)
 
 
 def outcomes(report: dict) -> dict[tuple[str, str], dict[str, dict]]:
