@@ -1,8 +1,9 @@
-"""`prepare`'s clean step (read, normalize, langid, quality, exact and near dedup) on Beam's DaskRunner
-with 1, 2 and 4 worker processes, at 1x, 4x and 16x a web-like corpus with planted duplicates.
+"""`prepare` (clean, exact and near dedup, split, tokenizer, tokenization, shards, report) on Beam's
+DaskRunner with 1, 2 and 4 worker processes, at 1x, 4x and 16x a web-like corpus with planted
+duplicates.
 
   python benchmarks/prepare_dask.py [--workdir=/tmp/lmjax_bench_dask] [--docs=10000]
-      [--sizes=1,4,16] [--workers=1,2,4] [--largest_workers=2]
+      [--sizes=1,4,16] [--workers=1,2,4] [--largest_workers=2] [--docs_per_partition=2500]
 
 Corpus (made once in the workdir): two sources of English-like documents (6-20 sentences drawn from
 the pydoc topics, so the quality filters keep most), 8 jsonl files each. Planted: 5% of the
@@ -13,10 +14,14 @@ an earlier document. Recall: the planted duplicates dropped, as a share of all p
 dedup drops that are planted duplicates. A
 cluster counts as kept right when exactly one member survives.
 
-Each case cleans into a fresh store: a LocalCluster of N single-threaded worker processes (on this
-2-core machine more than 2 workers share cores), with `--dask_npartitions=4N`. Reported: documents/s
-in all and per worker, the workers' peak resident memory (ru_maxrss), and the local runner on the
-same corpus in the same run as the baseline. The largest size runs with `--largest_workers` only.
+Each case prepares into a fresh cache dir: a LocalCluster of N single-threaded worker processes (on
+this 2-core machine more than 2 workers share cores), with `--dask_npartitions` = documents /
+`--docs_per_partition` (so a partition holds the same documents at every size) and
+`config.data.clean.beam_files` = documents / 5,000 per source (at least 16). Reported: documents/s in
+all and per worker, the workers' peak resident memory (ru_maxrss), and the local runner on the same
+corpus in the same run as the baseline (its peak includes the corpus this process built). The
+largest size runs with `--largest_workers` only. Every case must produce the same shards (their
+checksums in stats.json) and report as the local runner: the run stops if one differs.
 """
 import argparse
 import json
@@ -80,20 +85,28 @@ def make_corpus(directory: str, n_docs: int, seed: int) -> dict:
   return truth
 
 
-def _config(corpus: str):
+def _config(corpus: str, docs: int):
   from lmjax.data import pipeline  # pylint: disable=import-outside-toplevel
   cfg = pipeline.defaults()
   cfg.sources = {s: dict(corpora=f'jsonl:{corpus}/{s}/*.jsonl', max_chars=0, kind='en', languages='en')
                  for s in ('web', 'forum')}
+  cfg.tokenizer.vocab_size = 4096
+  cfg.clean.beam_files = max(16, docs // 5000)
   return cfg
 
 
-def _clean(cfg, store: str, runner: str) -> float:
+def _prepare(cfg, cache: str) -> tuple[float, dict, str]:
+  """Seconds, the stats.json of every source and the clean store's directory, prepared afresh."""
   from lmjax.data import prepare  # pylint: disable=import-outside-toplevel
-  shutil.rmtree(store, ignore_errors=True)
+  shutil.rmtree(cache, ignore_errors=True)
+  cfg.cache_dir = cache
   t0 = time.perf_counter()
-  prepare.clean(cfg, list(cfg.sources), store, runner, verbose=False)
-  return time.perf_counter() - t0
+  done = prepare.prepare(cfg, cache)
+  seconds = time.perf_counter() - t0
+  stats = {n: json.load(open(os.path.join(d, 'stats.json'))) for n, d in done.dirs.items()}
+  (store,) = [d for d in os.listdir(cache) if d.startswith('clean-')]
+  return seconds, dict(stats=stats, report={k: v for k, v in done.report.items() if k != 'runner'}), \
+      os.path.join(cache, store)
 
 
 def _scores(store: str, truth: dict) -> dict:
@@ -122,17 +135,22 @@ def main():
   parser.add_argument('--sizes', default='1,4,16')
   parser.add_argument('--workers', default='1,2,4')
   parser.add_argument('--largest_workers', type=int, default=2)
+  parser.add_argument('--docs_per_partition', type=int, default=2500)
+  parser.add_argument('--worker_memory', default='1GiB',
+                      help="each worker's Dask memory limit (it spills to disk from 60% of it)")
   args = parser.parse_args()
   os.environ.setdefault('DASK_LOGGING__DISTRIBUTED', 'error')
+  os.environ.pop('LMJAX_CLEAN_CACHE', None)
   import distributed  # pylint: disable=import-outside-toplevel
   sizes = [int(x) for x in args.sizes.split(',')]
   rows = []
   for size in sizes:
     corpus = os.path.join(args.workdir, f'corpus{size}x')
     truth = make_corpus(corpus, args.docs * size, seed=size)
-    cfg = _config(corpus)
-    store = os.path.join(args.workdir, 'store')
-    seconds = _clean(cfg, store, 'local')
+    cfg = _config(corpus, truth['docs'])
+    cache = os.path.join(args.workdir, 'cache')
+    cfg.clean.runner = 'local'
+    seconds, want, store = _prepare(cfg, cache)
     rows.append(dict(size=size, runner='local', workers=1, seconds=seconds, docs=truth['docs'],
                      peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                      **_scores(store, truth)))
@@ -140,13 +158,17 @@ def main():
     counts = [int(x) for x in args.workers.split(',')] if size != max(sizes) else [args.largest_workers]
     for n in counts:
       with distributed.LocalCluster(n_workers=n, processes=True, threads_per_worker=1,
-                                    dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+                                    memory_limit=args.worker_memory, dashboard_address=None,
+                                    silence_logs=logging.ERROR) as cluster, \
           distributed.Client(cluster) as client:
+        cfg.clean.runner = 'beam'
         cfg.clean.beam_args = (f'--runner=apache_beam.runners.dask.dask_runner.DaskRunner '
                                f'--dask_client_address={cluster.scheduler_address} '
-                               f'--dask_npartitions={4 * n}')
-        seconds = _clean(cfg, store, 'beam')
+                               f'--dask_npartitions={max(1, truth["docs"] // args.docs_per_partition)}')
+        seconds, got, store = _prepare(cfg, cache)
         peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+      if got != want:
+        raise SystemExit(f'{size}x, {n} workers: the Beam runner prepared other data than the local one')
       rows.append(dict(size=size, runner='dask', workers=n, seconds=seconds, docs=truth['docs'],
                        peak_mb=max(peaks.values()), **_scores(store, truth)))
       print(json.dumps(rows[-1]), flush=True)

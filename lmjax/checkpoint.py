@@ -44,7 +44,8 @@ class Checkpointer:
 
   def save(self, step: int, state: dict, data_state) -> None:
     """Starts writing checkpoint `step` (returns before the write completes when async). A write
-    that fails (a full disk) leaves no partial files behind: the error is raised once they are gone."""
+    that fails (a full local disk) leaves no partial files behind: the error is raised once they
+    are gone."""
     with self._partial_removed_on_error():
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
@@ -89,12 +90,17 @@ class Checkpointer:
 
   @contextlib.contextmanager
   def _partial_removed_on_error(self):
-    """Removes orbax's temporary step directories (`<step>.orbax-checkpoint-tmp*`) when the body
-    raises: a failed write's partial files would otherwise hold the space a retry needs."""
+    """Removes orbax's temporary step directories (`<step>.orbax-checkpoint-tmp*`, on a local disk;
+    on GCS a step without commit_success.txt is what restore_latest sets aside) when the body
+    raises: a failed write's partial files would otherwise hold the space a retry needs. The
+    body's error is what propagates, even if the removal fails too."""
     try:
       yield
     except BaseException:
-      for name in fs.listdir(self.directory):
-        if '.orbax-checkpoint-tmp' in name:
-          fs.rmtree(os.path.join(self.directory, name))
+      try:
+        for name in fs.listdir(self.directory):
+          if '.orbax-checkpoint-tmp' in name:
+            fs.rmtree(os.path.join(self.directory, name))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('could not remove the failed checkpoint write under %s: %s', self.directory, e)
       raise

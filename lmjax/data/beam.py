@@ -51,6 +51,7 @@ process (beam#29365 reported str keys splitting groups on Dask; it does not repr
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shlex
@@ -94,8 +95,8 @@ def _clean_file(item, cfg: ml_collections.ConfigDict):
   name, spec_name, path, root, kind, languages = item
   counters, drops = stages.Counters(), []
   steps = stages.source_stages(stages.Source(name, (), kind, languages), cfg)
-  records = corpora.file_records(spec_name, path, root, name, cfg.read)
-  for batch in stages.batches(records, int(cfg.batch_docs), name, counters, drops.append):
+  read = corpora.file_records(spec_name, path, root, name, cfg.read)
+  for batch in stages.batches(read, int(cfg.batch_docs), name, counters, drops.append):
     docs = stages.apply_stages(batch, steps, counters, drops.append)
     if not docs:
       continue
@@ -255,8 +256,9 @@ def _summary(parts) -> dict:
 def _write(item, store: str, names: list[str], files: int):
   """Writes one output file of the store whole (fs.write_atomic). item: (key, values); key (source
   index, file index) for documents, (-1, file index) for drops, (-2, 0) for the counters, (-3, 0)
-  for the changed count, (-4, 0) for the docs files' sizes, (-5, 0) for the report's summary (one
-  element whatever the drops: the pipeline adds a ('seed',)). A docs file yields its ('file', [source,
+  for the changed count, (-4, 0) for the docs files' sizes, (-5, 0) for the report's summary (the
+  last three get a seed element, so they are written whatever the input). A docs file, written with
+  its lengths file, yields its ('file', [source,
   index, documents, characters])."""
   (what, i), values = item
   if what == -5:
@@ -266,7 +268,11 @@ def _write(item, store: str, names: list[str], files: int):
     path = clean_store.docs_file(store, names[what], i, files)
     docs = sorted(values)
     text = ''.join(line for _, _, line in docs)
-    yield 'file', [names[what], i, len(docs), sum(chars for _, chars, _ in docs)]
+    lengths = np.array([chars for _, chars, _ in docs], np.int64)
+    out = io.BytesIO()
+    np.save(out, lengths)
+    fs.write_atomic(clean_store.lengths_file(path), out.getvalue())
+    yield 'file', [names[what], i, len(docs), int(lengths.sum())]
   elif what == -1:
     path = os.path.join(store, f'drops-{i:05d}-of-{files:05d}.jsonl')
     text = ''.join(sorted(values))
@@ -278,7 +284,7 @@ def _write(item, store: str, names: list[str], files: int):
     text = json.dumps(sum(values))
   else:
     path = os.path.join(store, clean_store.SIZES)
-    text = json.dumps(dict(files=files, rows=sorted(values)))
+    text = json.dumps(dict(files=files, rows=sorted(v for v in values if v is not None)))
   fs.write_atomic(path, text)
 
 
@@ -313,17 +319,20 @@ def run(specs: list[tuple[str, str, str, str]], cfg: ml_collections.ConfigDict,
                  json.dumps(r, ensure_ascii=False) + '\n')))
   counts = (_kind(events, 'count', 'all') | 'sum counts' >> beam.CombinePerKey(_sum)
             | 'count rows' >> beam.Map(lambda kv: ((-2, 0), kv)))
-  changed_count = (changed | 'ones' >> beam.Map(lambda _: 1)
-                   | 'count changed' >> beam.CombineGlobally(sum)
-                   | 'changed row' >> beam.Map(lambda n: ((-3, 0), n)))
+  # One key, not CombineGlobally: its default value is a side input, whose producer (all of the
+  # above) the DaskRunner recomputes for every bundle that reads it.
+  changed_count = ((changed | 'ones' >> beam.Map(lambda _: ((-3, 0), 1)),
+                    p | 'changed seed' >> beam.Create([((-3, 0), 0)]))
+                   | 'changed rows' >> beam.Flatten())
   summary = ((report_summary(drops, _kind(near, 'root', 'kept')),
               p | 'summary seed' >> beam.Create([('seed',)]))
              | 'summary parts' >> beam.Flatten()
              | 'summary rows' >> beam.Map(lambda part: ((-5, 0), part)))
   written = ((doc_lines, drop_lines, counts, changed_count, summary) | 'outputs' >> beam.Flatten()
              | 'by file' >> beam.GroupByKey() | 'write' >> beam.FlatMap(_write, store, names, files))
-  _ = (_kind(written, 'file', 'docs files') | 'sizes' >> beam.Map(lambda row: ((-4, 0), row))
-       | 'all sizes' >> beam.GroupByKey() | 'write sizes' >> beam.FlatMap(_write, store, names, files))
+  sizes = (_kind(written, 'file', 'docs files') | 'sizes' >> beam.Map(lambda row: ((-4, 0), row)))
+  _ = ((sizes, p | 'sizes seed' >> beam.Create([((-4, 0), None)])) | 'all sizes' >> beam.Flatten()
+       | 'by size file' >> beam.GroupByKey() | 'write sizes' >> beam.FlatMap(_write, store, names, files))
   execute(p)
   changed_docs = json.loads(fs.read_text(os.path.join(store, CHANGED)))
   if changed_docs:

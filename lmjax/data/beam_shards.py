@@ -3,26 +3,27 @@ files are ranges of the content-hash order (clean_store.part), and beam-files.js
 so no machine holds a source's documents or an index of them.
 
   split      on the launching machine: prepare.split_files over the files' sizes (it reads the
-             lengths of at most three files a source)
+             lengths files, 8 bytes a document, of at most three docs files a source)
   tokenizer  one worker reads the sample (each source's first train documents, as far as its share
              of tokenizer.sample_chars) and trains it (prepare.train_tokenizer)
   tokenize   per docs file: its held-out and train documents tokenized into
-             <store>/tokens-<tokenizer hash>/<source>-<file>.ids (the ids, concatenated) and
+             <store>/tokens-<tokenizer hash>-<run>/<source>-<file>.ids (the ids, concatenated) and
              .lengths.npy (int64 tokens a document); their counts into counts.json
   shards     per shard: prepare.shard_of puts a document by the offset of its ids in its split, which
              the counts give per file, so each shard knows the files it covers; it reads its
              documents' ids from them, writes the shard and its starts on local disk and copies
              them to the source's directory; the entries into shards.json
-Then the launching machine writes each source's stats.json (last: it marks a source complete),
-removes the tokens directory, and builds the report, finding a cluster's kept document in the one
-file of each source its key falls in. Shards, tokenizer and stats are the local runner's, byte for
-byte (tests/test_data_beam.py).
+Then the launching machine checks that the shards hold every document, writes each source's
+stats.json (last: it marks a source complete) and removes the tokens directory; the report's summary
+was made in the clean pipeline (beam.report_summary). Shards, tokenizer and stats are the local
+runner's, byte for byte (tests/test_data_beam.py).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
-import shutil
+import uuid
 import tempfile
 from typing import Iterator
 
@@ -37,21 +38,24 @@ from lmjax.data import tokenizer as tokenizer_lib
 
 COUNTS = 'counts.json'  # [[source, file, eval docs, eval tokens, eval chars, train docs, ...], ...]
 SHARDS = 'shards.json'  # [[source, split, k, stats.json entry], ...]
-_tokenizers = {}  # one loaded tokenizer per worker process and path
+_tokenizers = {}  # one loaded tokenizer per worker process, path and content hash
 
 
-def _tokenizer(path: str) -> tokenizer_lib.Tokenizer:
-  if path not in _tokenizers:
-    _tokenizers[path] = tokenizer_lib.load(path)
-  return _tokenizers[path]
+def _tokenizer(path: str, tok_hash: str) -> tokenizer_lib.Tokenizer:
+  """The tokenizer at `path`, loaded once per worker (keyed by its hash too: a file replaced in place
+  between runs on long-lived workers is loaded again)."""
+  if (path, tok_hash) not in _tokenizers:
+    _tokenizers[path, tok_hash] = tokenizer_lib.load(path)
+  return _tokenizers[path, tok_hash]
 
 
 def splits(data_cfg, names: list[str], store: str,
            sizes: clean_store.Sizes) -> dict[str, tuple[int, int]]:
-  """{source: (held-out documents, train documents)}, as prepare.split gives them."""
+  """{source: (held-out documents, train documents)}, as prepare.split gives them, from the files'
+  sizes and the lengths files of at most three docs files a source."""
   def lengths_of(name):
-    return lambda i: np.array([len(d['text']) for d in clean_store.file_docs(
-        clean_store.docs_file(store, name, i, sizes.files))], np.int64)
+    return functools.lru_cache(maxsize=None)(lambda i: clean_store.read_lengths(
+        clean_store.docs_file(store, name, i, sizes.files)))
 
   return {n: prepare.split_files(sizes.sources.get(n, []), lengths_of(n), data_cfg.eval,
                                  int(data_cfg.sources[n].max_chars)) for n in names}
@@ -76,11 +80,11 @@ def _train_tokenizer(path: str, data_cfg, store: str, sizes: clean_store.Sizes, 
   yield path
 
 
-def _tokenize_file(item, store: str, files: int, tok_path: str, work: str):
+def _tokenize_file(item, store: str, files: int, tok_path: str, tok_hash: str, work: str):
   """One docs file's held-out and train documents, tokenized into the tokens directory; yields
   [source, file, eval docs, eval tokens, eval chars, train docs, train tokens, train chars]."""
   name, i, first, n_eval, end = item
-  tok = _tokenizer(tok_path)
+  tok = _tokenizer(tok_path, tok_hash)
   dtype = prepare.token_dtype(tok.vocab_size)
   docs = clean_store.file_docs(clean_store.docs_file(store, name, i, files))
   lengths, chars = [], []
@@ -119,7 +123,7 @@ def _write_shard(item, work: str, itemsize: int):
       with fs.open(os.path.join(work, f'{name}-{i:05d}.lengths.npy'), 'rb') as f:
         nbytes = np.load(f)[lo:hi] * itemsize
       starts = offset + np.concatenate([[0], np.cumsum(nbytes)[:-1]])
-      mine = np.flatnonzero(starts // shard_bytes == k) if shard_bytes else np.arange(len(starts))
+      mine = np.flatnonzero(prepare.shard_of(starts, shard_bytes) == k)
       if not len(mine):
         continue
       a, b = int(mine[0]), int(mine[-1]) + 1
@@ -147,9 +151,14 @@ def _collect(pcoll, path: str, label: str):
               path, json.dumps(sorted(rows, key=lambda r: r[:3])))))
 
 
-def _read_list(path: str) -> list:
-  """What _collect wrote to `path`; nothing when the pipeline had no elements (nor the file)."""
-  return json.loads(fs.read_text(path)) if fs.isfile(path) else []
+def _read_list(path: str, expected: bool) -> list:
+  """What _collect wrote to `path`: nothing if its pipeline had no elements, else an error if the
+  file is missing (a runner lost the pipeline's output)."""
+  if fs.isfile(path):
+    return json.loads(fs.read_text(path))
+  if expected:
+    raise RuntimeError(f'{path} is missing: the Beam pipeline that writes it lost its output')
+  return []
 
 
 def _pieces(counts: list[list], split: str, itemsize: int, shard_bytes: int) -> dict[int, list]:
@@ -161,9 +170,9 @@ def _pieces(counts: list[list], split: str, itemsize: int, shard_bytes: int) -> 
       lo, hi, byte, tokens = 0, n_eval, 0, eval_tokens
     else:
       lo, hi, byte, tokens = n_eval, n_eval + n_train, eval_tokens * itemsize, train_tokens
-    if hi > lo:
-      last = offset + max(tokens * itemsize - 1, 0)
-      for k in range(prepare.shard_of(offset, shard_bytes), prepare.shard_of(last, shard_bytes) + 1):
+    if hi > lo:  # its documents start in [offset, end], end itself for a last one of no tokens
+      end = offset + tokens * itemsize
+      for k in range(prepare.shard_of(offset, shard_bytes), prepare.shard_of(end, shard_bytes) + 1):
         shards.setdefault(k, []).append((i, offset, lo, hi, byte))
     offset += tokens * itemsize
   return shards
@@ -172,28 +181,67 @@ def _pieces(counts: list[list], split: str, itemsize: int, shard_bytes: int) -> 
 def write_sources(data_cfg, dirs: dict[str, str], store: str, sizes: clean_store.Sizes,
                   split: dict[str, tuple[int, int]], tok, tok_hash: str,
                   missing: dict[str, dict]) -> None:
-  """Writes the shards and stats.json of sources {name: final directory} (module docstring)."""
-  work = os.path.join(store, f'tokens-{tok_hash}')
-  fs.rmtree(work)  # what a failed run left
-  dest = {n: d if not fs.is_local(d) else f'{d}.tmp{os.getpid()}' for n, d in dirs.items()}
-  for d in dest.values():
-    fs.rmtree(d)
-    fs.makedirs(d)
-  items, first = [], {}
+  """Writes the shards and stats.json of sources {name: final directory} (module docstring). A local
+  directory is written under a temporary name and renamed; on an object store stats.json, written
+  last, marks it complete. The tokens directory is this call's own, removed at the end."""
+  work = os.path.join(store, f'tokens-{tok_hash}-{uuid.uuid4().hex[:8]}')
+  dest = {n: f'{d}.tmp{os.getpid()}' if fs.is_local(d) else d for n, d in dirs.items()}
+  try:
+    for n, d in dest.items():
+      if d != dirs[n]:
+        fs.rmtree(d)
+      fs.makedirs(d)
+    counts = _tokenize(data_cfg, dirs, store, sizes, split, tok, tok_hash, work)
+    entries = _shards(data_cfg, dirs, dest, counts, work, prepare.token_dtype(tok.vocab_size).itemsize)
+    for n, final in dirs.items():
+      mine = [r for r in counts if r[0] == n]
+      parts = {}
+      for split_name, docs_at, chars_at in (('eval', 2, 4), ('train', 5, 7)):
+        shards = [e for name, s, _, e in entries if name == n and s == split_name]
+        documents = sum(r[docs_at] for r in mine)
+        if sum(e['records'] for e in shards) != documents:
+          raise RuntimeError(f'source {n!r}: the {split_name} shards hold '
+                             f'{sum(e["records"] for e in shards)} documents, not {documents}: '
+                             'the Beam pipeline lost some')
+        parts[split_name] = (documents, sum(r[chars_at] for r in mine), shards)
+      stats = prepare.source_stats(data_cfg, n, tok, tok_hash, missing[n], parts)
+      fs.write_atomic(os.path.join(dest[n], 'stats.json'), json.dumps(stats, indent=1))
+      if dest[n] != final:
+        try:
+          os.rename(dest[n], final)
+        except OSError:  # another process finished first; its files are identical
+          pass
+  finally:
+    fs.rmtree(work)
+    for n, d in dest.items():
+      if d != dirs[n]:
+        fs.rmtree(d)
+
+
+def _tokenize(data_cfg, dirs, store, sizes, split, tok, tok_hash: str, work: str) -> list[list]:
+  """The tokenize pipeline: one task a docs file with held-out or train documents; their counts."""
+  items = []
   for n in dirs:
-    first[n] = 0
-    n_eval, n_train = split[n]
+    first, (n_eval, n_train) = 0, split[n]
     for i, docs, _ in sizes.sources.get(n, []):
-      if first[n] < n_eval + n_train:
-        items.append((n, i, first[n], n_eval, n_eval + n_train))
-      first[n] += docs
+      if first < n_eval + n_train:
+        items.append((n, i, first, n_eval, n_eval + n_train))
+      first += docs
   p = beam_lib.pipeline(data_cfg.clean)
   tokenized = (p | 'files' >> beam.Create(items) | 'spread' >> beam.Reshuffle()
-               | 'tokenize' >> beam.FlatMap(_tokenize_file, store, sizes.files, tok.path, work))
+               | 'tokenize' >> beam.FlatMap(_tokenize_file, store, sizes.files, tok.path, tok_hash,
+                                            work))
   _collect(tokenized, os.path.join(work, COUNTS), 'counts')
   beam_lib.execute(p)
-  counts = _read_list(os.path.join(work, COUNTS))
-  itemsize = prepare.token_dtype(tok.vocab_size).itemsize
+  counts = _read_list(os.path.join(work, COUNTS), expected=bool(items))
+  if sorted(r[:2] for r in counts) != sorted([n, i] for n, i, *_ in items):
+    raise RuntimeError(f'{os.path.join(work, COUNTS)}: {len(counts)} files tokenized of '
+                       f'{len(items)}: the Beam pipeline lost some')
+  return counts
+
+
+def _shards(data_cfg, dirs, dest, counts: list[list], work: str, itemsize: int) -> list[list]:
+  """The shards pipeline: one task a shard of every source's splits; their stats.json entries."""
   jobs = []
   for n in dirs:
     mine = [r for r in counts if r[0] == n]
@@ -205,21 +253,7 @@ def write_sources(data_cfg, dirs: dict[str, str], store: str, sizes: clean_store
              | 'write' >> beam.FlatMap(_write_shard, work, itemsize))
   _collect(written, os.path.join(work, SHARDS), 'shards')
   beam_lib.execute(p)
-  entries = _read_list(os.path.join(work, SHARDS))
-  for n, final in dirs.items():
-    mine = [r for r in counts if r[0] == n]
-    parts = {}
-    for split_name, docs_at, chars_at in (('eval', 2, 4), ('train', 5, 7)):
-      shards = [e for name, s, _, e in entries if name == n and s == split_name]
-      parts[split_name] = (sum(r[docs_at] for r in mine), sum(r[chars_at] for r in mine), shards)
-    stats = prepare.source_stats(data_cfg, n, tok, tok_hash, missing[n], parts)
-    fs.write_atomic(os.path.join(dest[n], 'stats.json'), json.dumps(stats, indent=1))
-    if dest[n] != final:
-      try:
-        os.rename(dest[n], final)
-      except OSError:  # another process finished first; its files are identical
-        shutil.rmtree(dest[n], ignore_errors=True)
-  fs.rmtree(work)
+  return _read_list(os.path.join(work, SHARDS), expected=bool(jobs))
 
 
 def train_tokenizer(data_cfg, path: str, store: str, sizes: clean_store.Sizes,

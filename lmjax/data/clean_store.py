@@ -5,9 +5,10 @@ A clean store (prepare.py's module docstring; a local directory or a URL, read t
 holds docs/<source>-NNNNN-of-NNNNN.jsonl, one {"id", "text"} a line; `index_source` reads a source's
 files once and keeps ~44 bytes a document (the local runner's path: its store has one unsorted file a
 source). A Beam store (beam.py) needs no index: its file i holds the i-th of N equal ranges of the
-doc_key space (`part`), sorted, so its files in order are the source in content-hash order, and
-beam-files.json (`read_sizes`) has their documents and characters; beam-summary.json is the
-report's summary of its drops (report.summarize), made in the pipeline.
+doc_key space (`part`), sorted, so its files in order are the source in content-hash order; each has
+a lengths file (`read_lengths`), and beam-files.json (`read_sizes`) has their documents and
+characters; beam-summary.json is the report's summary of its drops (report.summarize), made in the
+pipeline.
 """
 from __future__ import annotations
 
@@ -46,8 +47,8 @@ class Sizes(NamedTuple):
 
 
 def read_sizes(store: str) -> Sizes | None:
-  """The sizes of a Beam store's docs files; None for a local runner's store (one unsorted file a
-  source, indexed whole by `index_source`)."""
+  """The sizes of a Beam store's docs files (every Beam store has them, empty or not); None for a
+  local runner's store (one unsorted file a source, indexed whole by `index_source`)."""
   path = os.path.join(store, SIZES)
   if not fs.isfile(path):
     return None
@@ -56,6 +57,16 @@ def read_sizes(store: str) -> Sizes | None:
   for source, i, docs, chars in sizes['rows']:
     sources.setdefault(source, []).append((i, docs, chars))
   return Sizes(sizes['files'], sources)
+
+
+def lengths_file(docs_path: str) -> str:
+  """A Beam store's docs file's lengths file: int64 characters of each of its documents (.npy)."""
+  return docs_path.removesuffix('.jsonl') + '.chars.npy'
+
+
+def read_lengths(docs_path: str) -> np.ndarray:
+  with fs.open(lengths_file(docs_path), 'rb') as f:
+    return np.load(f)
 
 
 def file_docs(path: str) -> Iterator[dict]:

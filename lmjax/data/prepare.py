@@ -343,12 +343,12 @@ class ShardWriter:
                 checksum=file_checksum(self.path))
 
 
-def shard_of(offset: int, shard_bytes: int) -> int:
-  """The shard of a document whose token ids start `offset` bytes into its split's stream of ids:
-  shard k holds the documents starting in [k, k + 1) * shard_bytes (0: one shard). A rule of the
-  offset alone, so writers of different parts of a split (beam_shards.py) agree; a document longer
-  than shard_bytes leaves the next numbers unused."""
-  return offset // shard_bytes if shard_bytes > 0 else 0
+def shard_of(offset, shard_bytes: int):
+  """The shard of a document whose token ids start `offset` bytes (an int, or an int array) into its
+  split's stream of ids: shard k holds the documents starting in [k, k + 1) * shard_bytes (0: one
+  shard). A rule of the offset alone, so writers of different parts of a split (beam_shards.py)
+  agree; a document longer than shard_bytes leaves the next numbers unused."""
+  return offset // shard_bytes if shard_bytes > 0 else offset * 0
 
 
 def write_shards(token_docs: Iterator[np.ndarray], directory: str, prefix: str, shard_bytes: int,
@@ -548,44 +548,46 @@ def cleaned_documents(data_cfg, workdir: str, name: str) -> dict[str, list[str]]
 
 @contextlib.contextmanager
 def _cleaned_store(data_cfg, names: list[str], root: str, key: str, verbose: bool) -> Iterator[str]:
-  """The clean store of sources `names` (a local directory, or a URL for the Beam runner), cleaned
-  first unless it was."""
-  with _clean_store(root, key, data_cfg.clean.runner) as store:
-    if not fs.isfile(os.path.join(store, 'counters.json')):
-      clean(data_cfg, names, store, data_cfg.clean.runner, verbose)
+  """The clean store of sources `names` (see _clean_store), cleaned first unless it was."""
+  def make(store: str) -> None:
+    clean(data_cfg, names, store, data_cfg.clean.runner, verbose)
+
+  with _clean_store(root, key, data_cfg.clean.runner, make) as store:
     yield store
 
 
 @contextlib.contextmanager
-def _clean_store(root: str, key: str, runner: str) -> Iterator[str]:
-  """The clean store's directory: clean-<key> in a local cache dir (kept); in a URL cache dir,
-  clean-<key> there for the Beam runner (its workers write it; kept, counters.json marks it done)
-  and a local temporary directory for the local runner (removed afterwards). LMJAX_CLEAN_CACHE, a
-  local directory, holds the clean stores of every cache dir instead: the key names everything a
-  store depends on, so runs and tests that clean the same corpora the same way clean them once
-  (tests/conftest.py sets it)."""
+def _clean_store(root: str, key: str, runner: str, make: Callable[[str], None]) -> Iterator[str]:
+  """The clean store's directory, made by `make(directory)` unless it is complete (counters.json):
+  clean-<key> in a local cache dir (written under a temporary name and renamed once complete, so
+  a failure in a later step keeps it); in a URL cache dir, clean-<key> there for the Beam runner
+  (its workers write it; kept) and a local temporary directory for the local runner (removed
+  afterwards). LMJAX_CLEAN_CACHE, a local directory, holds the clean stores of every cache dir
+  instead: the key names everything a store depends on, so runs and tests that clean the same
+  corpora the same way clean them once (tests/conftest.py sets it)."""
   root = os.environ.get('LMJAX_CLEAN_CACHE') or root
   if not fs.is_local(root) and runner == 'beam':
     store = os.path.join(root, f'clean-{key}')
     if not fs.isfile(os.path.join(store, 'counters.json')):
       fs.rmtree(store)  # what a failed or killed run left: its files would be read with the new ones
+      make(store)
     yield store
     return
   if fs.is_local(root):
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f'clean-{key}')
-    if os.path.isfile(os.path.join(final, 'counters.json')):
-      yield final
-      return
-    tmp = f'{final}.tmp{os.getpid()}'
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    with fs.removed_on_error(tmp):
-      yield tmp
-    try:
-      os.rename(tmp, final)
-    except OSError:  # another process finished first; its store is identical
+    if not os.path.isfile(os.path.join(final, 'counters.json')):
+      tmp = f'{final}.tmp{os.getpid()}'
       shutil.rmtree(tmp, ignore_errors=True)
+      os.makedirs(tmp)
+      with fs.removed_on_error(tmp):
+        make(tmp)
+      try:
+        os.rename(tmp, final)
+      except OSError:  # another process finished first; its store is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    yield final
     return
   with tempfile.TemporaryDirectory(prefix='lmjax-clean-') as tmp:
+    make(tmp)
     yield tmp
