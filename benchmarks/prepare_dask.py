@@ -136,8 +136,8 @@ def main():
   parser.add_argument('--workers', default='1,2,4')
   parser.add_argument('--largest_workers', type=int, default=2)
   parser.add_argument('--docs_per_partition', type=int, default=2500)
-  parser.add_argument('--worker_memory', default='1GiB',
-                      help="each worker's Dask memory limit (it spills to disk from 60% of it)")
+  parser.add_argument('--worker_memory', default='auto',
+                      help="each worker's Dask memory limit (LocalCluster's memory_limit)")
   args = parser.parse_args()
   os.environ.setdefault('DASK_LOGGING__DISTRIBUTED', 'error')
   os.environ.pop('LMJAX_CLEAN_CACHE', None)
