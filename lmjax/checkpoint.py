@@ -20,7 +20,7 @@ import os
 import orbax.checkpoint as ocp
 from absl import logging
 
-from lmjax import fs
+from lmjax import errors, fs
 
 
 def orbax_path(directory: str) -> str:
@@ -34,6 +34,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     self.directory = orbax_path(directory)
+    self._pending, self._failed = None, False  # the last step saved; whether a save failed
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -43,12 +44,20 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state: dict, data_state) -> None:
-    """Starts writing checkpoint `step` (returns before the write completes when async). A write
-    that fails (a full local disk) leaves no partial files behind: the error is raised once they
-    are gone."""
-    with self._partial_removed_on_error():
+    """Starts writing checkpoint `step` (returns before the write completes when async). A failed
+    write raises errors.CheckpointSaveError naming the directory and the disk's reason, here or, when
+    async, from the next `check` or `wait`."""
+    with self._failure(self._pending):  # orbax would wait for it too; its failure is its own
+      self._manager.wait_until_finished()
+    with self._failure(step):
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+    self._pending = step
+
+  def check(self) -> None:
+    """Raises errors.CheckpointSaveError if an asynchronous save has failed (cheap: once a step)."""
+    with self._failure(self._pending):
+      self._manager.check_for_errors()
 
   def restore_latest(self, abstract_state: dict) -> tuple[int, dict, object]:
     """(step, state, data_state) of the newest checkpoint that restores. One that does not (a file
@@ -81,7 +90,8 @@ class Checkpointer:
     return restored['state'], restored['data']
 
   def wait(self) -> None:
-    with self._partial_removed_on_error():
+    """Waits for the save under way; raises as `check` (once: after a failure it only waits)."""
+    with self._failure(self._pending):
       self._manager.wait_until_finished()
 
   def close(self) -> None:
@@ -89,18 +99,29 @@ class Checkpointer:
     self._manager.close()
 
   @contextlib.contextmanager
-  def _partial_removed_on_error(self):
-    """Removes orbax's temporary step directories (`<step>.orbax-checkpoint-tmp*`, on a local disk;
-    on GCS a step without commit_success.txt is what restore_latest sets aside) when the body
-    raises: a failed write's partial files would otherwise hold the space a retry needs. The
-    body's error is what propagates, even if the removal fails too."""
+  def _failure(self, step: int | None):
+    """A failed write of checkpoint `step` as errors.CheckpointSaveError, its partial files gone:
+    orbax's temporary step directories (`<step>.orbax-checkpoint-tmp*`, on a local disk; on GCS a
+    step without commit_success.txt is what restore_latest sets aside) would otherwise hold the
+    space a retry needs. The failure is raised once; the disk's error is never hidden by a failed
+    removal."""
     try:
       yield
-    except BaseException:
+    except BaseException as e:
       try:
         for name in fs.listdir(self.directory):
           if '.orbax-checkpoint-tmp' in name:
             fs.rmtree(os.path.join(self.directory, name))
-      except Exception as e:  # pylint: disable=broad-except
-        logging.warning('could not remove the failed checkpoint write under %s: %s', self.directory, e)
-      raise
+      except Exception as removal:  # pylint: disable=broad-except
+        logging.warning('could not remove the failed checkpoint write under %s: %s', self.directory,
+                        removal)
+      if not isinstance(e, Exception) or isinstance(e, errors.CheckpointSaveError):
+        raise
+      if self._failed:  # already raised: the same failure seen again by wait or close
+        return
+      self._failed = True
+      latest = self._manager.latest_step()
+      raise errors.CheckpointSaveError(
+          f'checkpoint {step} could not be written to {self.directory}: {errors.os_reason(e)} (the '
+          f'last good checkpoint: {"none" if latest is None else latest}); free space or fix the '
+          'directory, then rerun the same command to resume') from e

@@ -5,13 +5,16 @@ this; library modules never import it.
 
   python -m lmjax.<entry> --config=configs/<name>.py[:knobs] --workdir=DIR [--config.a.b=value ...]
 
-A mistake in the flags or the config, a missing or bad data file or checkpoint ends the command with
-one line naming the culprit (`lmjax.train: error: configs/tiny.py: config.optim.lrr: ...`), exit code
-2; `--verbose` (or LMJAX_VERBOSE=1) shows the whole traceback instead.
+A mistake in the flags or the config, a missing or bad data file or checkpoint, a checkpoint that
+cannot be written (lmjax/errors.py) ends the command with one line naming the culprit
+(`lmjax.train: error: configs/tiny.py: config.optim.lrr: ...`), exit code 2; Ctrl-C with one line and
+exit code 130 (training checkpoints first). `--verbose` (or LMJAX_VERBOSE=1) shows the whole
+traceback and orbax's logs instead.
 """
 from __future__ import annotations
 
 import difflib
+import logging as stdlib_logging
 import os
 import sys
 from typing import Callable
@@ -21,6 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lmjax import config as config_lib
+from lmjax import errors
 
 # What a user's mistake raises: a config field, a data file, a checkpoint, a tokenizer.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TypeError)
@@ -47,11 +51,19 @@ def _verbose(argv) -> bool:
   return os.environ.get('LMJAX_VERBOSE') == '1' or any(a in ('--verbose', '--verbose=true') for a in argv)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
   spec = getattr(sys.modules['__main__'], '__spec__', None)
   prog = spec.name if spec else os.path.basename(sys.argv[0])
   print(f'{prog}: error: {message}', file=sys.stderr)
-  sys.exit(2)
+  sys.exit(code)
+
+
+class _QuietOrbax(stdlib_logging.Filter):
+  """Drops orbax's own log records: a failed save logs hundreds of lines from its threads, and the
+  run's one line (errors.CheckpointSaveError) says what failed. --verbose keeps them."""
+
+  def filter(self, record: stdlib_logging.LogRecord) -> bool:
+    return f'{os.sep}orbax{os.sep}' not in record.pathname
 
 
 def _first_unknown_override(argv) -> str | None:
@@ -99,6 +111,11 @@ def run(main: Callable[[ml_collections.ConfigDict], None]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments {argv[1:]}')
     logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
+    if not _verbose(sys.argv):
+      logging.get_absl_handler().addFilter(_QuietOrbax())
+      # What a failed async save leaves in orbax's threads (asyncio callbacks on a closed loop) is
+      # printed as "Exception ignored in ..." after the run's one line; --verbose shows it.
+      sys.unraisablehook = lambda _: None
     path = config_file().partition(':')[0]
     if not os.path.isfile(path):  # ml_collections then hands over a config that fails on first use
       _fail(f'config file {path!r} does not exist')
@@ -109,9 +126,14 @@ def run(main: Callable[[ml_collections.ConfigDict], None]) -> None:
       except USER_ERRORS as e:
         raise ValueError(f'{config_file().partition(":")[0]}: {e}') from e
       main(config)
-    except USER_ERRORS as e:
+    except KeyboardInterrupt:
       if _verbose(sys.argv):
         raise
-      _fail(str(e).strip('"\'').splitlines()[0] if str(e) else type(e).__name__)
+      _fail('interrupted (Ctrl-C)', 130)
+    except (errors.UserError, *USER_ERRORS) as e:
+      if _verbose(sys.argv):
+        raise
+      _fail(str(e).strip('"\'').splitlines()[0] if str(e) else type(e).__name__,
+            getattr(e, 'exit_code', 2))
 
   app.run(wrapped, flags_parser=_parse_flags)

@@ -46,6 +46,7 @@ import json
 import math
 import os
 import re
+import sys
 from typing import Mapping, Sequence
 
 import jax
@@ -53,7 +54,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lmjax import (batch as batch_lib, checkpoint, fs, init_from, losses, model, sharding,
+from lmjax import (batch as batch_lib, checkpoint, errors, fs, init_from, losses, model, sharding,
                    steps as steps_lib, trainer)
 from lmjax.data import tokenizer as tokenizer_lib
 
@@ -526,7 +527,6 @@ def main(config: ml_collections.ConfigDict) -> None:
   ev = build(config, workdir)
   step, params = load_params(ev, workdir, f.checkpoint)
   record = scores(ev, params, f.tasks)
-  save_record(workdir, step, record)
   print(f'step {step}' + (' (the starting params)' if step == 0 else ''))
   print(f'{"source":10s} {"loss":>8s} {"bpb":>8s}')
   for source in ev.eval_batches:
@@ -534,7 +534,13 @@ def main(config: ml_collections.ConfigDict) -> None:
   for path in f.tasks:
     name = task_name(path)
     acc, norm = record[f'task/{name}/acc'], record[f'task/{name}/acc_norm']
-    print(f'task {name}: acc {acc:.4f}  acc_norm {norm:.4f}')
+    print(f'task {name}: acc {acc:.4f}  acc_norm {norm:.4f}', flush=True)
+  sys.stdout.flush()
+  try:  # printed first: a directory that cannot be written loses nothing
+    save_record(workdir, step, record)
+  except OSError as e:
+    raise errors.UserError(f'could not record the results in {os.path.join(workdir, EVALUATIONS)}: '
+                           f'{errors.os_reason(e)} (they are printed above)') from None
   print(f'recorded in {os.path.join(workdir, EVALUATIONS)}')
 
 

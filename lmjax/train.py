@@ -7,6 +7,7 @@ Re-running the same command resumes from the latest checkpoint in the workdir. T
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -22,16 +23,22 @@ def main(config: ml_collections.ConfigDict) -> None:
   from tqdm import tqdm
   workdir = flags.FLAGS.workdir
   lead = jax.process_index() == 0
-  if lead:
-    print('setting up: data preparation on first use takes a while (tokenizer, shards)', file=sys.stderr)
   r = trainer.setup(config, workdir, accept_changes=flags.FLAGS.accept_config_changes)
+  say = functools.partial(print, file=sys.stderr) if lead else lambda *_: None
+  for c in r.config_changes:
+    say(f"config.{c['field']}: {c['old']!r} -> {c['new']!r} (changed from the run's config.json; "
+        'recorded in config_changes.jsonl)')
+  if r.start_step >= config.train.steps:
+    r.checkpointer.close()
+    say(f'the run is complete: step {r.start_step} of config.train.steps={config.train.steps}, '
+        f'final train loss {_last_loss(workdir)}; {_where(r)}')
+    return
   if lead:
     summary = trainer.summary(r)
     fs.write_atomic(os.path.join(workdir, 'summary.json'), json.dumps(summary, indent=1))
-    print(trainer.format_summary(summary), file=sys.stderr)
+    say(trainer.format_summary(summary))
   if r.start_step:
-    print(f'resuming from step {r.start_step} (checkpoint in {r.checkpointer.directory})',
-          file=sys.stderr)
+    say(f'resuming from step {r.start_step} (checkpoint in {r.checkpointer.directory})')
   bar = tqdm(total=config.train.steps, initial=r.start_step, unit='step', dynamic_ncols=True,
              disable=jax.process_index() != 0)
 
@@ -52,6 +59,26 @@ def main(config: ml_collections.ConfigDict) -> None:
     bar.close()
     writer.close()
     r.checkpointer.close()
+  say(f'done: step {config.train.steps}, final train loss {_last_loss(workdir)}; {_where(r)}')
+
+
+def _last_loss(workdir: str) -> str:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  losses = [r['loss'] for r in map(json.loads, fs.read_text(path).splitlines())
+            if r.get('loss') is not None] if fs.isfile(path) else []
+  return f'{losses[-1]:.4f}' if losses else 'not logged'
+
+
+def _where(r: trainer.Run) -> str:
+  """Where a run's outputs are."""
+  step = r.checkpointer.latest_step()
+  parts = [f'checkpoint {r.checkpointer.directory}/{step}' if step is not None else 'no checkpoint',
+           f"metrics {os.path.join(r.workdir, 'metrics.jsonl')}"]
+  if 'tensorboard' in r.config.train.trackers:
+    parts.append(f"TensorBoard: tensorboard --logdir {os.path.join(r.workdir, 'tb')}")
+  if fs.isfile(os.path.join(r.workdir, 'data_report.json')):
+    parts.append(f"data report {os.path.join(r.workdir, 'data_report.json')}")
+  return ', '.join(parts)
 
 
 if __name__ == '__main__':

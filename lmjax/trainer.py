@@ -26,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from lmjax import (checkpoint, fs, init_from, model, phases as phases_lib, resume, sharding,
+from lmjax import (checkpoint, errors, fs, init_from, model, phases as phases_lib, resume, sharding,
                    steps as steps_lib)
 from lmjax.data import pipeline as data_pipeline
 from lmjax.distill import store as store_lib, teacher as teacher_lib
@@ -189,6 +189,7 @@ class Run:
   data_iter: object
   start_step: int
   step_args: tuple = ()  # extra train-step arguments: (teacher params,) in online distillation
+  config_changes: tuple = ()  # resuming: what changed from the run's config.json (resume.check)
 
 
 def build_pipeline(config: ml_collections.ConfigDict, workdir: str,
@@ -260,6 +261,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, accept_changes: bool 
     if changes and jax.process_index() == 0:
       resume.record(os.path.join(workdir, 'config_changes.jsonl'), changes)
   else:
+    changes = []
     state = steps.init(config.seed)
     if config.init_from:
       state['params'] = init_from.load(config, steps.args, state['params'],
@@ -274,7 +276,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, accept_changes: bool 
   if teacher_args is not None:
     step_args = (teacher_lib.load_params(teacher_lib.directory(config), teacher_args, mesh),)
   return Run(config, workdir, mesh, pipeline, steps, state, checkpointer, data_iter, start_step,
-             step_args)
+             step_args, tuple(changes))
 
 
 def _save_provenance(workdir: str, pipeline) -> None:
@@ -370,11 +372,21 @@ def default_hooks(run: Run, writer: MetricsWriter) -> list[Hook]:
 def train(run: Run, hooks: Iterable[Hook]) -> dict:
   """Runs steps start_step+1 .. config.train.steps; returns the final state.
 
-  SIGTERM (preemption) stops after the current step and runs the final hooks, which checkpoint."""
+  SIGTERM (preemption) and Ctrl-C (SIGINT) stop after the current step and run the final hooks,
+  which checkpoint; after Ctrl-C it then raises errors.Interrupted (a second Ctrl-C aborts at once,
+  losing the steps since the last checkpoint). A checkpoint that cannot be written stops training
+  at its step (errors.CheckpointSaveError; an asynchronous save's failure is seen after the next
+  step at the latest)."""
   hooks = list(hooks)
-  stop = {'now': False}
-  previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-  state, total = run.state, run.config.train.steps
+  stop = {'signal': None}
+
+  def on_signal(signum, _):
+    if signum == signal.SIGINT and stop['signal'] == signal.SIGINT:
+      raise KeyboardInterrupt  # the second Ctrl-C
+    stop['signal'] = signum
+
+  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+  state, total, step = run.state, run.config.train.steps, run.start_step
   try:
     with jax.set_mesh(run.mesh):
       if run.start_step == 0:
@@ -384,18 +396,25 @@ def train(run: Run, hooks: Iterable[Hook]) -> dict:
       for step in range(run.start_step + 1, total + 1):
         batch = sharding.global_batch(next(run.data_iter), run.mesh)
         state, metrics = run.steps.train_step(state, batch, *run.step_args)
-        info = StepInfo(step, state, metrics, final=step == total or stop['now'])
+        info = StepInfo(step, state, metrics, final=step == total or stop['signal'] is not None)
         for hook in hooks:
           hook(info)
-        if stop['now']:
+        run.checkpointer.check()
+        if stop['signal'] is not None:
           if not info.final:  # the signal came during this step's hooks: run the ones that did not
             for hook in hooks:
               if info.step % hook.every:
                 hook.fn(info)
           break
-  finally:
-    signal.signal(signal.SIGTERM, previous)
     run.checkpointer.wait()
+  except errors.CheckpointSaveError as e:
+    raise errors.CheckpointSaveError(f'training stopped at step {step}: {e}') from e
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  if stop['signal'] == signal.SIGINT and step < total:
+    raise errors.Interrupted(f'interrupted: stopped at step {step} with a checkpoint in '
+                             f'{run.checkpointer.directory}; the same command resumes from it')
   return state
 
 

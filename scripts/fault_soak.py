@@ -1,10 +1,11 @@
-"""Fault injection: kill -9 a training run at random steps, again and again, then check that the
-resumed run's whole loss curve equals an uninterrupted run's at every step.
+"""Fault injection: kill -9 (or Ctrl-C) a training run at random steps, again and again, then check
+that the resumed run's whole loss curve equals an uninterrupted run's at every step.
 
-  python scripts/fault_soak.py --kills=200 --workdir=/tmp/soak [--seed=0] [--steps=N]
+  python scripts/fault_soak.py --kills=200 --workdir=/tmp/soak [--seed=0] [--steps=N] [--signal=INT]
 
 Each attempt runs the run's own command in a fresh process that SIGKILLs itself at a random step
-after its start: most kills land between checkpoints (the steps since the last checkpoint are lost
+after its start (with --signal=INT it sends itself SIGINT instead, as Ctrl-C does: the run must
+finish the step, checkpoint it and exit 130, so the next attempt resumes right there): most kills land between checkpoints (the steps since the last checkpoint are lost
 and redone), and every fifth lands right after an asynchronous checkpoint write has started (the
 write is torn; orbax's atomic commit must hide it). After the last kill the run finishes; its
 metrics.jsonl must hold each step once (stale rows dropped on resume) with the straight run's
@@ -29,15 +30,19 @@ OVERRIDES = dict(batch_size=8, seq_len=32, log_every=1, eval_every=1000, checkpo
 
 CHILD = textwrap.dedent('''
     import json, os, signal, sys
-    from lmjax import config as config_lib, trainer
+    from lmjax import config as config_lib, errors, trainer
     workdir, steps, kill_step, cache = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    sig = getattr(signal, f'SIG{sys.argv[6]}')
     config = config_lib.load('configs/tiny.py', f'steps={steps}')
     config.train.update(json.loads(sys.argv[5]))
     config.data.cache_dir = cache  # prepared once, shared by every attempt
     def kill(info):  # runs after the checkpoint hook: at a checkpoint step its async write is under way
       if info.step == kill_step:
-        os.kill(os.getpid(), signal.SIGKILL)
-    trainer.run(config, workdir, extra_hooks=[trainer.Hook(1, kill)])
+        os.kill(os.getpid(), sig)
+    try:
+      trainer.run(config, workdir, extra_hooks=[trainer.Hook(1, kill)])
+    except errors.Interrupted:
+      sys.exit(130)
 ''')
 
 
@@ -51,11 +56,14 @@ def curve(rows: list[dict]) -> dict[int, tuple]:
   return {r['step']: tuple(r[k] for k in keep) for r in rows if 'loss' in r}
 
 
-def attempt(workdir: str, steps: int, kill_step: int, cache: str, env: dict) -> int:
+EXIT = {'KILL': -9, 'INT': 130}  # how an attempt stopped by each signal exits
+
+
+def attempt(workdir: str, steps: int, kill_step: int, cache: str, env: dict, sig: str = 'KILL') -> int:
   proc = subprocess.run([sys.executable, '-c', CHILD, workdir, str(steps), str(kill_step), cache,
-                         json.dumps(OVERRIDES)],
+                         json.dumps(OVERRIDES), sig],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  if proc.returncode not in (0, -9):
+  if proc.returncode not in (0, EXIT[sig]):
     raise RuntimeError(f'attempt killed at {kill_step} exited {proc.returncode}:\n{proc.stderr[-3000:]}')
   return proc.returncode
 
@@ -65,7 +73,7 @@ def last_logged(workdir: str) -> int:
   return max((r['step'] for r in records(workdir) if 'loss' in r), default=0) if os.path.isfile(path) else 0
 
 
-def soak(workdir: str, kills: int, steps: int, seed: int) -> dict:
+def soak(workdir: str, kills: int, steps: int, seed: int, sig: str = 'KILL') -> dict:
   """Runs the soak; returns its figures (raises AssertionError on a mismatch)."""
   rng = random.Random(seed)
   cache = os.path.join(workdir, 'data')
@@ -85,7 +93,7 @@ def soak(workdir: str, kills: int, steps: int, seed: int) -> dict:
     else:
       kill_step = resumed_from + rng.randint(1, 5)
     kill_step = min(kill_step, steps - 1)
-    assert attempt(killed, steps, kill_step, cache, env) == -9
+    assert attempt(killed, steps, kill_step, cache, env, sig) == EXIT[sig]
     done += 1
     torn += during_write
   attempt(killed, steps, -1, cache, env)
@@ -104,8 +112,9 @@ def main():
   parser.add_argument('--steps', type=int, default=0, help='default: 2 steps a kill + 10')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--workdir', required=True)
+  parser.add_argument('--signal', choices=sorted(EXIT), default='KILL')
   a = parser.parse_args()
-  print(json.dumps(soak(a.workdir, a.kills, a.steps or 2 * a.kills + 10, a.seed)))
+  print(json.dumps(soak(a.workdir, a.kills, a.steps or 2 * a.kills + 10, a.seed, a.signal)))
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ command lines of lmjax.evaluate and lmjax.sample."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -330,6 +331,27 @@ def test_evaluate_cli_scores_the_starting_params_and_records_them(trained, tmp_p
     np.testing.assert_allclose(record[k], v, rtol=1e-5, err_msg=k)
   missing = cli('lmjax.evaluate', *flags, '--checkpoint=3')
   assert missing.returncode == 2 and 'expected checkpoint 3; found steps [4]' in missing.stderr
+
+
+def test_evaluate_on_a_read_only_run_prints_its_results_then_one_line(trained, tmp_path):
+  _, workdir, flags = trained
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', str(disk)],
+                    capture_output=True).returncode:
+    pytest.skip('cannot mount a tmpfs here (needs root)')
+  try:
+    shutil.copytree(workdir, disk / 'run')
+    subprocess.run(['mount', '-o', 'remount,ro', str(disk)], check=True)
+    flags = [f'--workdir={disk}/run' if f.startswith('--workdir=') else f for f in flags]
+    run = cli('lmjax.evaluate', *flags)
+  finally:
+    subprocess.run(['umount', '-l', str(disk)], check=False)
+  assert run.returncode == 2 and 'Traceback' not in run.stderr, run.stderr[-3000:]
+  assert 'step 4' in run.stdout and 'code' in run.stdout  # the results, printed first
+  assert run.stderr.strip().splitlines()[-1] == (
+      f'lmjax.evaluate: error: could not record the results in {disk}/run/{evaluate.EVALUATIONS}: '
+      'Read-only file system (they are printed above)')
 
 
 def test_sample_cli_prints_the_greedy_continuation_of_the_latest_params(trained):

@@ -1,10 +1,12 @@
 """Run safety: nothing is lost but the steps since the last good checkpoint, and a user's mistake is one
-line naming the culprit. Kill -9 many times (scripts/fault_soak.py), damaged checkpoints, a full disk,
-damaged data and tokenizer files, SIGTERM, a resume with a changed config, metrics after a resume."""
+line naming the culprit. Kill -9 and Ctrl-C many times (scripts/fault_soak.py), damaged checkpoints, a
+full disk, damaged data and tokenizer files, SIGTERM and SIGINT, a resume with a changed config,
+metrics after a resume."""
 import glob
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import time
 
 import pytest
 
-from lmjax import config as config_lib, trainer
+from lmjax import config as config_lib, errors, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
@@ -82,22 +84,55 @@ def _mount_tmpfs(path, size):
     pytest.skip(f'cannot mount a small tmpfs here (needs root): {e}')
 
 
-def test_full_disk_fails_the_save_clearly_and_keeps_the_previous(cache, tmp_path):
+def test_a_full_disk_stops_training_at_the_failed_save_and_the_rerun_resumes(cache, tmp_path):
   """A 20 MiB filesystem holds one checkpoint of the tiny run (~12.6 MB: params and two Adam
-  moments) but not two: the second save fails with the disk's error and leaves no partial files, the
-  first stays restorable."""
+  moments) but not two: the save at step 4 fails, training stops there with the disk's reason (it
+  never trains on with nothing saveable), no partial files stay, and the run, moved to a disk with
+  room, resumes from step 2 to the losses of a run never interrupted."""
   disk = str(tmp_path / 'disk')
   _mount_tmpfs(disk, '20m')
   try:
     workdir = os.path.join(disk, 'run')
-    with pytest.raises(Exception, match='No space left on device|RESOURCE_EXHAUSTED|ENOSPC'):
-      trainer.run(tiny(cache, keep_checkpoints=3), workdir)
-    assert not glob.glob(os.path.join(workdir, 'checkpoints', '*.orbax-checkpoint-tmp*'))  # space freed
-    run = trainer.setup(tiny(cache), workdir)
-    run.checkpointer.close()
-    assert run.start_step == 2
+    with pytest.raises(errors.CheckpointSaveError,
+                       match=r'training stopped at step 4: checkpoint 4 could not be written to '
+                             r'.*/run/checkpoints: No space left on device \(the last good checkpoint: 2\)'):
+      trainer.run(tiny(cache, steps=8, keep_checkpoints=3), workdir)
+    assert train_steps(workdir) == [1, 2, 3, 4]
+    assert not glob.glob(os.path.join(workdir, 'checkpoints', '*.orbax-checkpoint-tmp*'))
+    moved = str(tmp_path / 'moved')
+    shutil.copytree(workdir, moved)
   finally:
     subprocess.run(['umount', '-l', disk], check=False)  # lazy: files the run held may close later
+  run = trainer.setup(tiny(cache, steps=8), moved)
+  run.checkpointer.close()
+  assert run.start_step == 2
+  trainer.run(tiny(cache, steps=8), moved)
+  trainer.run(tiny(cache, steps=8), str(tmp_path / 'straight'))
+  assert _losses(moved) == _losses(str(tmp_path / 'straight'))
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_from_the_command(cache, tmp_path):
+  disk = str(tmp_path / 'disk')
+  _mount_tmpfs(disk, '20m')
+  try:
+    run = subprocess.run(
+        [sys.executable, '-m', 'lmjax.train', '--config=configs/tiny.py:steps=8', f'--workdir={disk}/run',
+         '--config.train.batch_size=8', '--config.train.seq_len=32', '--config.train.checkpoint_every=2',
+         '--config.train.keep_checkpoints=3', f'--config.data.cache_dir={cache}'],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  finally:
+    subprocess.run(['umount', '-l', disk], check=False)
+  errors_said = [l for l in run.stderr.splitlines() if 'error' in l.lower()]
+  assert run.returncode == 2 and len(errors_said) == 1, run.stderr[-3000:]
+  assert errors_said[0].startswith('lmjax.train: error: training stopped at step ')
+  assert 'checkpoint 4 could not be written to ' in errors_said[0]
+  assert 'No space left on device' in errors_said[0] and 'Traceback' not in run.stderr
 
 
 def test_damaged_data_shard_and_tokenizer_are_errors_naming_them(tmp_path):
@@ -135,6 +170,61 @@ def test_sigterm_checkpoints_and_exits_zero(cache, tmp_path):
   assert proc.returncode == 0, err[-2000:]
   last = train_steps(workdir)[-1]
   assert sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()) == [last]
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_the_step_and_exits_130(cache, tmp_path):
+  workdir = str(tmp_path / 'run')
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'lmjax.train', '--config=configs/tiny.py:steps=100000', f'--workdir={workdir}',
+       '--config.train.batch_size=8', '--config.train.seq_len=32', '--config.train.checkpoint_every=100000',
+       '--config.train.log_every=1', f'--config.data.cache_dir={cache}'],
+      cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 300
+  while time.time() < deadline and not (os.path.isfile(metrics) and len(open(metrics).readlines()) >= 3):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=300)
+  last = train_steps(workdir)[-1]
+  assert proc.returncode == 130 and 'Traceback' not in err, err[-2000:]
+  assert err.strip().splitlines()[-1] == (
+      f'lmjax.train: error: interrupted: stopped at step {last} with a checkpoint in '
+      f'{workdir}/checkpoints; the same command resumes from it')
+  assert sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()) == [last]
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_random_steps_loses_nothing(tmp_path):
+  """scripts/fault_soak.py with SIGINT: each interrupted attempt checkpoints its step and exits 130;
+  the resumed run's whole curve equals a straight run's."""
+  figures = _soak_module().soak(str(tmp_path), kills=3, steps=12, seed=1, sig='INT')
+  assert figures['kills'] == 3
+
+
+@pytest.mark.slow
+def test_a_finished_run_says_so_and_what_changed(cache, tmp_path):
+  workdir = str(tmp_path / 'run')
+
+  def train(steps):
+    run = subprocess.run(
+        [sys.executable, '-m', 'lmjax.train', f'--config=configs/tiny.py:steps={steps}',
+         f'--workdir={workdir}', '--config.train.batch_size=8', '--config.train.seq_len=32',
+         '--config.train.checkpoint_every=2', f'--config.data.cache_dir={cache}'],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stderr.strip().splitlines()
+
+  last = train(4)[-1]
+  loss = _losses(workdir)[4]
+  assert last.startswith(f'done: step 4, final train loss {loss:.4f}; checkpoint {workdir}/checkpoints/4, '
+                         f'metrics {workdir}/metrics.jsonl')
+  assert train(4) == [f'the run is complete: step 4 of config.train.steps=4, final train loss '
+                      f'{loss:.4f}; {last.split("; ", 1)[1]}']
+  lowered = train(2)
+  assert lowered[0] == ("config.train.steps: 4 -> 2 (changed from the run's config.json; recorded in "
+                        'config_changes.jsonl)')
+  assert lowered[1].startswith('the run is complete: step 4 of config.train.steps=2')
 
 
 def test_resume_with_a_changed_config_is_refused_then_recorded(cache, tmp_path):

@@ -97,7 +97,7 @@ def test_demo_learns_and_rerun_resumes(tmp_path):
   assert {'grad_norm', 'lr', 'tokens_per_s'} <= set(train_records[-1])
   assert any('eval/code/loss' in r for r in records)
   again = cli(workdir, steps=150)
-  assert 'resuming from step 150' in again.stderr
+  assert 'the run is complete: step 150 of config.train.steps=150' in again.stderr
   assert [json.loads(line) for line in open(workdir / 'metrics.jsonl')] == records
 
 

@@ -476,6 +476,9 @@ def prepare(data_cfg, workdir: str, verbose: bool = False) -> Prepared:
     report_path = _report_path(root, dirs)
     if all(fs.isfile(os.path.join(d, 'stats.json')) for d in dirs.values()) and fs.isfile(report_path):
       return Prepared(tok, dirs, missing, None, report_path)
+  if verbose:
+    print(f'preparing the data in {root} (cleaning, tokenizer, shards: once, it takes a while)',
+          file=sys.stderr)
   with _cleaned_store(data_cfg, names, root, key, verbose) as store:
     sizes = clean_store.read_sizes(store)  # None: a local runner's store (indexed whole here)
     rest = _rest_beam if sizes is not None and data_cfg.clean.runner == 'beam' else _rest_local
