@@ -2,10 +2,13 @@
 
 A config file is `configs/<name>.py` with `get_config(arg=None) -> ConfigDict` (big_vision / flax lm1b
 style). It starts from `base()` -- each part keeps its own defaults next to its code -- and overrides
-fields. The result is locked: a typo such as `--config.optim.lrr=1` is an error, not a silent new key.
+fields. The result is locked: a typo such as `--config.optim.lrr=1` is an error, not a silent new key;
+so is one inside the file (`c.train.stpes = 300`): `validate` checks every field against `base()`
+(`unknown_field`).
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 
@@ -71,8 +74,56 @@ def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   return config
 
 
+# Where a config names its own keys: {path: the fields each entry may have (None: any value)}.
+_NAMED = {'config.data.sources': ('corpora', 'max_chars', 'kind', 'languages'),
+          'config.phases': tuple(phases.phase().keys())}
+_OPEN = ('config.sweep',)  # sections that are not the base's: a sweep config's own settings
+
+
+def unknown_field(config: ml_collections.ConfigDict) -> str | None:
+  """The first field `config` has that the base config (`base()`) does not, described with its
+  close match: a typo in a config file (`c.train.stpes = 300`) adds a field the lock would refuse
+  on the command line. Maps keyed by the user (sources, phases, weights) are checked entry by entry
+  against their entries' fields. None when every field is known."""
+  def walk(node, known, path):
+    for key in node.keys():
+      here = f'{path}.{key}'
+      if here in _OPEN:
+        continue
+      if path in _NAMED and isinstance(node[key], (dict, ml_collections.ConfigDict)):
+        allowed = _NAMED[path]  # an entry named by the user: check its fields
+        for field in node[key].keys():
+          if field not in allowed:
+            close = difflib.get_close_matches(field, allowed, n=1)
+            hint = f' (did you mean {here}.{close[0]}?)' if close else f'; expected one of {list(allowed)}'
+            return f'{here}.{field}: no such field{hint}'
+        if path == 'config.phases':  # a phase's own sections (lr) against the default phase's
+          found = walk(node[key], known.main, here)
+          if found:
+            return found
+        continue
+      if len(known) == 0:  # an empty map in the base ({source: weight}): any key
+        continue
+      if key not in known:
+        close = difflib.get_close_matches(key, list(known.keys()), n=1)
+        hint = f' (did you mean {path}.{close[0]}?)' if close else f'; {path} has {sorted(known.keys())}'
+        return f'{here}: no such field{hint}'
+      if isinstance(node[key], (dict, ml_collections.ConfigDict)) and isinstance(
+          known[key], (dict, ml_collections.ConfigDict)):
+        found = walk(node[key], known[key], here)
+        if found:
+          return found
+    return None
+
+  return walk(config, base(), 'config')
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks values that types alone cannot; raises ValueError naming the field."""
+  """Checks values that types alone cannot, and that every field is one the base config has;
+  raises ValueError naming the field."""
+  unknown = unknown_field(config)
+  if unknown:
+    raise ValueError(unknown)
   for axis in ('data', 'fsdp', 'tensor'):
     size = config.mesh[axis]
     if size == 0 or size < -1:

@@ -263,7 +263,12 @@ def test_metrics_after_a_resume_read_as_one_run(cache, tmp_path):
 
 @pytest.mark.slow
 def test_user_mistakes_are_one_line_naming_the_culprit(tmp_path):
+  typo = tmp_path / 'my_tiny.py'  # a user's copy of a shipped config, with a typo inside
+  typo.write_text(open(os.path.join(ROOT, 'configs', 'tiny.py')).read().replace(
+      '  return c\n', '  c.train.stpes = 300\n  return c\n'))
   cases = [
+      ([f'--config={typo}'],
+       f'lmjax.train: error: {typo}: config.train.stpes: no such field (did you mean config.train.steps?)'),
       (['--config=configs/tiny.py', '--config.optim.lrr=1e-3'],
        'lmjax.train: error: configs/tiny.py: config.optim.lrr: no such field (did you mean config.optim.lr?)'),
       (['--config=configs/nope.py'], "lmjax.train: error: config file 'configs/nope.py' does not exist"),
