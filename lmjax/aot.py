@@ -5,7 +5,7 @@ ShapeDtypeStructs alone, so sharding and memory errors show on a laptop. No weig
   python -m lmjax.aot --config=configs/pretrain.py:size=1b --devices=8 --accelerator=h100
 
 --topology=NAME (v4-N, v5e-N / v5litepod-N, v5p-N, v6e-N, 2xv5p-128, ...; lmjax/topology.py) compiles
-with the TPU compiler itself (libtpu: pip install -e '.[tpu]' or '.[test]'), for that slice's devices:
+with the TPU compiler itself (libtpu: pip install -e '.[tpu]'), for that slice's devices:
 its memory analysis per device against the chip's HBM gives the verdict (a RESOURCE_EXHAUSTED becomes
 "does not fit" with the shortfall). Otherwise N fake CPU devices stand in (XLA's host-platform device
 count) and --accelerator names the memory to hold the CPU compiler's figures against.
@@ -33,7 +33,7 @@ if __name__ == '__main__':  # must happen before jax starts
 import jax
 import ml_collections
 
-from lmjax import batch as batch_lib, model, sharding, steps as steps_lib, topology
+from lmjax import batch as batch_lib, errors, model, sharding, steps as steps_lib, topology
 
 GIB = 2 ** 30
 # Memory per device and peaks of accelerators without a TPU topology (vendor datasheets):
@@ -74,7 +74,8 @@ def accelerator(name: str) -> tuple[float, float, float]:
     return GPUS[key]
   generation = topology.GENERATIONS.get(topology.ALIASES.get(key, key))
   if generation is None:
-    raise ValueError(f'--accelerator={name!r}: expected one of {sorted(GPUS) + sorted(topology.GENERATIONS)}')
+    raise errors.ConfigError(f'--accelerator={name!r}: expected one of '
+                             f'{sorted(GPUS) + sorted(topology.GENERATIONS)}')
   return generation.hbm_available_bytes, generation.peak_bf16_flops, generation.hbm_bytes_per_s
 
 
@@ -106,8 +107,8 @@ def report(config: ml_collections.ConfigDict, *, topology_name: str = '', device
   else:
     visible = jax.devices()
     if len(visible) < devices:
-      raise ValueError(f'--devices={devices} but only {len(visible)} devices are visible; set '
-                       f'XLA_FLAGS=--xla_force_host_platform_device_count={devices} before jax starts')
+      raise errors.ConfigError(f'--devices={devices} but only {len(visible)} devices are visible; set '
+                               f'XLA_FLAGS=--xla_force_host_platform_device_count={devices} before jax starts')
     compiled = compile_train_step(config, visible[:devices])
     stats = compiled.memory_analysis()
     parts = {'arguments': stats.argument_size_in_bytes, 'outputs': stats.output_size_in_bytes,

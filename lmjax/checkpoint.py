@@ -79,7 +79,7 @@ class Checkpointer:
       fs.rmtree(aside)
       fs.replace(path, aside)
       self._manager.reload()
-    raise FileNotFoundError(f'no checkpoint in {self.directory} restores (the unreadable ones are in '
+    raise errors.CheckpointError(f'no checkpoint in {self.directory} restores (the unreadable ones are in '
                             f'{self.directory}_corrupt); delete the run directory to start afresh')
 
   def restore(self, step: int, abstract_state: dict) -> tuple[dict, object]:

@@ -5,18 +5,24 @@ this; library modules never import it.
 
   python -m lmjax.<entry> --config=configs/<name>.py[:knobs] --workdir=DIR [--config.a.b=value ...]
 
-A mistake in the flags or the config, a missing or bad data file or checkpoint, a checkpoint that
-cannot be written (lmjax/errors.py) ends the command with one line naming the culprit
-(`lmjax.train: error: configs/tiny.py: config.optim.lrr: ...`), exit code 2; Ctrl-C with one line and
-exit code 130 (training checkpoints first). `--verbose` (or LMJAX_VERBOSE=1) shows the whole
-traceback and orbax's logs instead.
+A mistake in the flags or the config, a missing or bad data file or checkpoint, a missing extra, a
+disk that refuses a write (the types in lmjax/errors.py, raised where the cause is known) ends the
+command with one line naming the culprit (`lmjax.train: error: configs/tiny.py: config.optim.lrr:
+...`), exit code 2; Ctrl-C with one line and exit code 130 (training checkpoints first). Any other
+exception is a bug: its traceback is printed, then one line saying so, exit code 1. `--verbose` (or
+LMJAX_VERBOSE=1) shows the whole traceback and orbax's logs for a user's mistake too.
 """
 from __future__ import annotations
 
 import difflib
+import errno
+import importlib.util
 import logging as stdlib_logging
 import os
+import re
 import sys
+import tempfile
+import traceback
 from typing import Callable
 
 import ml_collections
@@ -24,26 +30,30 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lmjax import config as config_lib
-from lmjax import errors
+from lmjax import errors, fs
 
-# What a user's mistake raises: a config field, a data file, a checkpoint, a tokenizer.
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TypeError)
-
-
-def define_flags(workdir_help: str | None) -> None:
+def define_flags(workdir_help: str | None, config_from_run: bool = False) -> None:
   """Defines --config (locked: a typo is an error), --verbose and, unless workdir_help is None, a
-  required --workdir; call in an entry point's `if __name__ == '__main__'`."""
-  config_flags.DEFINE_config_file('config', None, 'configs/<name>.py[:knobs]', lock_config=True)
+  required --workdir; call in an entry point's `if __name__ == '__main__'`. With `config_from_run`
+  (commands that read a run: sample, evaluate) --config may be left out for the run's config.json."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'configs/<name>.py[:knobs]' + (" (default: the run's config.json in --workdir)"
+                                                     if config_from_run else ''), lock_config=True)
   flags.DEFINE_bool('verbose', False, 'on an error, print the whole traceback (also LMJAX_VERBOSE=1)')
-  required = ['config']
+  required = [] if config_from_run else ['config']
   if workdir_help is not None:
     flags.DEFINE_string('workdir', None, workdir_help)
     required.append('workdir')
   flags.mark_flags_as_required(required)
+  for name in ('config', 'verbose', 'workdir')[:3 if workdir_help is not None else 2]:
+    flags.FLAGS.register_flag_by_module(sys.argv[0], flags.FLAGS[name])  # listed by the entry's --help
 
 
-def config_file() -> str:
-  """The --config file path with its knobs, as given (for commands that re-launch it)."""
+def config_file() -> str | None:
+  """The --config file path with its knobs, as given (for commands that re-launch it); None when it
+  was left out (the run's config.json is used)."""
+  if flags.FLAGS['config'].value is None and not flags.FLAGS['config'].present:
+    return None
   return config_flags.get_config_filename(flags.FLAGS['config'])
 
 
@@ -66,6 +76,48 @@ class _QuietOrbax(stdlib_logging.Filter):
     return f'{os.sep}orbax{os.sep}' not in record.pathname
 
 
+# What libtpu prints when it loads on a machine without TPU chips (it looks for a TPU VM's metadata).
+_LIBTPU_NOISE = re.compile(r'TPU_ACCELERATOR_TYPE|TPU_WORKER_HOSTNAMES|Logging before InitGoogle|'
+                           r'Source Location Trace|libtpu_init_utils|^\s*$')
+
+
+def _init_backends_quietly() -> None:
+  """Starts JAX's backends with stderr captured when libtpu is installed on a machine without TPU
+  chips, and prints back all but libtpu's start-up noise: its lines were the first of every
+  command's output and error. On a TPU VM (chips present) or without libtpu this does nothing."""
+  if importlib.util.find_spec('libtpu') is None or _verbose(sys.argv):
+    return
+  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+  if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      jax.devices()
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      kept = [line for line in captured.read().decode(errors='replace').splitlines()
+              if not _LIBTPU_NOISE.search(line)]
+      if kept:
+        print('\n'.join(kept), file=sys.stderr)
+
+
+# What the file system answers that no code can fix: a full, read-only or forbidden disk.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+
+
+def _check_workdir() -> None:
+  """FileSystemError when --workdir names a file: every entry point reads or writes a run there."""
+  workdir = flags.FLAGS['workdir'].value if 'workdir' in flags.FLAGS else None
+  if workdir and fs.exists(workdir) and not fs.isdir(workdir):
+    raise errors.FileSystemError(f'--workdir={workdir} is a file; expected a run directory or a new path')
+
+
 def _first_unknown_override(argv) -> str | None:
   """The first --config.a.b=... whose path the config file does not have, described with close
   matches; None when every override path exists (or the file itself does not load)."""
@@ -77,8 +129,8 @@ def _first_unknown_override(argv) -> str | None:
     return f'config file {path!r} does not exist'
   try:
     config = config_lib.load(path, arg or None)
-  except USER_ERRORS as e:
-    return f'{path}: {e}'
+  except Exception as e:  # the user's own file: any exception is theirs to fix
+    return f'{path}: {type(e).__name__}: {e}'
   for a in argv:
     if not a.startswith('--config.'):
       continue
@@ -116,24 +168,34 @@ def run(main: Callable[[ml_collections.ConfigDict], None]) -> None:
       # What a failed async save leaves in orbax's threads (asyncio callbacks on a closed loop) is
       # printed as "Exception ignored in ..." after the run's one line; --verbose shows it.
       sys.unraisablehook = lambda _: None
-    path = config_file().partition(':')[0]
-    if not os.path.isfile(path):  # ml_collections then hands over a config that fails on first use
+    spec = config_file()
+    path = spec.partition(':')[0] if spec else None
+    if path and not os.path.isfile(path):  # ml_collections then hands over a config that fails on use
       _fail(f'config file {path!r} does not exist')
-    config = flags.FLAGS.config
     try:
+      _check_workdir()
+      config = flags.FLAGS.config if spec else config_lib.from_run(flags.FLAGS.workdir)
       try:
         config_lib.validate(config)
-      except USER_ERRORS as e:
-        raise ValueError(f'{config_file().partition(":")[0]}: {e}') from e
+      except errors.ConfigError as e:
+        raise errors.ConfigError(f'{path or os.path.join(flags.FLAGS.workdir, "config.json")}: {e}') from e
+      _init_backends_quietly()
       main(config)
     except KeyboardInterrupt:
       if _verbose(sys.argv):
         raise
       _fail('interrupted (Ctrl-C)', 130)
-    except (errors.UserError, *USER_ERRORS) as e:
+    except errors.UserError as e:
       if _verbose(sys.argv):
         raise
-      _fail(str(e).strip('"\'').splitlines()[0] if str(e) else type(e).__name__,
-            getattr(e, 'exit_code', 2))
+      _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, e.exit_code)
+    except OSError as e:
+      if _verbose(sys.argv) or e.errno not in _DISK_ERRNOS:
+        raise
+      _fail(f'{e.filename}: {e.strerror}' if e.filename else e.strerror)  # the disk, not the code
+    except Exception:  # not a cause the code knows: a bug, whose stack is the report
+      traceback.print_exc()
+      _fail('the error above is a bug in lmjax, not a mistake in your command: please report it '
+            'with this traceback and the command line', 1)
 
   app.run(wrapped, flags_parser=_parse_flags)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import os
 
 import ml_collections
 
-from lmjax import losses, model, optim, phases, trainer
+from lmjax import errors, fs, losses, model, optim, phases, trainer
 from lmjax.data import pipeline
 
 
@@ -45,17 +46,17 @@ def parse_arg(arg: str | None, **defaults):
   for item in filter(None, (arg or '').split(',')):
     key, sep, value = item.partition('=')
     if not sep or key not in defaults:
-      raise ValueError(f'config knob {item!r}: expected name=value with name in {sorted(defaults)}')
+      raise errors.ConfigError(f'config knob {item!r}: expected name=value with name in {sorted(defaults)}')
     default = defaults[key]
     if isinstance(default, bool):
       if value.lower() not in ('true', 'false', '1', '0'):
-        raise ValueError(f'config knob {key}={value!r}: expected true or false')
+        raise errors.ConfigError(f'config knob {key}={value!r}: expected true or false')
       knobs[key] = value.lower() in ('true', '1')
     else:
       try:
         knobs[key] = type(default)(value)
       except ValueError:
-        raise ValueError(f'config knob {key}={value!r}: expected type {type(default).__name__}') from None
+        raise errors.ConfigError(f'config knob {key}={value!r}: expected type {type(default).__name__}') from None
   return knobs
 
 
@@ -64,13 +65,23 @@ def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   if arg is None and ':' in path:
     path, arg = path.split(':', 1)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'config file {path!r} does not exist')
+    raise errors.MissingFile(f'config file {path!r} does not exist')
   spec = importlib.util.spec_from_file_location('_lmjax_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config(arg)
   config.lock()
   validate(config)
+  return config
+
+
+def from_run(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was started with (its workdir's config.json), locked."""
+  path = os.path.join(workdir, 'config.json')
+  if not fs.isfile(path):
+    raise errors.MissingFile(f'{path} does not exist: --workdir is not a run directory (or pass --config)')
+  config = ml_collections.ConfigDict(json.loads(fs.read_text(path)))
+  config.lock()
   return config
 
 
@@ -123,13 +134,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   raises ValueError naming the field."""
   unknown = unknown_field(config)
   if unknown:
-    raise ValueError(unknown)
+    raise errors.ConfigError(unknown)
   for axis in ('data', 'fsdp', 'tensor'):
     size = config.mesh[axis]
     if size == 0 or size < -1:
-      raise ValueError(f'config.mesh.{axis}={size}: expected a positive size or -1 (the rest)')
+      raise errors.ConfigError(f'config.mesh.{axis}={size}: expected a positive size or -1 (the rest)')
   if sum(config.mesh[a] == -1 for a in ('data', 'fsdp', 'tensor')) > 1:
-    raise ValueError('config.mesh: at most one axis may be -1')
+    raise errors.ConfigError('config.mesh: at most one axis may be -1')
   model.validate(config.model)
   trainer.validate(config.train)
   pipeline.validate(config.data)
@@ -138,5 +149,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
   optim.make_schedule(resolved, config.optim.lr)  # raises on a bad lr shape
   tok, rows = config.data.tokenizer, model.resolve(config.model).vocab_size
   if not tok.path and tok.vocab_size > rows:
-    raise ValueError(f'config.data.tokenizer.vocab_size={tok.vocab_size} exceeds config.model.vocab_size='
+    raise errors.ConfigError(f'config.data.tokenizer.vocab_size={tok.vocab_size} exceeds config.model.vocab_size='
                      f'{rows}: expected the model to have a row for every token')

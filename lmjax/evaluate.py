@@ -1,8 +1,10 @@
 """Evaluation of a run: held-out loss and bits per byte per source, log-likelihood multiple-choice
 tasks, and the forgetting report of continued pretraining.
 
-  python -m lmjax.evaluate --config=CFG --workdir=RUN [--checkpoint=STEP] [--tasks=A.jsonl,B.jsonl]
-  python -m lmjax.evaluate --config=CFG --workdir=RUN --forgetting=RUN_A,RUN_B --domain=legal
+  python -m lmjax.evaluate --workdir=RUN [--checkpoint=STEP] [--tasks=A.jsonl,B.jsonl]
+  python -m lmjax.evaluate --workdir=RUN --forgetting=RUN_A,RUN_B --domain=legal
+
+The config is RUN's config.json unless `--config=configs/<name>.py` names another.
 
 The first scores one checkpoint of RUN (the latest; `--checkpoint=0`: the params the run started
 from, `config.init_from`'s) on every source's held-out batches and on the tasks, prints the results
@@ -139,10 +141,10 @@ def run_tokenizer_path(workdir: str) -> str:
   """The tokenizer file a run trained with, as its provenance.json records it."""
   path = os.path.join(workdir, 'provenance.json')
   if not fs.isfile(path):
-    raise FileNotFoundError(f'{path} does not exist: expected the directory of a run that has started')
+    raise errors.MissingFile(f'{path} does not exist: expected the directory of a run that has started')
   tok = json.loads(fs.read_text(path)).get('tokenizer')
   if not tok or not fs.exists(tok):
-    raise FileNotFoundError(f'{path}: the tokenizer it records ({tok!r}) does not exist')
+    raise errors.MissingFile(f'{path}: the tokenizer it records ({tok!r}) does not exist')
   return tok
 
 
@@ -161,7 +163,7 @@ def load_params(ev: Evaluator, workdir: str, step: int | None = None) -> tuple[i
                  if d.isdigit() and fs.isfile(os.path.join(directory, d, 'commit_success.txt')))
   if not saved or (step is not None and step not in saved):
     want = 'a finished checkpoint' if step is None else f'checkpoint {step}'
-    raise FileNotFoundError(f'{directory}: expected {want}; found steps {saved} '
+    raise errors.CheckpointError(f'{directory}: expected {want}; found steps {saved} '
                             '(0 = the starting params)')
   step = saved[-1] if step is None else step
   ckpt = checkpoint.Checkpointer(directory)
@@ -223,20 +225,20 @@ def read_task(path: str) -> list[dict]:
       try:
         ex = json.loads(line)
       except ValueError as e:
-        raise ValueError(f'{where}: not JSON ({e})') from None
+        raise errors.DataError(f'{where}: not JSON ({e})') from None
       if not isinstance(ex, dict) or not isinstance(ex.get('context'), str):
-        raise ValueError(f'{where}: expected an object with "context" (a string), "choices", "answer"')
+        raise errors.DataError(f'{where}: expected an object with "context" (a string), "choices", "answer"')
       choices = ex.get('choices')
       if (not isinstance(choices, list) or len(choices) < 2
           or not all(isinstance(c, str) and c for c in choices)):
-        raise ValueError(f'{where}: "choices" must be a list of at least 2 non-empty strings')
+        raise errors.DataError(f'{where}: "choices" must be a list of at least 2 non-empty strings')
       answer = ex.get('answer')
       if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
-        raise ValueError(f'{where}: "answer"={answer!r}: expected the index of a choice, '
+        raise errors.DataError(f'{where}: "answer"={answer!r}: expected the index of a choice, '
                          f'0..{len(choices) - 1}')
       examples.append(dict(context=ex['context'], choices=choices, answer=answer))
   if not examples:
-    raise ValueError(f'{path}: no examples')
+    raise errors.DataError(f'{path}: no examples')
   return examples
 
 
@@ -258,9 +260,9 @@ def choice_rows(tok: tokenizer_lib.Tokenizer, examples: Sequence[dict], seq_len:
     for c, choice in enumerate(ex['choices']):
       context_ids, choice_ids = split_choice(tok, ex['context'], choice)
       if not choice_ids:
-        raise ValueError(f'example {n} choice {c} ({choice!r}): no tokens of its own after the context')
+        raise errors.DataError(f'example {n} choice {c} ({choice!r}): no tokens of its own after the context')
       if len(choice_ids) > seq_len:
-        raise ValueError(f'example {n} choice {c}: {len(choice_ids)} tokens, more than a row of '
+        raise errors.DataError(f'example {n} choice {c}: {len(choice_ids)} tokens, more than a row of '
                          f'config.train.seq_len={seq_len}')
       seq = ([tok.bos_id] + list(context_ids) + list(choice_ids))[-(seq_len + 1):]
       rows.append((seq, len(choice_ids)))
@@ -324,8 +326,8 @@ def score_task(ev: Evaluator, params: dict, path: str) -> dict[str, float]:
   examples = read_task(path)
   try:
     loglikelihoods = choice_loglikelihoods(ev, params, examples)
-  except ValueError as e:
-    raise ValueError(f'{path}: {e}') from None
+  except errors.DataError as e:
+    raise errors.DataError(f'{path}: {e}') from None
   return dict(accuracy(loglikelihoods, examples), n=len(examples))
 
 
@@ -343,7 +345,7 @@ def cloze(docs: Sequence[str], n: int, *, context_chars: int = 240, choice_chars
   min_chars = 2 * (context_chars + choice_chars)
   long_enough = [d for d in docs if len(d) >= min_chars]
   if len(long_enough) < num_choices:
-    raise ValueError(f'cloze: {len(long_enough)} documents of at least {min_chars} characters; '
+    raise errors.DataError(f'cloze: {len(long_enough)} documents of at least {min_chars} characters; '
                      f'expected at least num_choices={num_choices}')
   rng = np.random.default_rng(seed)
 
@@ -379,7 +381,7 @@ def cloze(docs: Sequence[str], n: int, *, context_chars: int = 240, choice_chars
     answer = int(rng.integers(num_choices))
     examples.append(dict(context=context, choices=wrong[:answer] + [true] + wrong[answer:],
                          answer=answer))
-  raise ValueError(f'cloze: {len(examples)} of {n} examples after {100 * n} draws: the documents '
+  raise errors.DataError(f'cloze: {len(examples)} of {n} examples after {100 * n} draws: the documents '
                    f'have too few spaces to cut continuations of about choice_chars={choice_chars}')
 
 
@@ -425,7 +427,7 @@ def eval_records(run_dir: str) -> dict[int, dict[str, float]]:
           if values:
             out.setdefault(int(r['step']), {}).update(values)
   if not out:
-    raise FileNotFoundError(f'{run_dir}: no evaluations in metrics.jsonl or {EVALUATIONS}')
+    raise errors.MissingFile(f'{run_dir}: no evaluations in metrics.jsonl or {EVALUATIONS}')
   return dict(sorted(out.items()))
 
 
@@ -445,7 +447,7 @@ def forgetting(runs: Mapping[str, str] | Sequence[str], domain: str,
     general source}.
   """
   if metric not in ('loss', 'bpb'):
-    raise ValueError(f'metric={metric!r}: expected loss or bpb')
+    raise errors.ConfigError(f'metric={metric!r}: expected loss or bpb')
   if not isinstance(runs, Mapping):
     runs = {os.path.basename(os.path.normpath(d)): d for d in runs}
   rows = []
@@ -453,7 +455,7 @@ def forgetting(runs: Mapping[str, str] | Sequence[str], domain: str,
     records = eval_records(run_dir)
     key = lambda s: f'eval/{s}/{metric}'
     if 0 not in records or key(domain) not in records[0]:
-      raise ValueError(f'{run_dir}: no {key(domain)} at step 0 (the starting model); record it with '
+      raise errors.DataError(f'{run_dir}: no {key(domain)} at step 0 (the starting model); record it with '
                        f'python -m lmjax.evaluate --config=... --workdir={run_dir} --checkpoint=0')
     start = records[0]
     sources = sorted(k.split('/')[1] for k in start
@@ -461,7 +463,7 @@ def forgetting(runs: Mapping[str, str] | Sequence[str], domain: str,
     names = [s for s in sources if s != domain] if general is None else list(general)
     missing = [s for s in names if key(s) not in start]
     if missing or not names:
-      raise ValueError(f'{run_dir}: general sources {missing or names} have no {metric} at step 0; '
+      raise errors.DataError(f'{run_dir}: general sources {missing or names} have no {metric} at step 0; '
                        f'evaluated: {sources}')
     for step, r in records.items():
       if key(domain) not in r or any(key(s) not in r for s in names):
@@ -547,7 +549,7 @@ def main(config: ml_collections.ConfigDict) -> None:
 if __name__ == '__main__':
   from absl import flags
   from lmjax import cli
-  cli.define_flags('run directory (checkpoints; evaluations.jsonl is written here)')
+  cli.define_flags('run directory (checkpoints; evaluations.jsonl is written here)', config_from_run=True)
   flags.DEFINE_integer('checkpoint', None, 'step to evaluate (default: the latest); 0 = the params the '
                        'run started from (config.init_from)', lower_bound=0)
   flags.DEFINE_list('tasks', [], 'multiple-choice task files (jsonl: context, choices, answer)')

@@ -20,6 +20,8 @@ import shutil
 
 import fsspec
 
+from lmjax import errors
+
 
 def is_local(path: str) -> bool:
   return '://' not in path
@@ -37,9 +39,11 @@ def _fs(path: str):
   try:
     return fsspec.core.url_to_fs(path, **options)
   except ImportError as e:  # gcsfs (or another scheme's package) is missing
-    raise ValueError(f"{path!r}: {e} (for gs:// paths: pip install -e '.[gcs]')") from None
+    if path.startswith(('gs://', 'gcs://')):
+      raise errors.MissingExtra(repr(path), 'gcs', 'gcsfs') from None
+    raise errors.ConfigError(f"{path!r}: {e} (for gs:// paths: pip install -e '.[gcs]')") from None
   except ValueError as e:
-    raise ValueError(f'{path!r}: {e}; expected a local path or a gs:// URL') from None
+    raise errors.ConfigError(f'{path!r}: {e}; expected a local path or a gs:// URL') from None
 
 
 def open(path: str, mode: str = 'r'):  # pylint: disable=redefined-builtin

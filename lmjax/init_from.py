@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lmjax import checkpoint, fs, model, sharding
+from lmjax import checkpoint, errors, fs, model, sharding
 
 KINDS = ('lmjax', 'hf')
 # Parameters with a vocabulary axis, and which axis it is: they may grow (see the module docstring).
@@ -41,7 +41,7 @@ def parse(spec: str) -> tuple[str, str]:
   if sep and kind in KINDS:
     return kind, rest
   if sep and '/' not in kind and not rest.startswith('//'):
-    raise ValueError(f'config.init_from={spec!r}: expected lmjax:DIR, hf:DIR or a run directory')
+    raise errors.ConfigError(f'config.init_from={spec!r}: expected lmjax:DIR, hf:DIR or a run directory')
   return 'lmjax', spec
 
 
@@ -53,12 +53,12 @@ def parent_tokenizer(spec: str) -> str | None:
     return path if os.path.isfile(path) else None
   provenance = os.path.join(directory, 'provenance.json')
   if not fs.isfile(provenance):
-    raise FileNotFoundError(f'config.init_from={spec!r}: {provenance} does not exist (not an lmjax run '
-                            'directory?)')
+    raise errors.MissingFile(f'config.init_from={spec!r}: {provenance} does not exist (not an lmjax run '
+                             'directory?)')
   path = json.loads(fs.read_text(provenance)).get('tokenizer')
   if not path or not fs.isfile(path):
-    raise FileNotFoundError(f'config.init_from={spec!r}: the run records no tokenizer that exists '
-                            f'({path!r} in {provenance}); set config.data.tokenizer.path to it')
+    raise errors.MissingFile(f'config.init_from={spec!r}: the run records no tokenizer that exists '
+                             f'({path!r} in {provenance}); set config.data.tokenizer.path to it')
   return path
 
 
@@ -76,9 +76,9 @@ def inherit_tokenizer(config) -> None:
   if not own:
     config.data.tokenizer.path = parent
   elif _digest(os.path.join(own, 'tokenizer.json') if fs.isdir(own) else own) != _digest(parent):
-    raise ValueError(f'config.data.tokenizer.path={own!r} is not the tokenizer of config.init_from='
-                     f'{config.init_from!r} ({parent}): its weights mean that tokenizer\'s ids; '
-                     'leave config.data.tokenizer.path empty to inherit it')
+    raise errors.ConfigError(f'config.data.tokenizer.path={own!r} is not the tokenizer of config.init_from='
+                             f'{config.init_from!r} ({parent}): its weights mean that tokenizer\'s ids; '
+                             'leave config.data.tokenizer.path empty to inherit it')
 
 
 def _path(key_path) -> str:
@@ -93,7 +93,7 @@ def lmjax_params(directory: str, target_abstract: dict, mesh) -> dict:
   step = manager.latest_step()
   manager.close()
   if step is None:
-    raise FileNotFoundError(f'config.init_from={directory!r}: no finished checkpoint in {root}')
+    raise errors.CheckpointError(f'config.init_from={directory!r}: no finished checkpoint in {root}')
   tree = ocp.StandardCheckpointer().metadata(os.path.join(root, str(step), 'state')).item_metadata.tree
   found = {_path(kp): m for kp, m in jax.tree_util.tree_leaves_with_path(tree['params'])}
   targets = {_path(kp): t for kp, t in jax.tree_util.tree_leaves_with_path(target_abstract)}
@@ -136,19 +136,20 @@ def adapt(parent: dict, fresh: dict, skip: tuple[str, ...] = (), where: str = 'i
   want = {_path(kp): v for kp, v in jax.tree_util.tree_leaves_with_path(fresh)}
   extra = sorted(set(have) - set(want))
   if extra:
-    raise ValueError(f'{where}: tensor {extra[0]!r} {tuple(have[extra[0]].shape)} of the checkpoint is '
-                     'not in the model')
+    raise errors.CheckpointError(f'{where}: tensor {extra[0]!r} {tuple(have[extra[0]].shape)} of the '
+                                 'checkpoint is not in the model')
   for p in patterns:
     if not any(p.fullmatch(name) for name in want):
-      raise ValueError(f'config.init_skip pattern {p.pattern!r} matches no parameter; paths are {sorted(want)}')
+      raise errors.ConfigError(f'config.init_skip pattern {p.pattern!r} matches no parameter; paths are '
+                               f'{sorted(want)}')
   out = {}
   for name, target in want.items():
     if any(p.fullmatch(name) for p in patterns):
       _set(out, name, target)
       continue
     if name not in have:
-      raise ValueError(f'{where}: the model\'s tensor {name!r} {tuple(target.shape)} is not in the '
-                       'checkpoint (add it to config.init_skip to start it fresh)')
+      raise errors.CheckpointError(f'{where}: the model\'s tensor {name!r} {tuple(target.shape)} is not in '
+                                   'the checkpoint (add it to config.init_skip to start it fresh)')
     value = have[name]
     if tuple(value.shape) != tuple(target.shape):
       value = _grow_vocab(name, value, target, where)
@@ -161,8 +162,8 @@ def _grow_vocab(name: str, value, target, where: str):
   same_elsewhere = axis is not None and all(
       a == b for i, (a, b) in enumerate(zip(value.shape, target.shape)) if i != axis)
   if not same_elsewhere or value.shape[axis] > target.shape[axis]:
-    raise ValueError(f'{where}: tensor {name!r} has shape {tuple(value.shape)} in the checkpoint, the '
-                     f'model expects {tuple(target.shape)}')
+    raise errors.CheckpointError(f'{where}: tensor {name!r} has shape {tuple(value.shape)} in the '
+                                 f'checkpoint, the model expects {tuple(target.shape)}')
   extra = target.shape[axis] - value.shape[axis]
   mean = jnp.mean(value, axis=axis, keepdims=True)
   return jnp.concatenate([value, jnp.repeat(mean, extra, axis=axis)], axis=axis)

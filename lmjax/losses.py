@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lmjax import batch as batch_lib
+from lmjax import errors
 
 DIVERGENCES = ('forward', 'reverse')
 TAILS = ('renormalize', 'bucket')
@@ -93,34 +94,35 @@ def resolve(cfg: ml_collections.ConfigDict, vocab_size: int) -> Args:
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.name not in LOSSES:
-    raise ValueError(f'config.loss.name={cfg.name!r}: expected one of {sorted(LOSSES)}')
+    raise errors.ConfigError(f'config.loss.name={cfg.name!r}: expected one of {sorted(LOSSES)}')
   if cfg.implementation not in LOSSES[cfg.name]:
-    raise ValueError(f'config.loss.implementation={cfg.implementation!r}: expected one of '
-                     f'{sorted(LOSSES[cfg.name])} for loss {cfg.name!r}')
+    raise errors.ConfigError(f'config.loss.implementation={cfg.implementation!r}: expected one of '
+                             f'{sorted(LOSSES[cfg.name])} for loss {cfg.name!r}')
   if not cfg.z_loss >= 0:
-    raise ValueError(f'config.loss.z_loss={cfg.z_loss!r}: expected a number >= 0')
+    raise errors.ConfigError(f'config.loss.z_loss={cfg.z_loss!r}: expected a number >= 0')
   if not cfg.chunk_tokens >= 1:
-    raise ValueError(f'config.loss.chunk_tokens={cfg.chunk_tokens!r}: expected a positive integer')
+    raise errors.ConfigError(f'config.loss.chunk_tokens={cfg.chunk_tokens!r}: expected a positive integer')
   kd = cfg.kd
   check_kd_scalars('config.loss.kd', kd.alpha, kd.temperature)
   for field, allowed in (('divergence', DIVERGENCES), ('tail', TAILS), ('mode', MODES),
                          ('encoding', ENCODINGS)):
     if kd[field] not in allowed:
-      raise ValueError(f'config.loss.kd.{field}={kd[field]!r}: expected one of {allowed}')
+      raise errors.ConfigError(f'config.loss.kd.{field}={kd[field]!r}: expected one of {allowed}')
   if not kd.k >= 1:
-    raise ValueError(f'config.loss.kd.k={kd.k!r}: expected a positive integer')
+    raise errors.ConfigError(f'config.loss.kd.k={kd.k!r}: expected a positive integer')
   if cfg.name == 'kd' and not kd.teacher:
-    raise ValueError("config.loss.kd.teacher='': loss 'kd' needs a teacher run (lmjax:DIR)")
+    raise errors.ConfigError("config.loss.kd.teacher='': loss 'kd' needs a teacher run (lmjax:DIR)")
   if cfg.name == 'kd' and kd.mode == 'offline' and not kd.store:
-    raise ValueError("config.loss.kd.store='': offline distillation reads the teacher's top-k from a "
-                     'store (python -m lmjax.distill.dump writes it); or set config.loss.kd.mode=online')
+    raise errors.ConfigError("config.loss.kd.store='': offline distillation reads the teacher's top-k from a "
+                             'store (python -m lmjax.distill.dump writes it); or set '
+                             'config.loss.kd.mode=online')
 
 
 def check_kd_scalars(field: str, alpha, temperature) -> None:
   if alpha is not None and not 0 <= alpha <= 1:
-    raise ValueError(f'{field}.alpha={alpha!r}: expected a weight in [0, 1]')
+    raise errors.ConfigError(f'{field}.alpha={alpha!r}: expected a weight in [0, 1]')
   if temperature is not None and not temperature > 0:
-    raise ValueError(f'{field}.temperature={temperature!r}: expected a number > 0')
+    raise errors.ConfigError(f'{field}.temperature={temperature!r}: expected a number > 0')
 
 
 def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, z_loss: float = 0.0,

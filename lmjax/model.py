@@ -23,7 +23,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from lmjax import sharding
+from lmjax import errors, sharding
 
 # Named sizes (gemma / MaxText style). `1b` has Llama-3.2-1B's shapes, `8b` Llama-3-8B's, `70b` Llama-3-70B's, so
 # throughput and parameter counts compare with published and peer figures.
@@ -102,31 +102,31 @@ class Args:
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.variant not in VARIANTS:
-    raise ValueError(f'config.model.variant={cfg.variant!r}: expected one of {sorted(VARIANTS)}')
+    raise errors.ConfigError(f'config.model.variant={cfg.variant!r}: expected one of {sorted(VARIANTS)}')
   if cfg.attention not in ATTENTION:
-    raise ValueError(f'config.model.attention={cfg.attention!r}: expected one of {ATTENTION}')
+    raise errors.ConfigError(f'config.model.attention={cfg.attention!r}: expected one of {ATTENTION}')
   if cfg.remat not in REMAT:
-    raise ValueError(f'config.model.remat={cfg.remat!r}: expected one of {REMAT}')
+    raise errors.ConfigError(f'config.model.remat={cfg.remat!r}: expected one of {REMAT}')
   for field in ('compute_dtype', 'param_dtype'):
     if cfg[field] not in ('float32', 'bfloat16'):
-      raise ValueError(f'config.model.{field}={cfg[field]!r}: expected float32 or bfloat16')
+      raise errors.ConfigError(f'config.model.{field}={cfg[field]!r}: expected float32 or bfloat16')
   args = resolve(cfg)
   for field in ('d_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff', 'vocab_size'):
     if getattr(args, field) <= 0:
-      raise ValueError(f'config.model.{field}={getattr(args, field)}: expected a positive integer')
+      raise errors.ConfigError(f'config.model.{field}={getattr(args, field)}: expected a positive integer')
   if args.n_heads % args.n_kv_heads:
-    raise ValueError(f'config.model.n_kv_heads={args.n_kv_heads} must divide n_heads={args.n_heads}')
+    raise errors.ConfigError(f'config.model.n_kv_heads={args.n_kv_heads} must divide n_heads={args.n_heads}')
   if args.d_head is None and args.d_model % args.n_heads:
-    raise ValueError(f'config.model.d_model={args.d_model} must be a multiple of n_heads={args.n_heads} '
-                     f'(or set d_head)')
+    raise errors.ConfigError(f'config.model.d_model={args.d_model} must be a multiple of '
+                             f'n_heads={args.n_heads} (or set d_head)')
   if args.head_dim <= 0 or args.head_dim % 2:
-    raise ValueError(f'config.model.d_head: head dim {args.head_dim} must be positive and even')
+    raise errors.ConfigError(f'config.model.d_head: head dim {args.head_dim} must be positive and even')
   if args.rope_scaling_factor and args.rope_scaling_factor < 1:
-    raise ValueError(f'config.model.rope_scaling_factor={args.rope_scaling_factor}: expected 0 or 1 '
-                     f'(off) or a factor > 1')
+    raise errors.ConfigError(f'config.model.rope_scaling_factor={args.rope_scaling_factor}: expected 0 or 1 '
+                             f'(off) or a factor > 1')
   if args.rope_scaled and not 0 < args.rope_low_freq_factor < args.rope_high_freq_factor:
-    raise ValueError(f'config.model.rope_low_freq_factor={args.rope_low_freq_factor} and '
-                     f'rope_high_freq_factor={args.rope_high_freq_factor}: expected 0 < low < high')
+    raise errors.ConfigError(f'config.model.rope_low_freq_factor={args.rope_low_freq_factor} and '
+                             f'rope_high_freq_factor={args.rope_high_freq_factor}: expected 0 < low < high')
 
 
 def resolve(cfg: ml_collections.ConfigDict) -> Args:

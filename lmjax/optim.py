@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from lmjax import errors
 from lmjax import phases as phases_lib
 
 
@@ -52,13 +53,13 @@ def defaults() -> ml_collections.ConfigDict:
 
 def _check_fraction(field: str, value) -> float:
   if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-    raise ValueError(f'{field}={value!r}: expected a number in [0, 1]')
+    raise errors.ConfigError(f'{field}={value!r}: expected a number in [0, 1]')
   return float(value)
 
 
 def _check_steps(field: str, value) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-    raise ValueError(f'{field}={value!r}: expected an integer >= 0')
+    raise errors.ConfigError(f'{field}={value!r}: expected an integer >= 0')
   return int(value)
 
 
@@ -78,9 +79,9 @@ def _phase_schedule(phase: phases_lib.Phase, peak_lr: float) -> optax.Schedule:
   field, p, length = f'config.phases.{phase.name}.lr', phase.lr, phase.steps
   shape = p['shape']
   if shape not in phases_lib.SHAPES:
-    raise ValueError(f'{field}.shape={shape!r}: expected one of {phases_lib.SHAPES}')
+    raise errors.ConfigError(f'{field}.shape={shape!r}: expected one of {phases_lib.SHAPES}')
   if p['decay'] not in phases_lib.DECAY_FORMS:
-    raise ValueError(f'{field}.decay={p["decay"]!r}: expected one of {phases_lib.DECAY_FORMS}')
+    raise errors.ConfigError(f'{field}.decay={p["decay"]!r}: expected one of {phases_lib.DECAY_FORMS}')
   init, peak, end = (_check_fraction(f'{field}.{k}', p[k]) for k in ('init', 'peak', 'end'))
   # warmup_steps, when set, wins over warmup_fraction (as a phase's steps win over its fraction).
   if p['warmup_steps'] is not None:
@@ -88,7 +89,7 @@ def _phase_schedule(phase: phases_lib.Phase, peak_lr: float) -> optax.Schedule:
   else:
     warmup = round(_check_fraction(f'{field}.warmup_fraction', p['warmup_fraction'] or 0.0) * length)
   if warmup > length:
-    raise ValueError(f'{field}.warmup_steps={warmup}: expected at most the phase length {length}')
+    raise errors.ConfigError(f'{field}.warmup_steps={warmup}: expected at most the phase length {length}')
   form = shape
   if shape == 'constant':
     decay = 0
@@ -96,11 +97,13 @@ def _phase_schedule(phase: phases_lib.Phase, peak_lr: float) -> optax.Schedule:
     decay = round(_check_fraction(f'{field}.decay_fraction', p['decay_fraction']) * length)
     form = p['decay']
     if warmup + decay > length:
-      raise ValueError(f'{field}: warmup ({warmup}) + decay ({decay}) steps exceed the phase length {length}')
+      raise errors.ConfigError(f'{field}: warmup ({warmup}) + decay ({decay}) steps exceed the phase length '
+                               f'{length}')
   else:
     decay = length - warmup
   if form == 'exponential' and decay and (peak == 0 or end == 0):
-    raise ValueError(f'{field}: exponential decay needs peak > 0 and end > 0, got peak={peak}, end={end}')
+    raise errors.ConfigError(f'{field}: exponential decay needs peak > 0 and end > 0, got peak={peak}, '
+                             f'end={end}')
   decay_start = length - decay
 
   def schedule(step):
@@ -121,7 +124,7 @@ def make_schedule(phases: Sequence[phases_lib.Phase], peak_lr: float) -> optax.S
   Past the last phase its value at its end holds.
   """
   if isinstance(peak_lr, bool) or not isinstance(peak_lr, (int, float)) or not peak_lr >= 0:
-    raise ValueError(f'config.optim.lr={peak_lr!r}: expected a number >= 0')
+    raise errors.ConfigError(f'config.optim.lr={peak_lr!r}: expected a number >= 0')
   schedules = [_phase_schedule(p, float(peak_lr)) for p in phases]
   # Zero-length phases are validated above but never reached.
   kept = [(s, p.steps) for s, p in zip(schedules, phases) if p.steps > 0]
@@ -169,9 +172,9 @@ def _compile_patterns(field: str, patterns, paths: list[str]) -> list[re.Pattern
     try:
       out.append(re.compile(p))
     except re.error as e:
-      raise ValueError(f'{field} pattern {p!r}: not a valid regex ({e})') from None
+      raise errors.ConfigError(f'{field} pattern {p!r}: not a valid regex ({e})') from None
     if not any(out[-1].fullmatch(path) for path in paths):
-      raise ValueError(f'{field} pattern {p!r} matches no parameter path; paths are {paths}')
+      raise errors.ConfigError(f'{field} pattern {p!r} matches no parameter path; paths are {paths}')
   return out
 
 
@@ -208,15 +211,15 @@ def make_optimizer(optim_cfg, schedule: optax.Schedule, params,
   c = optim_cfg
   for k, lo, hi in (('b1', 0.0, 1.0), ('b2', 0.0, 1.0)):
     if not lo <= c[k] < hi:
-      raise ValueError(f'optim.{k}={c[k]!r}: expected a number in [{lo}, {hi})')
+      raise errors.ConfigError(f'optim.{k}={c[k]!r}: expected a number in [{lo}, {hi})')
   if not c.eps > 0:
-    raise ValueError(f'optim.eps={c.eps!r}: expected a number > 0')
+    raise errors.ConfigError(f'optim.eps={c.eps!r}: expected a number > 0')
   if not c.weight_decay >= 0:
-    raise ValueError(f'optim.weight_decay={c.weight_decay!r}: expected a number >= 0')
+    raise errors.ConfigError(f'optim.weight_decay={c.weight_decay!r}: expected a number >= 0')
   if c.clip_norm is not None and not c.clip_norm >= 0:
-    raise ValueError(f'optim.clip_norm={c.clip_norm!r}: expected None, 0 (off) or a number > 0')
+    raise errors.ConfigError(f'optim.clip_norm={c.clip_norm!r}: expected None, 0 (off) or a number > 0')
   if not 0 < c.layerwise_lr_decay <= 1:
-    raise ValueError(f'optim.layerwise_lr_decay={c.layerwise_lr_decay!r}: expected a number in (0, 1]')
+    raise errors.ConfigError(f'optim.layerwise_lr_decay={c.layerwise_lr_decay!r}: expected a number in (0, 1]')
   progressive = any(p.freeze for p in phases)
   chain = [_phase_freeze(phases, params)] if progressive else []
   if c.clip_norm:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lmjax import losses
+from lmjax import errors, losses
 
 DECAY_FORMS = ('linear', 'cosine', 'exponential', '1-sqrt')
 SHAPES = ('constant', 'wsd') + DECAY_FORMS
@@ -61,7 +61,7 @@ def phase(*, steps: int | None = None, fraction: float | None = None, weights: d
   """
   unknown = sorted(set(lr) - set(lr_defaults()))
   if unknown:
-    raise ValueError(f'phase lr keys {unknown}: expected keys in {sorted(lr_defaults())}')
+    raise errors.ConfigError(f'phase lr keys {unknown}: expected keys in {sorted(lr_defaults())}')
   entry = ml_collections.ConfigDict(dict(
       steps=ml_collections.FieldReference(None, field_type=int),
       fraction=ml_collections.FieldReference(None, field_type=float),
@@ -104,11 +104,11 @@ def _length(field: str, entry, total_steps: int) -> float | None:
   steps, fraction = entry.get('steps'), entry.get('fraction')
   if steps is not None:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
-      raise ValueError(f'{field}.steps={steps!r}: expected an integer >= 0')
+      raise errors.ConfigError(f'{field}.steps={steps!r}: expected an integer >= 0')
     return float(steps)
   if fraction is not None:
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
-      raise ValueError(f'{field}.fraction={fraction!r}: expected a number in [0, 1]')
+      raise errors.ConfigError(f'{field}.fraction={fraction!r}: expected a number in [0, 1]')
     return fraction * total_steps
   return None
 
@@ -119,41 +119,43 @@ def resolve(phases_cfg, total_steps: int, sources: Sequence[str]) -> list[Phase]
   Raises ValueError naming the phase and field at fault.
   """
   if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)) or total_steps < 1:
-    raise ValueError(f'config.train.steps={total_steps!r}: expected an integer >= 1')
+    raise errors.ConfigError(f'config.train.steps={total_steps!r}: expected an integer >= 1')
   if not isinstance(phases_cfg, (dict, ml_collections.ConfigDict)) or not phases_cfg.get('order'):
-    raise ValueError(f'config.phases={phases_cfg!r}: expected lmjax.phases.timeline(name=phase(...), ...): '
-                     'the phases by name and their `order`')
+    raise errors.ConfigError(f'config.phases={phases_cfg!r}: expected '
+                             'lmjax.phases.timeline(name=phase(...), ...): '
+                             'the phases by name and their `order`')
   names = list(phases_cfg['order'])
   entries = sorted(set(phases_cfg.keys()) - {'order'})
   if sorted(names) != entries:
-    raise ValueError(f'config.phases.order={tuple(names)}: expected each phase of {entries} once')
+    raise errors.ConfigError(f'config.phases.order={tuple(names)}: expected each phase of {entries} once')
   given = []
   for name in names:
     entry = phases_cfg[name]
     field = f'config.phases.{name}'
     if not isinstance(entry, (dict, ml_collections.ConfigDict)):
-      raise ValueError(f'{field}={entry!r}: expected lmjax.phases.phase(...)')
+      raise errors.ConfigError(f'{field}={entry!r}: expected lmjax.phases.phase(...)')
     unknown = sorted(set(entry.keys()) - {'steps', 'fraction', 'lr', 'weights', 'freeze', 'kd'})
     if unknown:
-      raise ValueError(f'{field}: unknown keys {unknown}; expected steps, fraction, lr, weights, '
-                       'freeze, kd')
+      raise errors.ConfigError(f'{field}: unknown keys {unknown}; expected steps, fraction, lr, weights, '
+                               'freeze, kd')
     given.append(_length(field, entry, int(total_steps)))
   rest = [n for n, g in zip(names, given) if g is None]
   if len(rest) > 1:
-    raise ValueError(f'config.phases.{rest[1]}: at most one phase may leave both steps and fraction '
-                     f'unset ({rest[0]} does too)')
+    raise errors.ConfigError(f'config.phases.{rest[1]}: at most one phase may leave both steps and fraction '
+                             f'unset ({rest[0]} does too)')
   if rest:
     i = names.index(rest[0])
     given[i] = total_steps - sum(g for g in given if g is not None)
     if given[i] < 0:
-      raise ValueError(f'config.phases: the phases other than {rest[0]} take {total_steps - given[i]:g} '
-                       f'steps, more than config.train.steps={total_steps}')
+      raise errors.ConfigError(f'config.phases: the phases other than {rest[0]} take '
+                               f'{total_steps - given[i]:g} steps, more than '
+                               f'config.train.steps={total_steps}')
   # Round cumulative positions, so fractions that sum to 1 give exactly total_steps.
   bounds = [0] + [round(x) for x in np.cumsum(given)]
   if bounds[-1] != total_steps:
     lengths = ', '.join(f'{n}={g:g}' for n, g in zip(names, given))
-    raise ValueError(f'config.phases: lengths ({lengths}) sum to {float(np.sum(given)):g} steps; '
-                     f'expected config.train.steps={total_steps}')
+    raise errors.ConfigError(f'config.phases: lengths ({lengths}) sum to {float(np.sum(given)):g} steps; '
+                             f'expected config.train.steps={total_steps}')
   out, weights, kd = [], {s: 1.0 for s in sources}, dict(alpha=None, temperature=None)
   for name, start, end in zip(names, bounds[:-1], bounds[1:]):
     entry = phases_cfg[name]
@@ -161,8 +163,8 @@ def resolve(phases_cfg, total_steps: int, sources: Sequence[str]) -> list[Phase]
     lr = {k: v.get() if isinstance(v, ml_collections.FieldReference) else v for k, v in lr.items()}
     unknown = sorted(set(lr) - set(lr_defaults()))
     if unknown:
-      raise ValueError(f'config.phases.{name}.lr: unknown keys {unknown}; expected keys in '
-                       f'{sorted(lr_defaults())}')
+      raise errors.ConfigError(f'config.phases.{name}.lr: unknown keys {unknown}; expected keys in '
+                               f'{sorted(lr_defaults())}')
     if entry.get('weights'):
       weights = _weights(f'config.phases.{name}.weights', dict(entry['weights']), sources)
     kd = _kd(f'config.phases.{name}.kd', dict(entry.get('kd') or {}), kd)
@@ -174,7 +176,7 @@ def _kd(field: str, given: dict, previous: dict) -> dict:
   """The phase's distillation alpha and temperature: those given, else the previous phase's."""
   unknown = sorted(set(given) - {'alpha', 'temperature'})
   if unknown:
-    raise ValueError(f'{field}: unknown keys {unknown}; expected alpha, temperature')
+    raise errors.ConfigError(f'{field}: unknown keys {unknown}; expected alpha, temperature')
   given = {k: v.get() if isinstance(v, ml_collections.FieldReference) else v for k, v in given.items()}
   losses.check_kd_scalars(field, given.get('alpha'), given.get('temperature'))
   return {k: previous[k] if given.get(k) is None else float(given[k]) for k in ('alpha', 'temperature')}
@@ -198,11 +200,11 @@ def kd_schedule(phases: Sequence[Phase], alpha: float, temperature: float):
 def _weights(field: str, weights: dict, sources: Sequence[str]) -> dict[str, float]:
   for k, v in weights.items():
     if k not in sources:
-      raise ValueError(f'{field}: unknown source {k!r}; expected one of {sorted(sources)} '
-                       '(config.data.sources)')
+      raise errors.ConfigError(f'{field}: unknown source {k!r}; expected one of {sorted(sources)} '
+                               '(config.data.sources)')
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-      raise ValueError(f'{field}.{k}={v!r}: expected a number >= 0')
+      raise errors.ConfigError(f'{field}.{k}={v!r}: expected a number >= 0')
   if not sum(weights.values()) > 0:
-    raise ValueError(f'{field}={weights}: expected at least one weight > 0')
+    raise errors.ConfigError(f'{field}={weights}: expected at least one weight > 0')
   return {s: float(weights.get(s, 0.0)) for s in sources}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from lmjax import fs
+from lmjax import errors, fs
 
 # Dotted config paths (a path and everything under it) that a resume may change freely.
 FREE = ('train.log_every', 'train.eval_every', 'train.checkpoint_every', 'train.keep_checkpoints',
@@ -53,9 +53,9 @@ def check(saved: dict | None, config, step: int, accept: bool) -> list[dict]:
   refused = [c for c in changes if not _under(c['field'], RECORDED)]
   if refused and not accept:
     listed = '; '.join(f"config.{c['field']}: {c['old']!r} -> {c['new']!r}" for c in refused)
-    raise ValueError(f'resuming at step {step} with a changed config ({listed}): these change the '
-                     'model, the data order or the optimizer state; rerun with the config of the run, '
-                     'or pass --accept_config_changes to take them from this step on')
+    raise errors.ConfigError(f'resuming at step {step} with a changed config ({listed}): these change the '
+                             'model, the data order or the optimizer state; rerun with the config of the '
+                             'run, or pass --accept_config_changes to take them from this step on')
   return changes
 
 

@@ -16,8 +16,10 @@ b holding the token at column s of the padded prompt followed by the generated t
 From the command line, a run's latest params (or `--checkpoint=STEP`) and its tokenizer; the prompt
 follows BOS, as every training document does, and the text is printed up to EOS:
 
-  python -m lmjax.sample --config=configs/tiny_mix.py --workdir=RUN --prompt="Permission is" \
+  python -m lmjax.sample --workdir=RUN --prompt="Permission is" \
       [--max_new_tokens=64 --temperature=0.8 --top_p=0.95 --seed=0]
+
+The run's config is its config.json; `--config=configs/<name>.py` uses that file instead.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lmjax import model
+from lmjax import errors, model
 
 
 def generate(graphdef_or_args, params: dict, prompt_ids, max_new_tokens: int, *,
@@ -53,11 +55,11 @@ def generate(graphdef_or_args, params: dict, prompt_ids, max_new_tokens: int, *,
     graphdef = graphdef_or_args
   prompts = [np.asarray(p, np.int32) for p in prompt_ids]
   if prompts and all(p.ndim == 0 for p in prompts):
-    raise ValueError('prompt_ids: expected [B, P] or B sequences, got one sequence (wrap it in a list)')
+    raise errors.ConfigError('prompt_ids: expected [B, P] or B sequences, got one sequence (wrap it in a list)')
   if not prompts or any(p.ndim != 1 or p.size == 0 for p in prompts):
-    raise ValueError('prompt_ids: expected [B, P] or B sequences, each of at least one token')
+    raise errors.ConfigError('prompt_ids: expected [B, P] or B sequences, each of at least one token')
   if max_new_tokens < 1:
-    raise ValueError(f'max_new_tokens={max_new_tokens}: expected at least 1')
+    raise errors.ConfigError(f'max_new_tokens={max_new_tokens}: expected at least 1')
   width = max(len(p) for p in prompts)
   tokens_bp = np.zeros((len(prompts), width), np.int32)
   lengths_b = np.array([len(p) for p in prompts], np.int32)
@@ -168,7 +170,8 @@ def main(config) -> None:
 if __name__ == '__main__':
   from absl import flags
   from lmjax import cli
-  cli.define_flags('run directory (its checkpoints and provenance.json, which names the tokenizer)')
+  cli.define_flags('run directory (its checkpoints and provenance.json, which names the tokenizer)',
+                   config_from_run=True)
   flags.DEFINE_string('prompt', None, 'text to continue', required=True)
   flags.DEFINE_integer('max_new_tokens', 64, 'tokens to generate')
   flags.DEFINE_float('temperature', 0.0, '0 = greedy; otherwise sample softmax(logits / temperature)')

@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lmjax import errors
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 # logical axis -> mesh axis (or tuple of axes, or None = replicated)
@@ -37,12 +39,12 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f'config.mesh={dict(zip(MESH_AXES, sizes))}: {len(devices)} devices are not '
-                       f'divisible by the fixed axes product {known}')
+      raise errors.ConfigError(f'config.mesh={dict(zip(MESH_AXES, sizes))}: {len(devices)} devices are not '
+                               f'divisible by the fixed axes product {known}')
     sizes = [len(devices) // known if s == -1 else s for s in sizes]
   if math.prod(sizes) != len(devices):
-    raise ValueError(f'config.mesh={dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, '
-                     f'found {len(devices)}')
+    raise errors.ConfigError(f'config.mesh={dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, '
+                             f'found {len(devices)}')
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 

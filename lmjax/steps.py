@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from lmjax import losses, model, optim, phases as phases_lib, sharding
+from lmjax import errors, losses, model, optim, phases as phases_lib, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +49,10 @@ def check_vocab(args: model.Args, vocab_size: int, tokenizer_path: str = '') -> 
   """The model's vocabulary is the config's; the tokenizer's must fit in it."""
   if vocab_size > args.vocab_size:
     at = f' ({tokenizer_path})' if tokenizer_path else ''
-    raise ValueError(f'the tokenizer{at} has {vocab_size} tokens but config.model.vocab_size='
-                     f'{args.vocab_size}: expected model rows >= tokenizer tokens (set '
-                     f'config.model.vocab_size, ideally to a multiple of 128, or use a smaller '
-                     'tokenizer: config.data.tokenizer.vocab_size)')
+    raise errors.ConfigError(f'the tokenizer{at} has {vocab_size} tokens but config.model.vocab_size='
+                             f'{args.vocab_size}: expected model rows >= tokenizer tokens (set '
+                             f'config.model.vocab_size, ideally to a multiple of 128, or use a smaller '
+                             'tokenizer: config.data.tokenizer.vocab_size)')
 
 
 @dataclasses.dataclass(frozen=True)

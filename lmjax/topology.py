@@ -1,6 +1,6 @@
 """TPU slices by the names users rent, as devices the TPU compiler targets from a CPU host.
 
-With libtpu installed (`pip install 'jax[tpu]==0.10.2'`, which pins libtpu 0.0.42.*), the TPU
+With libtpu installed (`pip install -e '.[tpu]'`: jax[tpu]==0.10.2, which pins libtpu 0.0.42.*), the TPU
 compiler runs on a CPU machine: `devices('v5e-8')` gives the 8 compile-only devices of that slice, a
 Mesh over them takes ShapeDtypeStructs, and `jit(f).lower(...).compile()` returns the compiler's
 memory and cost analysis. No chip is touched; nothing can run.
@@ -25,6 +25,8 @@ import re
 
 import jax
 from jax.experimental import topologies
+
+from lmjax import errors
 
 GIB = 2 ** 30
 
@@ -102,18 +104,20 @@ def slice_spec(name: str) -> Slice:
   """'v5e-8' -> Slice(chips=8, dims=(2, 4), ...); ValueError naming the valid forms otherwise."""
   match = _NAME.fullmatch(name)
   if match is None:
-    raise ValueError(f'unknown TPU slice {name!r}; expected {_FORMS}')
+    raise errors.ConfigError(f'unknown TPU slice {name!r}; expected {_FORMS}')
   num_slices, gen_name, n = int(match[1] or 1), ALIASES.get(match[2], match[2]), int(match[3])
   gen = GENERATIONS[gen_name]
   if gen.names_count == 'chips':
     if n not in _CHIPS_2D:
-      raise ValueError(f'TPU slice {name!r}: {gen_name}-N counts chips, N in {_CHIPS_2D}; expected {_FORMS}')
+      raise errors.ConfigError(f'TPU slice {name!r}: {gen_name}-N counts chips, N in {_CHIPS_2D}; expected '
+                               f'{_FORMS}')
     dims, per_host = _dims_2d(n), (1, 1, 1) if n == 1 else (2, 4, 1) if n == 8 else (2, 2, 1)
     return Slice(name, gen, num_slices, n, dims, per_host)
   chips = n // 2
   if n % 2 or not (chips in _SMALL_3D or chips % 64 == 0) or chips > _MAX_CHIPS_3D[gen_name]:
-    raise ValueError(f'TPU slice {name!r}: {gen_name}-N counts TensorCores (2 per chip), N in 8, 16, 32, '
-                     f'64 or a multiple of 128 up to {2 * _MAX_CHIPS_3D[gen_name]}; expected {_FORMS}')
+    raise errors.ConfigError(f'TPU slice {name!r}: {gen_name}-N counts TensorCores (2 per chip), N in 8, 16, '
+                             f'32, 64 or a multiple of 128 up to {2 * _MAX_CHIPS_3D[gen_name]}; expected '
+                             f'{_FORMS}')
   return Slice(name, gen, num_slices, chips, _dims_3d(chips), (2, 2, 1))
 
 
@@ -136,8 +140,7 @@ def _devices(name: str) -> tuple:
   except RuntimeError as e:
     if 'TPU support not installed' not in str(e):
       raise
-    raise RuntimeError(f'compiling for TPU slice {name!r} needs libtpu: '
-                       f"pip install 'jax[tpu]=={jax.__version__}'") from e
+    raise errors.MissingExtra(f'compiling for TPU slice {name!r}', 'tpu', 'libtpu') from e
   return tuple(topology.devices)
 
 

@@ -64,13 +64,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for field in ('steps', 'batch_size', 'seq_len', 'microbatches', 'log_every', 'eval_every',
                 'checkpoint_every', 'keep_checkpoints'):
     if cfg[field] <= 0:
-      raise ValueError(f'config.train.{field}={cfg[field]}: expected a positive integer')
+      raise errors.ConfigError(f'config.train.{field}={cfg[field]}: expected a positive integer')
   if cfg.batch_size % cfg.microbatches:
-    raise ValueError(f'config.train.microbatches={cfg.microbatches} must divide '
+    raise errors.ConfigError(f'config.train.microbatches={cfg.microbatches} must divide '
                      f'config.train.batch_size={cfg.batch_size}')
   unknown = sorted(set(cfg.trackers) - set(TRACKERS))
   if unknown:
-    raise ValueError(f'config.train.trackers: unknown {unknown}; expected some of {TRACKERS}')
+    raise errors.ConfigError(f'config.train.trackers: unknown {unknown}; expected some of {TRACKERS}')
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -157,11 +157,7 @@ class MetricsWriter:
 
 
 def _wandb_run(run: 'Run'):
-  try:
-    import wandb
-  except ImportError:
-    raise ValueError("config.train.trackers has 'wandb' but wandb is not installed: "
-                     "pip install -e '.[wandb]'") from None
+  wandb = errors.require('wandb', 'wandb', "config.train.trackers with 'wandb'")
   id_path = os.path.join(run.workdir, 'wandb_id')
   if not fs.isfile(id_path):
     fs.write_atomic(id_path, secrets.token_hex(4))
@@ -221,10 +217,10 @@ def _teacher(config, pipeline) -> tuple[model.Args | None, store_lib.Store | Non
   store = store_lib.Store.open(kd.store)
   store_lib.check_stream(store, config, pipeline)
   if store.meta.get('teacher') != kd.teacher:
-    raise ValueError(f'config.loss.kd.store={kd.store!r} holds the top-k of teacher '
+    raise errors.ConfigError(f'config.loss.kd.store={kd.store!r} holds the top-k of teacher '
                      f'{store.meta.get("teacher")!r}; the run has config.loss.kd.teacher={kd.teacher!r}')
   if store.k != kd.k or store.tokenizer_digest() != teacher_lib.digest(pipeline.tokenizer.path):
-    raise ValueError(f'config.loss.kd.store={kd.store!r} holds k={store.k} for the tokenizer with digest '
+    raise errors.ConfigError(f'config.loss.kd.store={kd.store!r} holds k={store.k} for the tokenizer with digest '
                      f'{store.meta["tokenizer_digest"]}; the run has config.loss.kd.k={kd.k} and '
                      f'{pipeline.tokenizer.path} ({teacher_lib.digest(pipeline.tokenizer.path)})')
   return None, store
@@ -241,7 +237,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, accept_changes: bool 
   mesh = sharding.make_mesh(config.mesh)
   batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
   if config.train.batch_size % (batch_shards * config.train.microbatches):
-    raise ValueError(f'config.train.batch_size={config.train.batch_size} must be divisible by '
+    raise errors.ConfigError(f'config.train.batch_size={config.train.batch_size} must be divisible by '
                      f'data x fsdp = {batch_shards} devices times microbatches='
                      f'{config.train.microbatches}')
   pipeline = build_pipeline(config, workdir)

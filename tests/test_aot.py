@@ -6,11 +6,11 @@ import os
 import jax
 import pytest
 
-from lmjax import aot, config as config_lib, model
+from lmjax import aot, config as config_lib, errors, model, topology
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
-                                  reason="needs libtpu: pip install -e '.[test]' (or '.[tpu]')")
+                                  reason="needs libtpu: pip install -e '.[tpu]'")
 
 
 def tiny(**train):
@@ -42,8 +42,23 @@ def test_fake_devices_against_a_named_accelerator():
   config = tiny()
   lines = aot.report(config, devices=8, accelerator_name='h100')
   assert lines[0].startswith('compiled for 8 devices') and lines[2].startswith('on h100: fits: ')
-  with pytest.raises(ValueError, match=r"--accelerator='tpu9'"):
+  with pytest.raises(errors.ConfigError, match=r"--accelerator='tpu9'"):
     aot.accelerator('tpu9')
+
+
+def test_compiling_for_a_slice_without_libtpu_names_the_tpu_extra(monkeypatch):
+  """jax's error without libtpu becomes errors.MissingExtra with the one install line."""
+  def no_libtpu(**_):
+    raise RuntimeError('TPU support not installed')
+  monkeypatch.setattr(topology.topologies, 'get_topology_desc', no_libtpu)
+  topology._devices.cache_clear()  # pylint: disable=protected-access
+  try:
+    with pytest.raises(errors.MissingExtra, match=r"compiling for TPU slice 'v5e-8' needs libtpu, which is "
+                                                  r"not installed: pip install -e '\.\[tpu\]'$"):
+      topology.devices('v5e-8')
+  finally:
+    topology._devices.cache_clear()  # pylint: disable=protected-access
+  assert "pip install -e '.[tpu]')" in aot.__doc__ and '[test]' not in aot.__doc__
 
 
 def test_estimate_is_the_roofline_of_the_model_counts():

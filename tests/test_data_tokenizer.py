@@ -1,6 +1,7 @@
 """The sentencepiece tokenizer: exact round trips, per-source sampling weights, loading .model files."""
 import pytest
 
+from lmjax import errors
 from lmjax.data import corpora
 from lmjax.data import tokenizer
 
@@ -65,9 +66,9 @@ def test_load_existing_model_and_errors_name_the_file(tok, tmp_path):
   assert again.vocab_size == tok.vocab_size == 1000
   assert again.encode(CODE) == tok.encode(CODE)
   assert (again.bos_id, again.eos_id) == (tokenizer.BOS_ID, tokenizer.EOS_ID)
-  with pytest.raises(FileNotFoundError, match='nope.model'):
+  with pytest.raises(errors.MissingFile, match='nope.model'):
     tokenizer.load(str(tmp_path / 'nope.model'))
   bad = tmp_path / 'bad.model'
   bad.write_bytes(b'not a model')
-  with pytest.raises(ValueError, match='bad.model'):
+  with pytest.raises(errors.DataError, match='bad.model'):
     tokenizer.load(str(bad))

@@ -6,6 +6,7 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from lmjax import errors
 from lmjax.data import tokenizer
 
 ZH = '床前明月光，疑是地上霜。举头望明月，低头思故乡。\n今天天气很好，我们一起去公园散步吧。\n'
@@ -77,16 +78,16 @@ def test_special_tokens_come_from_the_checkpoint_files(tmp_path, tokenizer_json)
 
 
 def test_errors_name_the_file(tmp_path, tokenizer_json):
-  with pytest.raises(ValueError, match='no EOS token'):
+  with pytest.raises(errors.DataError, match='no EOS token'):
     tokenizer.load(str(checkpoint_dir(tmp_path / 'none', tokenizer_json)))
-  with pytest.raises(ValueError, match=r"tokenizer_config.json: eos_token='<eos>' is not in the vocabulary"):
+  with pytest.raises(errors.DataError, match=r"tokenizer_config.json: eos_token='<eos>' is not in the vocabulary"):
     tokenizer.load(str(checkpoint_dir(tmp_path / 'bad', tokenizer_json,
                                       tokenizer_config=dict(eos_token='<eos>'))))
   (tmp_path / 'empty').mkdir()
-  with pytest.raises(FileNotFoundError, match='holds no tokenizer.json'):
+  with pytest.raises(errors.MissingFile, match='holds no tokenizer.json'):
     tokenizer.load(str(tmp_path / 'empty'))
   (tmp_path / 'broken.json').write_text('{"not": "a tokenizer"}')
-  with pytest.raises(ValueError, match='broken.json.*is not a Hugging Face tokenizer.json'):
+  with pytest.raises(errors.DataError, match='broken.json.*is not a Hugging Face tokenizer.json'):
     tokenizer.load(str(tmp_path / 'broken.json'))
-  with pytest.raises(FileNotFoundError, match='nope.json'):
+  with pytest.raises(errors.MissingFile, match='nope.json'):
     tokenizer.load(str(tmp_path / 'nope.json'))

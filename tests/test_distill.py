@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from lmjax import config as config_lib, losses, sharding, steps as steps_lib, trainer
+from lmjax import config as config_lib, errors, losses, sharding, steps as steps_lib, trainer
 from lmjax.distill import dump as dump_lib, store as store_lib, teacher as teacher_lib
 
 BATCH, SEQ, K = 8, 32, 16
@@ -137,15 +137,15 @@ def test_missing_or_corrupt_chunk_is_an_error_naming_it(setup, tmp_path):
   path = str(tmp_path / 'store')
   dump_lib.dump(_config(setup, store=path, encoding='compact'), str(tmp_path / 'run'))
   os.remove(os.path.join(path, 'done', '1.json'))
-  with pytest.raises(FileNotFoundError, match=r'chunk 1 \(rows 8-15; .*ids/1\.0\.0.*\) is missing'):
+  with pytest.raises(errors.MissingFile, match=r'chunk 1 \(rows 8-15; .*ids/1\.0\.0.*\) is missing'):
     store_lib.Store.open(path).read(0, 16)
   with open(os.path.join(path, 'logprobs', '2.0.0'), 'r+b') as f:
     f.seek(100)
     f.write(b'\x01\x02\x03')
-  with pytest.raises(ValueError, match=r'chunk 2 \(rows 16-23; .*\) is corrupt: logprobs fails its checksum'):
+  with pytest.raises(errors.CheckpointError, match=r'chunk 2 \(rows 16-23; .*\) is corrupt: logprobs fails its checksum'):
     store_lib.Store.open(path).read(16, 8)
   os.remove(os.path.join(path, 'tail', '3.0'))
-  with pytest.raises(FileNotFoundError, match=r'chunk 3 .*tail/3\.0 is missing'):
+  with pytest.raises(errors.MissingFile, match=r'chunk 3 .*tail/3\.0 is missing'):
     store_lib.Store.open(path).read(24, 8)
   store_lib.Store.open(path).read(0, 8)  # the others read
 
@@ -192,7 +192,7 @@ def test_tokenizer_or_vocabulary_differing_from_the_teacher_is_refused_naming_bo
                                  vocab_size=200, model_type='bpe', bos_id=1, eos_id=2, unk_id=0,
                                  pad_id=-1, minloglevel=2)
   config = _config(setup, store=str(tmp_path / 's'), tokenizer=str(other))
-  with pytest.raises(ValueError, match=r'the teacher has .*cache/tokenizer-.*\(300 tokens\), the student '
+  with pytest.raises(errors.ConfigError, match=r'the teacher has .*cache/tokenizer-.*\(300 tokens\), the student '
                      r'.*other\.model \(200 tokens\)'):
     trainer.build_pipeline(config, str(tmp_path / 'run'))
 

@@ -365,3 +365,20 @@ def test_sample_cli_prints_the_greedy_continuation_of_the_latest_params(trained)
                         eos_id=tok.eos_id)[0].tolist()
   new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
   assert run.stdout == 'def f(x' + tok.decode(new) + '\n'
+
+
+def test_sample_and_evaluate_read_the_runs_config_when_config_is_left_out(trained, tmp_path):
+  _, workdir, flags = trained
+  with_config = cli('lmjax.sample', *flags, '--prompt=def g(', '--max_new_tokens=8')
+  from_run = cli('lmjax.sample', f'--workdir={workdir}', '--prompt=def g(', '--max_new_tokens=8')
+  assert from_run.returncode == 0 and from_run.stdout == with_config.stdout, from_run.stderr[-3000:]
+  copy = shutil.copytree(workdir, tmp_path / 'run')  # evaluate records its scores in the run
+  scored = cli('lmjax.evaluate', f'--workdir={copy}', '--checkpoint=4')
+  assert scored.returncode == 0, scored.stderr[-3000:]
+  assert scored.stdout.startswith('step 4\n') and '\ncode ' in scored.stdout
+  help_text = cli('lmjax.sample', '--help').stdout
+  assert '--config:' in help_text and '--workdir:' in help_text and "the run's config.json" in help_text
+  not_a_run = cli('lmjax.sample', f'--workdir={workdir}/checkpoints', '--prompt=x')
+  assert not_a_run.returncode == 2 and not_a_run.stderr.strip() == (
+      f'lmjax.sample: error: {workdir}/checkpoints/config.json does not exist: --workdir is not a run '
+      'directory (or pass --config)')

@@ -286,6 +286,90 @@ def test_user_mistakes_are_one_line_naming_the_culprit(tmp_path):
     assert 'Traceback' not in run.stderr
 
 
+def _error_lines(stderr: str) -> list[str]:
+  """stderr without the progress bars (tqdm's carriage-return lines), blank lines and the line that
+  says data preparation has started."""
+  return [l for l in stderr.splitlines()
+          if l.strip() and '\r' not in l and ' docs [' not in l and not l.startswith('preparing the data')]
+
+
+def _own_data_config(tmp_path, name, corpora):
+  """A user's config file `name`.py: the tiny model on their own source `corpora`."""
+  path = tmp_path / f'{name}.py'
+  path.write_text('from lmjax import config as config_lib\n\n\ndef get_config(arg=None):\n'
+                  f'  c = config_lib.load({os.path.join(ROOT, "configs", "tiny.py")!r})\n'
+                  f'  c.data.sources = {{"mine": dict(corpora={corpora!r}, max_chars=0)}}\n'
+                  '  return c\n')
+  return path
+
+
+def _shim(tmp_path, code):
+  """An environment whose Python runs `code` first (a sitecustomize module on PYTHONPATH)."""
+  shim = tmp_path / 'shim'
+  shim.mkdir()
+  (shim / 'sitecustomize.py').write_text(code)
+  return dict(ENV, PYTHONPATH=os.pathsep.join([str(shim), ROOT]))
+
+
+def test_data_and_disk_mistakes_are_one_line_naming_the_culprit(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  (tmp_path / 'empty.jsonl').write_text('')
+  pq.write_table(pa.table({'content': ['some words here ' * 20] * 50}), tmp_path / 'docs.parquet')
+  (tmp_path / 'a_file').write_text('not a directory')
+  empty, parquet = f'jsonl:{tmp_path}/empty.jsonl', f'parquet:{tmp_path}/docs.parquet'
+  no_pyarrow = _shim(tmp_path, "import sys\nsys.modules['pyarrow'] = None  # as if not installed\n")
+  cases = [  # (config, workdir, environment, the one line)
+      (_own_data_config(tmp_path, 'empty', empty), tmp_path / 'run1', ENV,
+       f"lmjax.train: error: config.data.sources.mine.corpora={empty!r}: the source is empty (its files "
+       "hold no document)"),
+      (_own_data_config(tmp_path, 'column', parquet), tmp_path / 'run2', ENV,
+       f"lmjax.train: error: config.data.sources.mine.corpora={parquet!r}: no record has the field 'text'; "
+       f"{tmp_path}/docs.parquet has ['content'] (name the text field with #FIELD)"),
+      (_own_data_config(tmp_path, 'column', parquet), tmp_path / 'run3', no_pyarrow,
+       "lmjax.train: error: a parquet: source needs pyarrow, which is not installed: "
+       "pip install -e '.[parquet]'"),
+      (os.path.join(ROOT, 'configs', 'tiny.py'), tmp_path / 'a_file', ENV,
+       f'lmjax.train: error: --workdir={tmp_path}/a_file is a file; expected a run directory or a new path'),
+  ]
+  for config, workdir, env, line in cases:
+    run = subprocess.run([sys.executable, '-m', 'lmjax.train', f'--config={config}', f'--workdir={workdir}'],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and _error_lines(run.stderr) == [line], run.stderr[-3000:]
+
+
+def test_a_read_only_workdir_is_one_line(tmp_path):
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  _mount_tmpfs(disk, '4m')
+  try:
+    subprocess.run(['mount', '-o', 'remount,ro', str(disk)], check=True)
+    run = subprocess.run([sys.executable, '-m', 'lmjax.train', '--config=configs/tiny.py',
+                          f'--workdir={disk}/run'], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=300)
+  finally:
+    subprocess.run(['umount', '-l', str(disk)], check=False)
+  assert run.returncode == 2, run.stderr[-3000:]
+  assert _error_lines(run.stderr) == [f'lmjax.train: error: {disk}/run: Read-only file system']
+
+
+def test_a_bug_keeps_its_traceback_and_says_it_is_a_bug(tmp_path):
+  """A defect (here an injected KeyError inside the trainer) is not a user's mistake: the traceback
+  is printed, then one line saying it is a bug; exit code 1, not 2."""
+  env = _shim(tmp_path, 'import lmjax.trainer\n'
+                        'def setup(*args, **kwargs):\n'
+                        '  return {}["no such key"]\n'
+                        'lmjax.trainer.setup = setup\n')
+  run = subprocess.run([sys.executable, '-m', 'lmjax.train', '--config=configs/tiny.py',
+                        f'--workdir={tmp_path}/run'], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode == 1, run.stderr[-3000:]
+  lines = _error_lines(run.stderr)
+  assert lines[0] == 'Traceback (most recent call last):' and "KeyError: 'no such key'" in lines
+  assert lines[-1] == ('lmjax.train: error: the error above is a bug in lmjax, not a mistake in your '
+                       'command: please report it with this traceback and the command line')
+
+
 def test_startup_summary(cache, tmp_path):
   """What the run will do, before it starts: sizes, the phases, each source's share of its data."""
   from lmjax import model

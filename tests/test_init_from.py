@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from lmjax import config as config_lib, trainer
+from lmjax import config as config_lib, errors, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF = os.path.join(ROOT, 'tests', 'assets', 'hf')
@@ -76,8 +76,8 @@ def test_mismatches_and_a_different_tokenizer_are_named(parent, tmp_path):
   tmp, p = parent
   wide = tiny(tmp_path, d_ff=512)
   wide.init_from = f'lmjax:{tmp / "run"}'
-  with pytest.raises(ValueError, match=r"tensor 'layers/w_down_lfd' has shape \(4, 384, 128\) in the "
-                                       r"checkpoint, the model expects \(4, 512, 128\)"):
+  with pytest.raises(errors.CheckpointError, match=r"tensor 'layers/w_down_lfd' has shape \(4, 384, 128\) in the "
+                                                 r"checkpoint, the model expects \(4, 512, 128\)"):
     _setup(wide, tmp_path / 'wide')
   other = tiny(tmp_path)
   other.init_from = f'lmjax:{tmp / "run"}'
@@ -91,9 +91,9 @@ def test_mismatches_and_a_different_tokenizer_are_named(parent, tmp_path):
   different = tiny(tmp_path)
   different.init_from = f'lmjax:{tmp / "run"}'
   different.data.tokenizer.path = own
-  with pytest.raises(ValueError, match=r'is not the tokenizer of config\.init_from'):
+  with pytest.raises(errors.ConfigError, match=r'is not the tokenizer of config\.init_from'):
     _setup(different, tmp_path / 'different')
-  with pytest.raises(ValueError, match=r"config\.init_from='s3:x'"):
+  with pytest.raises(errors.ConfigError, match=r"config\.init_from='s3:x'"):
     bad = tiny(tmp_path)
     bad.init_from = 's3:x'
     _setup(bad, tmp_path / 'bad')

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from lmjax import optim, phases as phases_lib
+from lmjax import errors, optim, phases as phases_lib
 
 PEAK = 3e-4
 L, D, V = 3, 4, 5
@@ -308,12 +308,12 @@ BAD_SCHEDULES = [
 
 @pytest.mark.parametrize('entries,match', BAD_SCHEDULES)
 def test_bad_schedule_config_errors(entries, match):
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(errors.ConfigError, match=match):
     _schedule(entries, PEAK, 100)
 
 
 def test_bad_phases_and_total_steps_errors():
-  with pytest.raises(ValueError, match=r'config\.phases=\{\}: expected lmjax\.phases\.timeline'):
+  with pytest.raises(errors.ConfigError, match=r'config\.phases=\{\}: expected lmjax\.phases\.timeline'):
     phases_lib.resolve({}, 100, [])
   two = phases_lib.timeline(a=phases_lib.phase(), b=phases_lib.phase(steps=5))
   two.order = ('b', 'c')
@@ -321,7 +321,7 @@ def test_bad_phases_and_total_steps_errors():
     phases_lib.resolve(two, 10, [])
   with pytest.raises(ValueError, match=r'config\.train\.steps=0: expected an integer >= 1'):
     phases_lib.resolve(phases_lib.defaults(), 0, [])
-  with pytest.raises(ValueError, match=r'config\.optim\.lr=-1: expected a number >= 0'):
+  with pytest.raises(errors.ConfigError, match=r'config\.optim\.lr=-1: expected a number >= 0'):
     optim.make_schedule(phases_lib.resolve(phases_lib.defaults(), 10, []), -1)
 
 
@@ -343,5 +343,5 @@ def test_steps_win_over_fraction_and_warmup_steps_over_warmup_fraction():
     (dict(freeze=('embed/(',)), r"optim\.freeze pattern 'embed/\(': not a valid regex"),
 ])
 def test_bad_optimizer_config_errors(overrides, match):
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(errors.ConfigError, match=match):
     optim.make_optimizer(_config(**overrides), CONSTANT, _params())

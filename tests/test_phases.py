@@ -11,7 +11,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from lmjax import config as config_lib, phases, trainer
+from lmjax import config as config_lib, errors, phases, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK, BATCH, SWITCH, STEPS = 1e-2, 8, 6, 12
@@ -146,7 +146,7 @@ def test_phase_weights_and_length_are_overridable_by_flag(config_path):
 def test_bad_phase_names_the_phase_and_field(config_path, change, message):
   config = config_lib.load(config_path)
   change(config)
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     config_lib.validate(config)
 
 
@@ -154,5 +154,5 @@ def test_unknown_source_in_a_phase_is_named(config_path):
   config = config_lib.load(config_path)
   with config.unlocked():
     config.phases.anneal.weights['c'] = 1.0
-  with pytest.raises(ValueError, match=r"config\.phases\.anneal\.weights: unknown source 'c'"):
+  with pytest.raises(errors.ConfigError, match=r"config\.phases\.anneal\.weights: unknown source 'c'"):
     config_lib.validate(config)

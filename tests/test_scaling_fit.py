@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import optimize
 
+from lmjax import errors
 from lmjax.scaling import fit, laws
 
 # Besiroglu, Erdil, Barnett & You 2024, "Chinchilla Scaling: A replication attempt" (arXiv 2404.10102),
@@ -258,7 +259,7 @@ def test_bad_points_name_row_and_column(column, value, message):
   data = {k: v[:8].copy() for k, v in _dcpt_design().items()}
   loss = np.full(8, 2.5)
   (loss if column == 'loss' else data[column])[3] = value
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(errors.DataError, match=message):
     fit.fit(laws.dcpt_form(), data, loss)
 
 

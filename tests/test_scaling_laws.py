@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import optimize
 
+from lmjax import errors
 from lmjax.scaling import laws
 
 # Published Chinchilla fit (Hoffmann et al. 2022, arXiv 2203.15556, eq. 10).
@@ -80,7 +81,7 @@ def test_dcpt_dloss_dr_matches_finite_difference():
 
 
 def test_form_rejects_unknown_name():
-  with pytest.raises(ValueError, match="scaling law 'kaplan'.*chinchilla, dcpt, cross_domain"):
+  with pytest.raises(errors.ConfigError, match="scaling law 'kaplan'.*chinchilla, dcpt, cross_domain"):
     laws.form('kaplan')
 
 

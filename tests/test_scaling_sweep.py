@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from lmjax import config as config_lib
+from lmjax import config as config_lib, errors
 from lmjax.scaling import laws, sweep
 
 # Laws that fall in r at these token counts (the C term outweighs the r^eta one), as fitted ones do.
@@ -98,7 +98,7 @@ def test_expand_builds_the_grid():
     ('law', 'kaplan', "config.sweep.law='kaplan'"),
 ])
 def test_bad_sweep_config_is_named(field, value, message):
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     sweep.expand(_config(**{field: value}), '/sw')
 
 
@@ -180,7 +180,7 @@ def test_csv_errors_name_row_and_column(tmp_path):
   _write(path, header, [good, good])
   assert sweep.read_csv(path)['tokens'].tolist() == [1280.0, 1280.0]
   _write(path, header[:-1], [good[:-1]])
-  with pytest.raises(ValueError, match=r"results.csv: missing column\(s\) \['general_loss'\]"):
+  with pytest.raises(errors.DataError, match=r"results.csv: missing column\(s\) \['general_loss'\]"):
     sweep.read_csv(path)
   for column, value, expected in [('tokens', -5, 'a positive number'), ('n', 0, 'a positive number'),
                                   ('domain_loss', 'nan', 'a positive number'),
@@ -189,6 +189,6 @@ def test_csv_errors_name_row_and_column(tmp_path):
     bad = list(good)
     bad[header.index(column)] = value
     _write(path, header, [good, bad])
-    with pytest.raises(ValueError, match=rf"results.csv row 2 \(run x-r0.1\): column '{column}' is "
+    with pytest.raises(errors.DataError, match=rf"results.csv row 2 \(run x-r0.1\): column '{column}' is "
                                          rf"'{value}'; expected {expected}"):
       sweep.read_csv(path)

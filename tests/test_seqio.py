@@ -8,6 +8,7 @@ test gives its seqio Mixture.
 import glob
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ seqio = pytest.importorskip(
     'seqio', reason="seqio is not installed: pip install -e '.[seqio]' (CI installs the extra)")
 
 # pylint: disable=wrong-import-position
-from lmjax import batch as batch_lib, phases
+from lmjax import batch as batch_lib, errors, phases
 from lmjax.data import clean_store, pipeline, prepare, readers, seqio_tasks
 from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.data.records import Doc
@@ -143,7 +144,7 @@ def test_exported_task_yields_the_prepared_token_ids(world, monkeypatch):
   cfg.shard_bytes = 256  # several train shards, read in order
   prep = prepare.prepare(cfg, cfg.cache_dir + '-run')
   assert len(glob.glob(os.path.join(prep.dirs['a'], 'train-*.arrayrecord'))) > 1
-  with pytest.raises(ValueError, match='is not the tokenizer'):
+  with pytest.raises(errors.ConfigError, match='is not the tokenizer'):
     seqio_tasks.register_task('lmjax_test_export', prep.dirs['a'], vocabulary_path=world['sp_path'])
   task = seqio_tasks.register_task('lmjax_test_export', prep.dirs['a'])
   try:
@@ -166,15 +167,15 @@ def test_exported_task_yields_the_prepared_token_ids(world, monkeypatch):
 
 
 def test_errors_name_the_spec_and_what_was_expected(world, tmp_path):
-  with pytest.raises(ValueError, match=r"seqio:\[MODULE/\]NAME\[#FEATURE\]"):
+  with pytest.raises(errors.ConfigError, match=r"seqio:\[MODULE/\]NAME\[#FEATURE\]"):
     seqio_tasks.parse_spec('seqio:')
-  with pytest.raises(ValueError, match=r"features \['text', 'text_pretokenized'\], not 'targets'"):
+  with pytest.raises(errors.ConfigError, match=r"features \['text', 'text_pretokenized'\], not 'targets'"):
     list(seqio_tasks.documents(f'seqio:{TASKS["a"]}', 'a', readers.defaults()))
-  with pytest.raises(ValueError, match='lmjax_no_such_task'):
+  with pytest.raises(errors.ConfigError, match='lmjax_no_such_task'):
     seqio_tasks.tasks('seqio:lmjax_no_such_task')
-  with pytest.raises(ImportError, match="cannot import module 'lmjax_no_such_module'"):
+  with pytest.raises(errors.ConfigError, match="cannot import module 'lmjax_no_such_module'"):
     seqio_tasks.tasks(f'seqio:lmjax_no_such_module/{TASKS["a"]}')
-  with pytest.raises(FileNotFoundError, match='expected a source directory that lmjax.data.prepare'):
+  with pytest.raises(errors.MissingFile, match='expected a source directory that lmjax.data.prepare'):
     seqio_tasks.register_task('lmjax_test_nothing', str(tmp_path))
 
 
@@ -187,3 +188,15 @@ def test_undecodable_examples_are_dropped_by_reason():
   assert record('a\ud800b') == Drop('s', 'x', 'read', 'invalid_utf8', 3)  # text: in characters
   assert record('x' * 17).reason == 'too_large' and record(' \n').reason == 'empty'
   assert record('ok') == Doc('s', 'x', 'ok')
+
+
+def test_a_missing_seqio_extra_names_it(monkeypatch):
+  monkeypatch.setitem(sys.modules, 'tensorflow', None)  # `import tensorflow` raises ModuleNotFoundError
+  seqio_tasks._seqio.cache_clear()  # pylint: disable=protected-access
+  try:
+    with pytest.raises(errors.MissingExtra, match=r"seqio sources needs tensorflow, which is not installed: "
+                                                  r"pip install -e '\.\[seqio\]'"):
+      seqio_tasks.tasks('seqio:lmjax_test_a')
+    assert seqio_tasks.files('seqio:lmjax_test_a') == []  # reported as a missing source, not an error
+  finally:
+    seqio_tasks._seqio.cache_clear()  # pylint: disable=protected-access

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lmjax import topology
+from lmjax import errors, topology
 from pallas_kernels.flash_attention import api, tpu_mosaic
 from pallas_kernels.linear_cross_entropy import api as lce_api
 
-pytest.importorskip('libtpu', reason=f"the TPU compiler needs libtpu: pip install 'jax[tpu]=={jax.__version__}'")
+pytest.importorskip('libtpu', reason="the TPU compiler needs libtpu: pip install -e '.[tpu]'")
 
 
 def _mesh(name, shape, axes):
@@ -52,7 +52,7 @@ def test_slice_names_give_their_devices(name, topology_name, n_devices, device_k
 @pytest.mark.parametrize('name', ['v5e-3', 'v5e-512', 'v5p-12', 'v5p-136', 'v4-8192', 'v3-8', 'tpu7x-8',
                                   'v5e8', 'V5E-8', '0xv5e-8'])
 def test_unknown_slice_names_list_the_valid_forms(name):
-  with pytest.raises(ValueError, match=re.escape(repr(name)) + r'.*expected \[<slices>x\]<generation>-<N>'):
+  with pytest.raises(errors.ConfigError, match=re.escape(repr(name)) + r'.*expected \[<slices>x\]<generation>-<N>'):
     topology.devices(name)
 
 

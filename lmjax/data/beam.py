@@ -61,7 +61,7 @@ import ml_collections
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from lmjax import fs
+from lmjax import errors, fs
 from lmjax.data import clean_store
 from lmjax.data import corpora
 from lmjax.data import dedup
@@ -335,10 +335,10 @@ def run(specs: list[tuple[str, str, str, str]], cfg: ml_collections.ConfigDict,
        | 'by size file' >> beam.GroupByKey() | 'write sizes' >> beam.FlatMap(_write, store, names, files))
   execute(p)
   changed_docs = json.loads(fs.read_text(os.path.join(store, CHANGED)))
-  if changed_docs:
-    raise RuntimeError(f'near-duplicate clusters: {changed_docs} documents still changed cluster in '
-                       f'the last of {cfg.cc_rounds} Hash-to-Min rounds; raise '
-                       'config.data.clean.cc_rounds')
+  if changed_docs:  # too few rounds for the widest cluster: the knob named is the fix
+    raise errors.ConfigError(f'near-duplicate clusters: {changed_docs} documents still changed cluster in '
+                             f'the last of {cfg.cc_rounds} Hash-to-Min rounds; raise '
+                             'config.data.clean.cc_rounds')
   counters = stages.Counters()
   for (source, stage, outcome), (docs, chars) in json.loads(
       fs.read_text(os.path.join(store, COUNTERS))):

@@ -57,6 +57,7 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
+from lmjax import errors
 from lmjax.data import text as text_lib
 from lmjax.data.records import Doc, Drop
 
@@ -112,6 +113,8 @@ def row_content(row: np.ndarray) -> bytes:
 
 def exact_rows(keys: np.ndarray) -> np.ndarray:
   """int64[n]: for each key_rows row, the row of its content's kept copy (itself when kept)."""
+  if not len(keys):
+    return np.zeros(0, np.int64)
   order = np.lexsort((keys[:, 2], keys[:, 1], keys[:, 0]))
   k = keys[order]
   first = np.concatenate([[True], (k[1:, 0] != k[:-1, 0]) | (k[1:, 1] != k[:-1, 1])])
@@ -286,7 +289,7 @@ def band_hashes(sigs: np.ndarray, cfg: ml_collections.ConfigDict) -> np.ndarray:
   """uint64[D, bands]: band j of document i is keyed by (j, out[i, j]) (a hash of its rows)."""
   bands, rows = int(cfg.bands), int(cfg.rows)
   if bands * rows > sigs.shape[1]:
-    raise ValueError(f'dedup: bands * rows = {bands} * {rows} > num_perm = {sigs.shape[1]}')
+    raise errors.ConfigError(f'dedup: bands * rows = {bands} * {rows} > num_perm = {sigs.shape[1]}')
   banded = sigs[:, :bands * rows].reshape(len(sigs), bands, rows).astype(np.uint64)
   mix = _constants(cfg.seed, 'band', rows)
   return _fmix64((banded * mix).sum(axis=2, dtype=np.uint64))
@@ -382,7 +385,7 @@ def components(pairs, rounds: int) -> tuple[dict, int]:
     if new == state:
       return {node: min(c[0], node) for node, c in state.items()}, r
     state = new
-  raise RuntimeError(f'near-duplicate clusters still changed in the last of {rounds} Hash-to-Min '
+  raise errors.ConfigError(f'near-duplicate clusters still changed in the last of {rounds} Hash-to-Min '
                      'rounds')
 
 

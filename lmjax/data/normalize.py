@@ -26,6 +26,7 @@ import unicodedata
 
 import ml_collections
 
+from lmjax import errors
 from lmjax.data.records import Doc, Drop
 
 _LINE_ENDS = re.compile('\r\n|[\r\x85\u2028\u2029]')
@@ -61,7 +62,7 @@ def strip_ansi(text: str) -> str:
 def normalize_text(text: str, form: str = 'NFC', code: bool = False) -> str:
   """`text` normalised as described in the module docstring."""
   if form not in FORMS:
-    raise ValueError(f'normalize.form={form!r}: expected one of {FORMS}')
+    raise errors.ConfigError(f'normalize.form={form!r}: expected one of {FORMS}')
   text = _LINE_ENDS.sub('\n', text)
   if '\x1b' in text:
     text = strip_ansi(text)

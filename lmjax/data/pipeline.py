@@ -50,6 +50,7 @@ import numpy as np
 from array_record.python import array_record_module
 
 from lmjax import batch as batch_lib
+from lmjax import errors
 from lmjax import fs
 from lmjax.data import corpora
 from lmjax.data import prepare as prepare_lib
@@ -107,7 +108,7 @@ class SourceData:
   def __init__(self, directory: str, split: str, verify: bool, max_open: int = 32):
     stats_path = os.path.join(directory, 'stats.json')
     if not fs.isfile(stats_path):
-      raise FileNotFoundError(f'prepared data {stats_path!r} does not exist')
+      raise errors.MissingFile(f'prepared data {stats_path!r} does not exist')
     self.stats = json.loads(fs.read_text(stats_path))
     self.dtype = np.dtype(self.stats['dtype'])
     self._directory, self._verify, self._max_open = directory, verify, max_open
@@ -117,8 +118,8 @@ class SourceData:
     self.num_tokens = int(self.shard_starts[-1])
     self.num_docs = int(sum(s['records'] for s in self._shards))
     if self.num_docs != self.stats[split]['documents']:
-      raise ValueError(f'{directory}: its shards hold {self.num_docs} {split} documents, stats.json '
-                       f'says {self.stats[split]["documents"]}')
+      raise errors.DataError(f'{directory}: its shards hold {self.num_docs} {split} documents, stats.json '
+                             f'says {self.stats[split]["documents"]}')
     self._open: collections.OrderedDict[int, _OpenShard] = collections.OrderedDict()
     self._checked: set[int] = set()
     self._lock = threading.Lock()
@@ -143,7 +144,7 @@ class SourceData:
     if i not in self._checked:
       _check_size(path, shard)
       if self._verify and prepare_lib.file_checksum(path) != shard['checksum']:
-        raise ValueError(f'data shard {path!r} fails its checksum (corrupt); {_hint(path)}')
+        raise errors.DataError(f'data shard {path!r} fails its checksum (corrupt); {_hint(path)}')
     opened = _OpenShard(path, starts_path, shard)
     with self._lock:  # an evicted shard closes once no thread is reading it (its last reference)
       self._checked.add(i)
@@ -165,9 +166,9 @@ class SourceData:
       for j, (record, start, stop) in enumerate(zip(records, starts, starts[1:]), start=first):
         ids = np.frombuffer(record, self.dtype)
         if len(ids) + 2 != stop - start:
-          raise ValueError(f'document {j} of data shard {self._shards[i]["file"]!r} in '
-                           f'{self._directory!r}: {len(ids)} tokens, expected {stop - start - 2} '
-                           '(corrupt); delete its directory to re-prepare')
+          raise errors.DataError(f'document {j} of data shard {self._shards[i]["file"]!r} in '
+                                 f'{self._directory!r}: {len(ids)} tokens, expected {stop - start - 2} '
+                                 '(corrupt); delete its directory to re-prepare')
         out.append((ids, offset + int(start)))
       i += 1
     return out
@@ -185,8 +186,8 @@ class _OpenShard:
                                                         file_reader_buffer_size=32768)
     n = shard['records']
     if self.reader.num_records() != n:
-      raise ValueError(f'data shard {path!r} has {self.reader.num_records()} records, expected {n} '
-                       f'(corrupt); {_hint(path)}')
+      raise errors.DataError(f'data shard {path!r} has {self.reader.num_records()} records, expected {n} '
+                             f'(corrupt); {_hint(path)}')
     self._path = starts_path
     try:
       with open(starts_path, 'rb') as f:
@@ -196,13 +197,13 @@ class _OpenShard:
         self._offset, size = f.tell(), os.fstat(f.fileno()).st_size
         last = self._starts(f.fileno(), n, n + 1) if size == self._offset + 8 * (n + 1) else None
     except (OSError, ValueError, KeyError) as e:
-      raise ValueError(f'starts file {starts_path!r} of data shard {path!r}: not a .npy file ({e}); '
-                       f'{_hint(path)}') from None
+      raise errors.DataError(f'starts file {starts_path!r} of data shard {path!r}: not a .npy file ({e}); '
+                             f'{_hint(path)}') from None
     self._n = n
     if dtype != np.dtype('<i8') or fortran or shape != (n + 1,) or last is None or \
         last[0] != shard['tokens'] + 2 * n:
-      raise ValueError(f'starts file {starts_path!r}: {dtype} {shape}, expected int64 ({n + 1},) '
-                       f'ending at {shard["tokens"] + 2 * n} (corrupt); {_hint(path)}')
+      raise errors.DataError(f'starts file {starts_path!r}: {dtype} {shape}, expected int64 ({n + 1},) '
+                             f'ending at {shard["tokens"] + 2 * n} (corrupt); {_hint(path)}')
 
   def _starts(self, fd: int, lo: int, hi: int) -> np.ndarray:
     """starts[lo:hi] read from the starts file open as `fd`."""
@@ -239,10 +240,10 @@ def _hint(path: str) -> str:
 def _check_size(path: str, shard: dict) -> None:
   """Raises if the shard file is missing or not the size stats.json recorded."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'data shard {path!r} is missing; {_hint(path)}')
+    raise errors.MissingFile(f'data shard {path!r} is missing; {_hint(path)}')
   if os.path.getsize(path) != shard['bytes']:
-    raise ValueError(f'data shard {path!r} has {os.path.getsize(path)} bytes, expected '
-                     f'{shard["bytes"]} (truncated or corrupt); {_hint(path)}')
+    raise errors.DataError(f'data shard {path!r} has {os.path.getsize(path)} bytes, expected '
+                           f'{shard["bytes"]} (truncated or corrupt); {_hint(path)}')
 
 
 def mirror_dir() -> str:
@@ -504,7 +505,8 @@ def stage_weights(phases, data_cfg, names: list[str], epoch_rows: dict[str, int]
   (`epoch_rows`), so the epochs sources see grow in the ratio of their weights.
   """
   if data_cfg.weights_are not in ('proportions', 'repeats'):
-    raise ValueError(f'config.data.weights_are={data_cfg.weights_are!r}: expected proportions or repeats')
+    raise errors.ConfigError(f'config.data.weights_are={data_cfg.weights_are!r}: expected proportions or '
+                             'repeats')
   out = []
   for p in phases:
     if not p.steps:
@@ -513,8 +515,8 @@ def stage_weights(phases, data_cfg, names: list[str], epoch_rows: dict[str, int]
     if data_cfg.weights_are == 'repeats':
       vec = vec * np.array([epoch_rows[n] for n in names], np.float64)
     if vec.sum() <= 0:
-      raise ValueError(f'config.phases.{p.name}.weights: no installed source has weight > 0 '
-                       f'(installed: {names})')
+      raise errors.ConfigError(f'config.phases.{p.name}.weights: no installed source has weight > 0 '
+                               f'(installed: {names})')
     out.append((p.start, vec / vec.sum()))
   return out
 
@@ -526,28 +528,31 @@ OPTIONAL_SOURCE_KEYS = {'kind', 'languages'}
 def validate(data_cfg) -> None:
   """Checks `config.data` fields that build() would otherwise trip over later; raises ValueError."""
   if not data_cfg.sources:
-    raise ValueError('config.data.sources is empty: expected {name: dict(corpora=..., max_chars=...)}')
+    raise errors.ConfigError('config.data.sources is empty: expected {name: dict(corpora=..., max_chars=...)}')
   for name, src in data_cfg.sources.items():
     if not SOURCE_KEYS <= set(src.keys()) <= SOURCE_KEYS | OPTIONAL_SOURCE_KEYS:
-      raise ValueError(f'config.data.sources.{name}: keys {sorted(src.keys())}, expected '
-                       f'{sorted(SOURCE_KEYS)} and optionally {sorted(OPTIONAL_SOURCE_KEYS)}')
+      raise errors.ConfigError(f'config.data.sources.{name}: keys {sorted(src.keys())}, expected '
+                               f'{sorted(SOURCE_KEYS)} and optionally {sorted(OPTIONAL_SOURCE_KEYS)}')
     corpora.corpus_names(src.corpora)
     prepare_lib.source_kind(data_cfg, name)
     if int(src.max_chars) < 0:
-      raise ValueError(f'config.data.sources.{name}.max_chars={src.max_chars}: expected >= 0 (0 = all)')
+      raise errors.ConfigError(f'config.data.sources.{name}.max_chars={src.max_chars}: expected >= 0 '
+                               '(0 = all)')
   if int(data_cfg.mix_block) < 1:
-    raise ValueError(f'config.data.mix_block={data_cfg.mix_block}: expected a positive number of rows')
+    raise errors.ConfigError(f'config.data.mix_block={data_cfg.mix_block}: expected a positive number of rows')
   if not 0 <= float(data_cfg.eval.max_holdout_fraction) < 1:
-    raise ValueError(f'config.data.eval.max_holdout_fraction={data_cfg.eval.max_holdout_fraction}: '
-                     'expected a fraction in [0, 1)')
+    raise errors.ConfigError(f'config.data.eval.max_holdout_fraction={data_cfg.eval.max_holdout_fraction}: '
+                             'expected a fraction in [0, 1)')
   if data_cfg.weights_are not in ('proportions', 'repeats'):
-    raise ValueError(f'config.data.weights_are={data_cfg.weights_are!r}: expected proportions or repeats')
+    raise errors.ConfigError(f'config.data.weights_are={data_cfg.weights_are!r}: expected proportions or '
+                             'repeats')
   if data_cfg.clean.runner not in prepare_lib.RUNNERS:
-    raise ValueError(f'config.data.clean.runner={data_cfg.clean.runner!r}: expected one of '
-                     f'{prepare_lib.RUNNERS}')
+    raise errors.ConfigError(f'config.data.clean.runner={data_cfg.clean.runner!r}: expected one of '
+                             f'{prepare_lib.RUNNERS}')
   for field in ('cc_rounds', 'beam_files'):
     if int(data_cfg.clean[field]) < 1:
-      raise ValueError(f'config.data.clean.{field}={data_cfg.clean[field]}: expected a positive integer')
+      raise errors.ConfigError(f'config.data.clean.{field}={data_cfg.clean[field]}: expected a positive '
+                               'integer')
 
 
 def build(data_cfg, phases, *, seq_len: int, global_batch_size: int, seed: int, workdir: str,
@@ -559,8 +564,8 @@ def build(data_cfg, phases, *, seq_len: int, global_batch_size: int, seed: int, 
   """
   validate(data_cfg)
   if global_batch_size % process_count:
-    raise ValueError(f'global batch size {global_batch_size} is not divisible by the '
-                     f'{process_count} processes')
+    raise errors.ConfigError(f'global batch size {global_batch_size} is not divisible by the '
+                             f'{process_count} processes')
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index}: expected 0 <= index < {process_count}')
   tok, dirs, missing, _, _ = prepare_lib.prepare(data_cfg, workdir, verbose=process_index == 0)
@@ -571,7 +576,7 @@ def build(data_cfg, phases, *, seq_len: int, global_batch_size: int, seed: int, 
   train = {n: SourceData(dirs[n], 'train', verify) for n in names}
   for n in names:
     if not train[n].stats['train']['documents']:
-      raise ValueError(f'data source {n!r} has no train documents (all held out?); see {dirs[n]}')
+      raise errors.DataError(f'data source {n!r} has no train documents (all held out?); see {dirs[n]}')
   rows = [PackedRows(train[n], seq_len, (seed, _name_seed(n)), bos_id=tok.bos_id, eos_id=tok.eos_id)
           for n in names]
   eval_rows = {}

@@ -51,6 +51,7 @@ CLI: python -m lmjax.prepare --config=configs/tiny_mix.py --workdir=/tmp/run [--
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -65,7 +66,7 @@ import numpy as np
 import tqdm
 from array_record.python import array_record_module
 
-from lmjax import fs
+from lmjax import errors, fs
 from lmjax.data import clean_store
 from lmjax.data import corpora
 from lmjax.data import readers
@@ -182,7 +183,7 @@ def available_sources(data_cfg) -> tuple[list[str], dict[str, str]]:
     gone = corpora.missing(src.corpora)
     for corpus_name in gone:
       if corpora.corpus(corpus_name).is_glob:
-        raise FileNotFoundError(f'config.data.sources.{name}.corpora: {corpus_name!r} matches no file')
+        raise errors.MissingFile(f'config.data.sources.{name}.corpora: {corpus_name!r} matches no file')
     if len(gone) == len(corpora.corpus_names(src.corpora)):
       missing[name] = ' ; '.join(sorted(set(gone.values())))
     else:
@@ -198,7 +199,7 @@ def source_kind(data_cfg, name: str) -> tuple[str, str]:
   domain = corpora.corpus(corpora.corpus_names(src.corpora)[0]).domain
   kind = src.get('kind') or _KIND_OF_DOMAIN[domain]
   if kind not in stages.KINDS:
-    raise ValueError(f'config.data.sources.{name}.kind={kind!r}: expected one of {stages.KINDS}')
+    raise errors.ConfigError(f'config.data.sources.{name}.kind={kind!r}: expected one of {stages.KINDS}')
   languages = src.get('languages')
   return kind, _LANGUAGES_OF_KIND[kind] if languages is None else languages
 
@@ -235,7 +236,7 @@ def clean(data_cfg, names: list[str], store: str, runner: str, verbose: bool) ->
   runner (a local directory) or the Beam runner (a local directory or a URL its workers write to);
   counters.json is written last and marks the store complete."""
   if runner not in RUNNERS:
-    raise ValueError(f'config.data.clean.runner={runner!r}: expected one of {RUNNERS}')
+    raise errors.ConfigError(f'config.data.clean.runner={runner!r}: expected one of {RUNNERS}')
   specs = [(n, data_cfg.sources[n].corpora, *source_kind(data_cfg, n)) for n in names]
   fs.makedirs(os.path.join(store, 'docs'))
   if runner == 'beam':
@@ -243,16 +244,43 @@ def clean(data_cfg, names: list[str], store: str, runner: str, verbose: bool) ->
     counters = beam.run(specs, data_cfg.clean, store)
   else:
     counters = _clean_local(specs, data_cfg.clean, store, verbose)
+  for n, spec, *_ in specs:
+    check_source(n, spec, counters.rows())
   fs.write_atomic(os.path.join(store, 'counters.json'), json.dumps(counters.rows(), indent=0))
+
+
+def check_source(name: str, spec: str, counter_rows: list[dict]) -> None:
+  """DataError when source `name` (corpora `spec`) kept no document: it is empty, no record has
+  its field (the message lists the fields its first file has), or cleaning dropped every one."""
+  docs = collections.Counter()
+  for r in counter_rows:
+    if r['source'] == name:
+      docs[r['stage'], r['outcome']] += r['docs']
+  read = sum(n for (stage, outcome), n in docs.items() if stage == 'read')
+  where = f'config.data.sources.{name}.corpora={spec!r}'
+  if read == 0:
+    raise errors.DataError(f'{where}: the source is empty (its files hold no document)')
+  if docs['read', 'kept'] == 0 and docs['read', 'missing_field']:
+    own = next(c for c in corpora.corpus_names(spec) if corpora.corpus(c).is_glob and readers.list_files(c)
+               and readers.parse_spec(c).kind != 'txt')
+    first = readers.list_files(own)[0]
+    has = readers.fields(first, own)
+    raise errors.DataError(f'{where}: no record has the field {readers.parse_spec(own).field!r}; {first} '
+                           f'has {has or "no fields"} (name the text field with #FIELD)')
+  if docs['dedup', 'kept'] == 0:
+    drops = ', '.join(f'{stage} {outcome} {n}' for (stage, outcome), n in docs.most_common()
+                      if outcome not in ('in', 'kept', 'edited'))
+    raise errors.DataError(f'{where}: all {read} documents were dropped ({drops}); see its cleaning '
+                           f'settings (config.data.sources.{name}.kind, config.data.clean)')
 
 
 def _clean_local(specs, cfg, store: str, verbose: bool) -> stages.Counters:
   counters = stages.Counters()
   sources = [stages.Source(n, corpora.records(spec, n, cfg.read), kind, languages)
              for n, spec, kind, languages in specs]
-  bar = tqdm.tqdm(desc='prepare: clean', unit=' docs', disable=not verbose, file=sys.stderr,
-                  mininterval=1.0)
   with contextlib.ExitStack() as stack:
+    bar = stack.enter_context(tqdm.tqdm(desc='prepare: clean', unit=' docs', disable=not verbose,
+                                        file=sys.stderr, mininterval=1.0))  # closed before an error
     out = {n: stack.enter_context(open(os.path.join(store, 'docs', f'{n}-00000-of-00001.jsonl'), 'w',
                                        encoding='utf-8')) for n, *_ in specs}
     drops = stack.enter_context(open(os.path.join(store, 'drops-00000-of-00001.jsonl'), 'w',
@@ -261,7 +289,6 @@ def _clean_local(specs, cfg, store: str, verbose: bool) -> stages.Counters:
     for doc in stages.run(sources, cfg, counters, spill_dir=store, on_drop=write_drop,
                           progress=bar.update):
       out[doc.source].write(clean_store.doc_line(doc.doc_id, doc.text))
-  bar.close()
   return counters
 
 
@@ -278,7 +305,7 @@ def _tokenizer_path(data_cfg, root: str, key: str, names: list[str]) -> str:
   weights = {k: float(v) for k, v in tcfg.sample_weights.items()}
   for k in weights:
     if k not in data_cfg.sources:
-      raise ValueError(f'config.data.tokenizer.sample_weights: unknown source {k!r}; '
+      raise errors.ConfigError(f'config.data.tokenizer.sample_weights: unknown source {k!r}; '
                        f'expected one of {sorted(data_cfg.sources)}')
   tkey = _hash(dict(clean=key, splits=[_split_spec(data_cfg, n) for n in names],
                     vocab_size=int(tcfg.vocab_size), model_type=tcfg.model_type,
@@ -456,17 +483,18 @@ def prepare(data_cfg, workdir: str, verbose: bool = False) -> Prepared:
   """
   names, missing = available_sources(data_cfg)
   if missing and not data_cfg.allow_missing:
-    raise FileNotFoundError(f'data sources not installed: {missing}')
+    raise errors.MissingFile(f'data sources not installed: {missing}')
   if not names:
-    raise FileNotFoundError(f'no data source is installed: {missing}')
+    raise errors.MissingFile(f'no data source is installed: {missing}')
   root = cache_dir(data_cfg, workdir)
   fs.makedirs(root)
   key = _clean_key(data_cfg, names)
   if data_cfg.tokenizer.path:  # given: it must exist (a typo is an error, never a new tokenizer)
     try:
       tok_path, tok = data_cfg.tokenizer.path, tokenizer_lib.load(data_cfg.tokenizer.path)
-    except (FileNotFoundError, ValueError) as e:
-      raise type(e)(f'config.data.tokenizer.path: {e}') from None
+    except errors.UserError as e:  # missing or damaged
+      kind = errors.MissingFile if isinstance(e, FileNotFoundError) else errors.ConfigError
+      raise kind(f'config.data.tokenizer.path: {e}') from None
   else:
     tok_path = _tokenizer_path(data_cfg, root, key, names)
     tok = tokenizer_lib.load(tok_path) if fs.isfile(tok_path) else None

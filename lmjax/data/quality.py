@@ -48,6 +48,7 @@ from typing import Callable, NamedTuple
 import ml_collections
 import numpy as np
 
+from lmjax import errors
 from lmjax.data import text as text_lib
 from lmjax.data.records import Doc, Drop
 
@@ -347,8 +348,8 @@ def check(text: str, cfg: ml_collections.ConfigDict) -> Verdict:
   stats = {}
   for name in cfg.filters:
     if name not in FILTERS:
-      raise ValueError(f'quality filters: unknown filter {name!r}; '
-                       f'expected one of {sorted(FILTERS)}')
+      raise errors.ConfigError(f'quality filters: unknown filter {name!r}; '
+                               f'expected one of {sorted(FILTERS)}')
     verdict = FILTERS[name](text, cfg)
     stats.update(verdict.stats)
     if not verdict.keep:

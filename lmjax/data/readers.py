@@ -43,6 +43,7 @@ from typing import Iterator, NamedTuple
 import fsspec
 import ml_collections
 
+from lmjax import errors
 from lmjax.data.records import Doc, Drop
 
 KINDS = ('txt', 'jsonl', 'parquet')
@@ -70,13 +71,13 @@ def parse_spec(spec: str) -> Spec:
   """'jsonl:data/*.jsonl.gz#content' -> Spec('jsonl', 'data/*.jsonl.gz', 'content')."""
   kind, sep, rest = spec.partition(':')
   if not sep or kind not in KINDS or not rest:
-    raise ValueError(f'reader spec {spec!r}: expected txt:GLOB, jsonl:GLOB[#FIELD] or '
+    raise errors.ConfigError(f'reader spec {spec!r}: expected txt:GLOB, jsonl:GLOB[#FIELD] or '
                      'parquet:GLOB[#COLUMN]')
   pattern, hash_, field = rest.rpartition('#')
   if not hash_ or '/' in field:
     pattern, field = rest, ''
   if kind == 'txt' and field:
-    raise ValueError(f'reader spec {spec!r}: txt files have no field; expected txt:GLOB')
+    raise errors.ConfigError(f'reader spec {spec!r}: txt files have no field; expected txt:GLOB')
   return Spec(kind, pattern, field or ('text' if kind != 'txt' else ''))
 
 
@@ -239,9 +240,39 @@ def _txt_record(blocks, path, source, max_bytes) -> Doc | Drop:
   return _text_record(text, path, source)
 
 
-def _parquet_records(path, column, source, max_bytes) -> Iterator[Doc | Drop]:
-  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+def _pyarrow():
+  """(pyarrow, pyarrow.parquet), or MissingExtra naming the [parquet] extra."""
+  pa = errors.require('pyarrow', 'parquet', 'a parquet: source')
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  return pa, pq
+
+
+def fields(path: str, spec: str) -> list[str]:
+  """The fields a file of `spec` has: a parquet file's columns, or the keys of a jsonl file's first
+  JSON object (an error message's list when no record has the spec's field); [] for txt."""
+  kind = parse_spec(spec).kind
+  fs, fs_path = fsspec.core.url_to_fs(path)
+  if kind == 'parquet':
+    _, pq = _pyarrow()
+    with fs.open(fs_path, 'rb') as f:
+      return list(pq.ParquetFile(f).schema_arrow.names)
+  if kind == 'jsonl':
+    with fs.open(fs_path, 'rb') as f:
+      try:
+        for _, line, _ in _lines(_decompressed_blocks(f, path), _BLOCK_BYTES):
+          try:
+            obj = json.loads(line or b'')
+          except ValueError:
+            continue
+          if isinstance(obj, dict):
+            return sorted(obj)
+      except (_Truncated, _Corrupt):
+        pass
+  return []
+
+
+def _parquet_records(path, column, source, max_bytes) -> Iterator[Doc | Drop]:
+  pa, pq = _pyarrow()
   fs, fs_path = fsspec.core.url_to_fs(path)
   with fs.open(fs_path, 'rb') as f:
     try:

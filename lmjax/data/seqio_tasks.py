@@ -44,6 +44,7 @@ import ml_collections
 import numpy as np
 from array_record.python import array_record_module
 
+from lmjax import errors
 from lmjax.data import corpora
 from lmjax.data import readers
 from lmjax.data.records import Doc, Drop
@@ -69,7 +70,7 @@ def parse_spec(spec: str) -> Spec:
   if not hash_:
     name, feature = rest, 'targets'
   if kind != KIND or not sep or not name or not feature:
-    raise ValueError(f'source spec {spec!r}: expected seqio:[MODULE/]NAME[#FEATURE]')
+    raise errors.ConfigError(f'source spec {spec!r}: expected seqio:[MODULE/]NAME[#FEATURE]')
   return Spec(module, name, feature)
 
 
@@ -80,8 +81,8 @@ def _seqio():
   try:
     import seqio  # pylint: disable=import-outside-toplevel
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(f'seqio sources need the seqio extra: {INSTALL} ({e})') from None
+  except ModuleNotFoundError as e:  # seqio, or one of the packages the extra brings with it
+    raise errors.MissingExtra('seqio sources', 'seqio', e.name or 'seqio') from None
   try:
     tf.config.set_visible_devices([], 'GPU')
   except RuntimeError:  # TensorFlow's devices were initialized before this call
@@ -97,11 +98,11 @@ def provider(spec: str):
     try:
       importlib.import_module(s.module)
     except ImportError as e:
-      raise ImportError(f'source spec {spec!r}: cannot import module {s.module!r}: {e}') from None
+      raise errors.ConfigError(f'source spec {spec!r}: cannot import module {s.module!r}: {e}') from None
   try:
     return seqio.get_mixture_or_task(s.name)
   except ValueError as e:
-    raise ValueError(f'source spec {spec!r}: {e}') from None
+    raise errors.ConfigError(f'source spec {spec!r}: {e}') from None
 
 
 def tasks(spec: str) -> list:
@@ -131,21 +132,21 @@ def _shards(spec: str) -> list[tuple[object, int, int, str]]:
   out, reader = [], {}
   for task in tasks(spec):
     if task.requires_caching:
-      raise ValueError(f'source spec {spec!r}: Task {task.name!r} requires seqio\'s offline cache; '
-                       'expected a Task lmjax can read on the fly (its cached TFRecords can be the '
-                       'files of a seqio.TFExampleDataSource)')
+      raise errors.DataError(f'source spec {spec!r}: Task {task.name!r} requires seqio\'s offline cache; '
+                             'expected a Task lmjax can read on the fly (its cached TFRecords can be the '
+                             'files of a seqio.TFExampleDataSource)')
     if SPLIT not in task.splits:
-      raise ValueError(f'source spec {spec!r}: Task {task.name!r} has splits {list(task.splits)}; '
-                       f'expected {SPLIT!r}')
+      raise errors.DataError(f'source spec {spec!r}: Task {task.name!r} has splits {list(task.splits)}; '
+                             f'expected {SPLIT!r}')
     paths = list(task.source.list_shards(SPLIT))
     for i, path in enumerate(paths):
       if not os.path.isfile(path):
-        raise ValueError(f'source spec {spec!r}: Task {task.name!r} reads {path!r} '
-                         f'({task.source!r}); expected local files (lmjax keys prepared data on '
-                         'them and reads them one at a time)')
+        raise errors.DataError(f'source spec {spec!r}: Task {task.name!r} reads {path!r} '
+                               f'({task.source!r}); expected local files (lmjax keys prepared data on '
+                               'them and reads them one at a time)')
       if path in reader:
-        raise ValueError(f'source spec {spec!r}: Tasks {reader[path]!r} and {task.name!r} both read '
-                         f'{path!r}; make one source per Task (task_specs)')
+        raise errors.ConfigError(f'source spec {spec!r}: Tasks {reader[path]!r} and {task.name!r} both read '
+                                 f'{path!r}; make one source per Task (task_specs)')
       reader[path] = task.name
       out.append((task, i, len(paths), path))
   return out
@@ -212,8 +213,8 @@ def _feature_reader(spec: str, task, element_spec, feature: str):
   """A function from the feature's numpy value to its text (str; bytes when it is not UTF-8)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   if feature not in element_spec:
-    raise ValueError(f'source spec {spec!r}: Task {task.name!r} yields features '
-                     f'{sorted(element_spec)}, not {feature!r}')
+    raise errors.ConfigError(f'source spec {spec!r}: Task {task.name!r} yields features '
+                             f'{sorted(element_spec)}, not {feature!r}')
   ts = element_spec[feature]
   if ts.dtype == tf.string and ts.shape.rank == 0:
     return _utf8
@@ -223,12 +224,12 @@ def _feature_reader(spec: str, task, element_spec, feature: str):
     def decode(ids):
       text = vocab.decode(ids.tolist())
       if not isinstance(text, str):
-        raise ValueError(f'source spec {spec!r}: the vocabulary of feature {feature!r} of Task '
-                         f'{task.name!r} ({type(vocab).__name__}) does not decode ids to text')
+        raise errors.DataError(f'source spec {spec!r}: the vocabulary of feature {feature!r} of Task '
+                               f'{task.name!r} ({type(vocab).__name__}) does not decode ids to text')
       return text
     return decode
-  raise ValueError(f'source spec {spec!r}: feature {feature!r} of Task {task.name!r} is {ts}; '
-                   'expected a string, or token ids that are an output feature with a vocabulary')
+  raise errors.DataError(f'source spec {spec!r}: feature {feature!r} of Task {task.name!r} is {ts}; '
+                         'expected a string, or token ids that are an output feature with a vocabulary')
 
 
 def _utf8(value: bytes) -> str | bytes:
@@ -257,21 +258,21 @@ def register_task(name: str, directory: str, *, vocabulary_path: str = '', prepr
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   stats_path = os.path.join(directory, 'stats.json')
   if '://' in directory:
-    raise ValueError(f'directory={directory!r}: expected a local directory (ArrayRecord reads local '
-                     'files; copy the source directory and its tokenizer to this host first)')
+    raise errors.ConfigError(f'directory={directory!r}: expected a local directory (ArrayRecord reads local '
+                             'files; copy the source directory and its tokenizer to this host first)')
   if not os.path.isfile(stats_path):
-    raise FileNotFoundError(f'{stats_path!r} does not exist: expected a source directory that '
-                            'lmjax.data.prepare wrote')
+    raise errors.MissingFile(f'{stats_path!r} does not exist: expected a source directory that '
+                             'lmjax.data.prepare wrote')
   with open(stats_path) as f:
     stats = json.load(f)
   vocabulary_path = vocabulary_path or os.path.join(os.path.dirname(directory), stats['tokenizer'])
   if not os.path.isfile(vocabulary_path) or vocabulary_path.endswith('.json'):
-    raise FileNotFoundError(f'vocabulary_path={vocabulary_path!r}: expected the SentencePiece model '
-                            f'{stats["tokenizer"]!r} that {directory!r} was tokenized with')
+    raise errors.MissingFile(f'vocabulary_path={vocabulary_path!r}: expected the SentencePiece model '
+                             f'{stats["tokenizer"]!r} that {directory!r} was tokenized with')
   with open(vocabulary_path, 'rb') as f:
     if hashlib.blake2b(f.read(), digest_size=8).hexdigest() != stats['tokenizer_hash']:
-      raise ValueError(f'vocabulary_path={vocabulary_path!r} is not the tokenizer {directory!r} was '
-                       f'tokenized with ({stats["tokenizer"]}, hash {stats["tokenizer_hash"]})')
+      raise errors.ConfigError(f'vocabulary_path={vocabulary_path!r} is not the tokenizer {directory!r} was '
+                               f'tokenized with ({stats["tokenizer"]}, hash {stats["tokenizer_hash"]})')
   split_files, examples = {}, {}
   for split, ours in SPLITS.items():
     if stats[ours]['shards']:

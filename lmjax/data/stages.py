@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import ml_collections
 import numpy as np
 
+from lmjax import errors
 from lmjax.data import dedup
 from lmjax.data import langid
 from lmjax.data import normalize
@@ -88,7 +89,7 @@ def source_stages(source: Source, cfg: ml_collections.ConfigDict
                   ) -> list[tuple[str, Callable[[list[Doc]], tuple[list[Doc], list[Drop]]]]]:
   """The (stage name, batch function) pairs a source's documents go through, in order."""
   if source.kind not in KINDS:
-    raise ValueError(f'source {source.name!r}: kind={source.kind!r}; expected one of {KINDS}')
+    raise errors.ConfigError(f'source {source.name!r}: kind={source.kind!r}; expected one of {KINDS}')
   if source.kind == 'raw':
     return []
   norm = normalize.defaults()
@@ -163,7 +164,7 @@ def run(sources: list[Source], cfg: ml_collections.ConfigDict, counters: Counter
   """
   names = [s.name for s in sources]
   if len(set(names)) != len(names):
-    raise ValueError(f'sources: names must be unique, got {names}')
+    raise errors.ConfigError(f'sources: names must be unique, got {names}')
   with tempfile.TemporaryDirectory(dir=spill_dir) as tmp:
     spill, sig_path = os.path.join(tmp, 'kept.pickle'), os.path.join(tmp, 'signatures.bin')
     keys = []

@@ -21,7 +21,7 @@ import numpy as np
 import sentencepiece as spm
 import tokenizers
 
-from lmjax import fs
+from lmjax import errors, fs
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 # Where a Hugging Face checkpoint names its special tokens, most specific first.
@@ -82,13 +82,13 @@ class HFTokenizer:
     try:
       self._tok = tokenizers.Tokenizer.from_str(fs.read_text(path))
     except Exception as e:  # the library raises a bare Exception
-      raise ValueError(f'tokenizer {path!r} is not a Hugging Face tokenizer.json: {e}') from None
+      raise errors.DataError(f'tokenizer {path!r} is not a Hugging Face tokenizer.json: {e}') from None
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
     directory = os.path.dirname(fs.abspath(path))
     self.eos_id = self._special_id(directory, 'eos')
     if self.eos_id is None:
-      raise ValueError(f'tokenizer {path!r}: no EOS token named by {", ".join(HF_SPECIAL_FILES)} '
-                       f'in {directory}')
+      raise errors.DataError(f'tokenizer {path!r}: no EOS token named by {", ".join(HF_SPECIAL_FILES)} '
+                             f'in {directory}')
     bos = self._special_id(directory, 'bos')
     self.bos_id = self.eos_id if bos is None else bos
 
@@ -106,7 +106,7 @@ class HFTokenizer:
       if isinstance(token, str):
         i = self._tok.token_to_id(token)
         if i is None:
-          raise ValueError(f'{path}: {kind}_token={token!r} is not in the vocabulary of {self.path}')
+          raise errors.DataError(f'{path}: {kind}_token={token!r} is not in the vocabulary of {self.path}')
         return int(i)
       i = cfg.get(f'{kind}_token_id')
       if isinstance(i, list):
@@ -135,10 +135,10 @@ def load(path: str) -> Tokenizer:
   or unreadable file is an error naming it."""
   if fs.isdir(path):
     if not fs.isfile(os.path.join(path, 'tokenizer.json')):
-      raise FileNotFoundError(f'tokenizer directory {path!r} holds no tokenizer.json')
+      raise errors.MissingFile(f'tokenizer directory {path!r} holds no tokenizer.json')
     path = os.path.join(path, 'tokenizer.json')
   if not fs.isfile(path):
-    raise FileNotFoundError(f'tokenizer model {path!r} does not exist')
+    raise errors.MissingFile(f'tokenizer model {path!r} does not exist')
   if path.endswith('.json'):
     return HFTokenizer(path)
   with fs.open(path, 'rb') as f:
@@ -146,7 +146,7 @@ def load(path: str) -> Tokenizer:
   try:
     return SentencePieceTokenizer(proto, path)
   except RuntimeError as e:
-    raise ValueError(f'tokenizer model {path!r} is not a sentencepiece model: {e}') from None
+    raise errors.DataError(f'tokenizer model {path!r} is not a sentencepiece model: {e}') from None
 
 
 def sample(docs_by_source: dict[str, list[str]], weights: dict[str, float], total_chars: int) -> list[str]:
@@ -179,15 +179,15 @@ def train(sentences: list[str], path: str, *, vocab_size: int, model_type: str =
           character_coverage: float = 0.9995, num_threads: int = 2) -> Tokenizer:
   """Trains a sentencepiece model on `sentences` and writes it to `path` (atomically)."""
   if model_type not in ('bpe', 'unigram'):
-    raise ValueError(f'tokenizer.model_type={model_type!r}: expected bpe or unigram')
+    raise errors.ConfigError(f'tokenizer.model_type={model_type!r}: expected bpe or unigram')
   model = io.BytesIO()
   try:
     _train(sentences, model, vocab_size, model_type, character_coverage, num_threads)
   except RuntimeError as e:
     if 'required_chars' in str(e):
-      raise ValueError(f'tokenizer: vocab_size={vocab_size} is smaller than the characters that '
-                       f'character_coverage={character_coverage} keeps; raise config.data.tokenizer.'
-                       f'vocab_size or lower its character_coverage ({e})') from None
+      raise errors.ConfigError(f'tokenizer: vocab_size={vocab_size} is smaller than the characters that '
+                               f'character_coverage={character_coverage} keeps; raise config.data.tokenizer.'
+                               f'vocab_size or lower its character_coverage ({e})') from None
     raise
   fs.makedirs(os.path.dirname(fs.abspath(path)))
   fs.write_atomic(path, model.getvalue())

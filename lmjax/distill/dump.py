@@ -21,7 +21,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from lmjax import losses, model, sharding, trainer
+from lmjax import errors, losses, model, sharding, trainer
 from lmjax.distill import store as store_lib, teacher as teacher_lib
 
 
@@ -31,11 +31,11 @@ def dump(config, workdir: str, steps: int | None = None, chunk_steps: int = 1,
   Returns the store."""
   kd = config.loss.kd
   if jax.process_count() > 1:
-    raise ValueError(f'lmjax.distill.dump runs in one process, got {jax.process_count()}: run it on one '
-                     'host (the store is then read by every process of the student run)')
+    raise errors.ConfigError(f'lmjax.distill.dump runs in one process, got {jax.process_count()}: run it on '
+                             'one host (the store is then read by every process of the student run)')
   if not kd.teacher or not kd.store:
-    raise ValueError('config.loss.kd.teacher and config.loss.kd.store: expected the teacher run and '
-                     f'the store directory, got {kd.teacher!r} and {kd.store!r}')
+    raise errors.ConfigError('config.loss.kd.teacher and config.loss.kd.store: expected the teacher run and '
+                             f'the store directory, got {kd.teacher!r} and {kd.store!r}')
   steps = int(config.train.steps if steps is None else steps)
   pipeline = trainer.build_pipeline(config, workdir, whole_batches=True)
   teacher_dir = teacher_lib.directory(config)

@@ -18,7 +18,7 @@ import json
 import jax
 import numpy as np
 
-from lmjax import fs, model, sample, sharding, trainer
+from lmjax import errors, fs, model, sample, sharding, trainer
 from lmjax.distill import teacher as teacher_lib
 
 
@@ -26,7 +26,7 @@ def prompts(pipeline, source: str, n: int, prompt_tokens: int, steps: int) -> np
   """[n, prompt_tokens] token ids: the starts of the first n training rows of `source` within the
   run's first `steps` global batches."""
   if source not in pipeline.sources:
-    raise ValueError(f'--source={source!r}: expected one of {list(pipeline.sources)}')
+    raise errors.ConfigError(f'--source={source!r}: expected one of {list(pipeline.sources)}')
   want, out = pipeline.sources.index(source), []
   for step in range(steps):
     if len(out) >= n:
@@ -34,8 +34,8 @@ def prompts(pipeline, source: str, n: int, prompt_tokens: int, steps: int) -> np
     batch = pipeline.batch(step)
     out += [row[:prompt_tokens] for row, s in zip(batch['inputs'], batch['source_id']) if s == want]
   if len(out) < n:
-    raise ValueError(f'--source={source!r}: {len(out)} of its rows in the run\'s {steps} steps, '
-                     f'expected at least {n} prompts (is its weight 0 in config.phases?)')
+    raise errors.ConfigError(f'--source={source!r}: {len(out)} of its rows in the run\'s {steps} steps, '
+                             f'expected at least {n} prompts (is its weight 0 in config.phases?)')
   return np.stack(out[:n])
 
 

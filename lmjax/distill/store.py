@@ -34,7 +34,7 @@ import zlib
 import numpy as np
 import tensorstore as ts
 
-from lmjax import fs, phases as phases_lib
+from lmjax import errors, fs, phases as phases_lib
 
 SCALE = 1024.0     # compact: log-prob codes per nat
 ZERO_CODE = 65535  # compact: zero probability (-inf log-prob)
@@ -112,8 +112,8 @@ class Store:
 
   def __init__(self, path: str, meta: dict):
     if not fs.is_local(path):  # tensorstore's file driver below; meta and markers go through lmjax.fs
-      raise ValueError(f'config.loss.kd.store={path!r}: expected a local path (or a mounted bucket): '
-                       'the store does not write to URLs yet')
+      raise errors.ConfigError(f'config.loss.kd.store={path!r}: expected a local path (or a mounted bucket): '
+                               'the store does not write to URLs yet')
     self.path, self.meta = path, meta
     self._last = (None, None)  # (chunk, its decoded fields): batches of one chunk read it once
     self.k, self.encoding, self.vocab_size = meta['k'], meta['encoding'], meta['vocab_size']
@@ -141,9 +141,10 @@ class Store:
       old = json.loads(fs.read_text(meta_path))
       changed = sorted(f for f in set(old) | set(meta) if old.get(f) != meta.get(f))
       if changed:
-        raise ValueError(f'store {path!r} exists with other settings ({", ".join(changed)}: '
-                         f'{[old.get(f) for f in changed]} there, {[meta.get(f) for f in changed]} '
-                         'now); delete it or choose another --store')
+        raise errors.CheckpointError(f'store {path!r} exists with other settings ({", ".join(changed)}: '
+                                     f'{[old.get(f) for f in changed]} there, '
+                                     f'{[meta.get(f) for f in changed]} '
+                                     'now); delete it or choose another --store')
     else:
       fs.makedirs(os.path.join(path, 'done'))
       fs.write_atomic(meta_path, json.dumps(meta, indent=1))
@@ -153,8 +154,8 @@ class Store:
   def open(cls, path: str) -> 'Store':
     meta_path = os.path.join(path, 'meta.json')
     if not fs.isfile(meta_path):
-      raise FileNotFoundError(f'top-k store {path!r}: {meta_path} does not exist (python -m '
-                              'lmjax.distill.dump writes it)')
+      raise errors.MissingFile(f'top-k store {path!r}: {meta_path} does not exist (python -m '
+                               'lmjax.distill.dump writes it)')
     return cls(path, json.loads(fs.read_text(meta_path)))
 
   def tokenizer_digest(self) -> str:
@@ -198,30 +199,31 @@ class Store:
     hi = min(lo + self.chunk_rows, self.rows)
     where = f'top-k store {self.path!r}: chunk {chunk} (rows {lo}-{hi - 1}; {files})'
     if not self.done(chunk):
-      raise FileNotFoundError(f'{where} is missing (its write did not finish); rerun '
-                              'python -m lmjax.distill.dump to finish the store')
+      raise errors.MissingFile(f'{where} is missing (its write did not finish); rerun '
+                               'python -m lmjax.distill.dump to finish the store')
     for path in self.chunk_files(chunk):
       if not fs.isfile(path):
-        raise FileNotFoundError(f'{where}: {path} is missing; delete {self._marker(chunk)} and rerun '
-                                'python -m lmjax.distill.dump to write it again')
+        raise errors.MissingFile(f'{where}: {path} is missing; delete {self._marker(chunk)} and rerun '
+                                 'python -m lmjax.distill.dump to write it again')
     sums = json.loads(fs.read_text(self._marker(chunk)))
     stored = {}
     for name, array in self._arrays.items():
       try:
         stored[name] = array[lo:hi].read().result()
       except Exception as e:  # tensorstore: a truncated or unreadable chunk file
-        raise ValueError(f'{where} is corrupt: {name}: {e}') from None
+        raise errors.CheckpointError(f'{where} is corrupt: {name}: {e}') from None
       if zlib.crc32(np.ascontiguousarray(stored[name]).tobytes()) != sums[name]:
-        raise ValueError(f'{where} is corrupt: {name} fails its checksum; delete {self._marker(chunk)} '
-                         'and rerun python -m lmjax.distill.dump to write it again')
+        raise errors.CheckpointError(f'{where} is corrupt: {name} fails its checksum; delete '
+                                     f'{self._marker(chunk)} '
+                                     'and rerun python -m lmjax.distill.dump to write it again')
     return decode(stored, self.encoding, self.k, self.vocab_size)
 
   def read(self, first: int, n: int) -> dict[str, np.ndarray]:
     """Teacher fields of rows [first, first + n) ([n, T, k] and [n, T])."""
     if first < 0 or first + n > self.rows:
-      raise ValueError(f'top-k store {self.path!r} holds rows 0-{self.rows - 1}; rows {first}-'
-                       f'{first + n - 1} were asked for (the run is longer than the dump: rerun '
-                       'python -m lmjax.distill.dump with more --steps)')
+      raise errors.CheckpointError(f'top-k store {self.path!r} holds rows 0-{self.rows - 1}; rows {first}-'
+                                   f'{first + n - 1} were asked for (the run is longer than the dump: rerun '
+                                   'python -m lmjax.distill.dump with more --steps)')
     parts = []
     for chunk in range(first // self.chunk_rows, (first + n - 1) // self.chunk_rows + 1):
       fields = self.read_chunk(chunk)
@@ -248,8 +250,9 @@ def check_stream(store: Store, config, pipeline) -> None:
   want, have = stream(config, pipeline), store.meta['stream']
   changed = sorted(f for f in set(want) | set(have) if want.get(f) != have.get(f))
   if changed:
-    raise ValueError(f'top-k store {store.path!r} was dumped for another data stream: '
-                     + '; '.join(f'{f}: {have.get(f)!r} there, {want.get(f)!r} in this run' for f in changed))
+    raise errors.CheckpointError(f'top-k store {store.path!r} was dumped for another data stream: '
+                                 + '; '.join(f'{f}: {have.get(f)!r} there, {want.get(f)!r} in this run'
+                                             for f in changed))
 
 
 class WithTeacher:

@@ -12,14 +12,14 @@ import os
 import jax
 import ml_collections
 
-from lmjax import fs, init_from, model, sharding
+from lmjax import errors, fs, init_from, model, sharding
 from lmjax.data import tokenizer as tokenizer_lib
 
 
 def directory(config) -> str:
   kind, path = init_from.parse(config.loss.kd.teacher)
   if kind != 'lmjax':
-    raise ValueError(f'config.loss.kd.teacher={config.loss.kd.teacher!r}: expected lmjax:DIR (a run)')
+    raise errors.ConfigError(f'config.loss.kd.teacher={config.loss.kd.teacher!r}: expected lmjax:DIR (a run)')
   return path
 
 
@@ -27,7 +27,7 @@ def model_args(teacher_dir: str) -> model.Args:
   """The teacher's model.Args, from the config.json its run wrote."""
   path = os.path.join(teacher_dir, 'config.json')
   if not fs.isfile(path):
-    raise FileNotFoundError(f'teacher {teacher_dir!r}: {path} does not exist (not an lmjax run directory?)')
+    raise errors.MissingFile(f'teacher {teacher_dir!r}: {path} does not exist (not an lmjax run directory?)')
   return model.resolve(ml_collections.ConfigDict(json.loads(fs.read_text(path))['model']))
 
 
@@ -58,7 +58,7 @@ def check_tokenizer(teacher_tokenizer: str, student_tokenizer: str) -> None:
   """Raises ValueError naming both when the files or the vocabularies differ."""
   teacher, student = tokenizer_lib.load(teacher_tokenizer), tokenizer_lib.load(student_tokenizer)
   if teacher.vocab_size != student.vocab_size or digest(teacher_tokenizer) != digest(student_tokenizer):
-    raise ValueError(
+    raise errors.ConfigError(
         f'distillation needs the teacher\'s tokenizer: the teacher has {teacher_tokenizer} '
         f'({teacher.vocab_size} tokens), the student {student_tokenizer} ({student.vocab_size} tokens); '
         'leave config.data.tokenizer.path empty to take the teacher\'s')

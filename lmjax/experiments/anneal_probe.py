@@ -28,7 +28,7 @@ from typing import Sequence
 
 import ml_collections
 
-from lmjax import fs, phases
+from lmjax import errors, fs, phases
 from lmjax.experiments import common
 from lmjax.scaling import report as plots
 
@@ -40,12 +40,12 @@ def parse_candidate(text: str, sources: Sequence[str]) -> tuple[str, str]:
   name, sep, corpora = text.partition('=')
   if not sep:
     if name not in sources:
-      raise ValueError(f'--candidate={text!r}: not a source of the config ({sorted(sources)}); '
-                       'new data is NAME=CORPORA, e.g. mine=jsonl:/data/mine.jsonl')
+      raise errors.ConfigError(f'--candidate={text!r}: not a source of the config ({sorted(sources)}); '
+                               'new data is NAME=CORPORA, e.g. mine=jsonl:/data/mine.jsonl')
     return name, ''
   if not name.isidentifier() or name in sources or name == BASELINE:
-    raise ValueError(f'--candidate={text!r}: expected a new source name (an identifier other than '
-                     f'{BASELINE!r} and {sorted(sources)}) before "="')
+    raise errors.ConfigError(f'--candidate={text!r}: expected a new source name (an identifier other than '
+                             f'{BASELINE!r} and {sorted(sources)}) before "="')
   return name, corpora
 
 
@@ -62,11 +62,11 @@ def runs(config: ml_collections.ConfigDict, parent: str, candidates: Sequence[st
          cache_dir: str = '') -> list[common.Run]:
   """The baseline anneal and one per candidate, for each seed (see the module docstring)."""
   if not 0 < share < 1:
-    raise ValueError(f'--share={share}: expected a fraction in (0, 1)')
+    raise errors.ConfigError(f'--share={share}: expected a fraction in (0, 1)')
   mix = default_mix(config)
   parsed = [parse_candidate(c, list(config.data.sources)) for c in candidates]
   if len({n for n, _ in parsed}) != len(parsed):
-    raise ValueError(f'--candidate: duplicate names in {candidates}')
+    raise errors.ConfigError(f'--candidate: duplicate names in {candidates}')
   base = copy.deepcopy(config)
   with base.unlocked():  # candidate sources are new keys
     for name, corpora in parsed:

@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from lmjax import config as config_lib, fs
+from lmjax import config as config_lib, errors, fs
 from lmjax.scaling import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -66,7 +66,7 @@ def run_all(runs: Sequence[Run], workdir: str, run_fn: Callable = train) -> list
   one resumes from its checkpoint); returns the names of those it started."""
   names = [r.name for r in runs]
   if len(set(names)) != len(names):
-    raise ValueError(f'experiment runs: duplicate names in {names}')
+    raise errors.ConfigError(f'experiment runs: duplicate names in {names}')
 
   def on_start(run):
     print(f'[{names.index(run.name) + 1}/{len(runs)}] {run.name}: {run.steps} steps', flush=True)
@@ -91,8 +91,8 @@ def final(workdir: str, run: Run) -> dict:
   """The run's evaluation at its last step (see `evaluations`)."""
   last = evaluations(workdir, run)[-1]
   if last['step'] != run.steps:
-    raise ValueError(f'run {run.name}: not finished (last evaluation at step {last["step"]} of '
-                     f'{run.steps})')
+    raise errors.CheckpointError(f'run {run.name}: not finished (last evaluation at step {last["step"]} of '
+                                 f'{run.steps})')
   return last
 
 

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lmjax import fs
+from lmjax import errors, fs
 from lmjax.experiments import common
 from lmjax.scaling import report as plots
 
@@ -32,8 +32,8 @@ def weights(zh: float, code: float, math: float) -> dict[str, float]:
   """The mixture of a grid point (see the module docstring)."""
   natural = 1.0 - LEGAL - code - math
   if not 0 <= zh <= 1 or natural <= 0 or code < 0 or math < 0:
-    raise ValueError(f'mixture point zh={zh}, code={code}, math={math}: expected zh in [0, 1] and '
-                     f'code + math < {1 - LEGAL}')
+    raise errors.ConfigError(f'mixture point zh={zh}, code={code}, math={math}: expected zh in [0, 1] and '
+                             f'code + math < {1 - LEGAL}')
   return dict(zh=natural * zh, en=natural * (1 - zh), code=code, math=math, legal=LEGAL)
 
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmjax import errors
 from lmjax.scaling import laws
 
 
@@ -168,7 +169,7 @@ def _check(form: laws.Form, data: Mapping[str, np.ndarray], loss) -> tuple[dict,
   """float64 columns for `form.inputs` and the loss; errors name the column and the first bad row."""
   loss = np.asarray(loss, np.float64)
   if loss.ndim != 1 or loss.size == 0:
-    raise ValueError(f'loss: expected a non-empty 1-D array, got shape {loss.shape}')
+    raise errors.DataError(f'loss: expected a non-empty 1-D array, got shape {loss.shape}')
   cols = {}
   for name in form.inputs:
     if name not in data:
@@ -185,7 +186,7 @@ def _check(form: laws.Form, data: Mapping[str, np.ndarray], loss) -> tuple[dict,
   for name, col, ok, what in checks:
     bad = np.flatnonzero(~(ok & np.isfinite(col)))
     if bad.size:
-      raise ValueError(f'row {bad[0]}: column {name!r} is {float(col[bad[0]])!r}; expected {what}')
+      raise errors.DataError(f'row {bad[0]}: column {name!r} is {float(col[bad[0]])!r}; expected {what}')
   return cols, loss
 
 

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmjax import errors
+
 Params = Mapping[str, float]
 
 
@@ -211,7 +213,7 @@ def form(name: str, eps: float = DCPT_EPS) -> Form:
     return CHINCHILLA
   makers = {'dcpt': dcpt_form, 'cross_domain': cross_domain_form}
   if name not in makers:
-    raise ValueError(f'scaling law {name!r}: expected one of chinchilla, dcpt, cross_domain')
+    raise errors.ConfigError(f'scaling law {name!r}: expected one of chinchilla, dcpt, cross_domain')
   return makers[name](eps)
 
 

@@ -38,7 +38,7 @@ from typing import Callable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from lmjax import fs
+from lmjax import errors, fs
 from lmjax.scaling import fit, laws
 
 
@@ -83,28 +83,28 @@ def run_dir(sweep_dir: str, name: str) -> str:
 
 def _validate(sw, sources) -> None:
   if sw.law != 'dcpt':
-    raise ValueError(f'config.sweep.law={sw.law!r}: expected dcpt')
+    raise errors.ConfigError(f'config.sweep.law={sw.law!r}: expected dcpt')
   if sw.domain not in sources:
-    raise ValueError(f'config.sweep.domain={sw.domain!r}: expected one of config.data.sources '
-                     f'{sorted(sources)}')
+    raise errors.ConfigError(f'config.sweep.domain={sw.domain!r}: expected one of config.data.sources '
+                             f'{sorted(sources)}')
   if not sw.general:
-    raise ValueError('config.sweep.general is empty: expected {source: weight}')
+    raise errors.ConfigError('config.sweep.general is empty: expected {source: weight}')
   for name, weight in sw.general.items():
     if name not in sources or name == sw.domain:
-      raise ValueError(f'config.sweep.general: {name!r} is not a source other than the domain '
-                       f'(sources: {sorted(sources)})')
+      raise errors.ConfigError(f'config.sweep.general: {name!r} is not a source other than the domain '
+                               f'(sources: {sorted(sources)})')
     if not weight > 0:
-      raise ValueError(f'config.sweep.general.{name}={weight}: expected a positive weight')
+      raise errors.ConfigError(f'config.sweep.general.{name}={weight}: expected a positive weight')
   if not sw.sizes:
-    raise ValueError('config.sweep.sizes is empty: expected {name: model overrides}')
+    raise errors.ConfigError('config.sweep.sizes is empty: expected {name: model overrides}')
   for r in sw.ratios:
     if not 0.0 <= r <= 1.0:
-      raise ValueError(f'config.sweep.ratios: {r} is not a share in [0, 1]')
+      raise errors.ConfigError(f'config.sweep.ratios: {r} is not a share in [0, 1]')
   for t in sw.tokens:
     if not t > 0:
-      raise ValueError(f'config.sweep.tokens: {t} is not a positive token count')
+      raise errors.ConfigError(f'config.sweep.tokens: {t} is not a positive token count')
   if sw.pretrain_tokens < 0:
-    raise ValueError(f'config.sweep.pretrain_tokens={sw.pretrain_tokens}: expected >= 0')
+    raise errors.ConfigError(f'config.sweep.pretrain_tokens={sw.pretrain_tokens}: expected >= 0')
 
 
 def _mixture(sw, ratio: float) -> dict:
@@ -152,7 +152,7 @@ def run_config(config: ml_collections.ConfigDict, name: str, sweep_dir: str):
   """The config of run `name` of the sweep (for configs that a launcher runs one by one)."""
   specs = {s.name: s for s in expand(config, sweep_dir)}
   if name not in specs:
-    raise ValueError(f'sweep run {name!r}: expected one of {sorted(specs)}')
+    raise errors.ConfigError(f'sweep run {name!r}: expected one of {sorted(specs)}')
   return specs[name].config
 
 
@@ -195,8 +195,9 @@ def run_local(specs: Sequence[RunSpec], sweep_dir: str,
       on_start(spec)
     run_fn(spec.config, run_dir(sweep_dir, spec.name))
     if not finished(spec, sweep_dir):
-      raise RuntimeError(f'sweep run {spec.name}: no evaluation at its last step {spec.steps} in '
-                         f'{run_dir(sweep_dir, spec.name)}/metrics.jsonl')
+      # The trainer returned early (SIGTERM: preempted) or evaluated nothing: rerunning resumes, not a bug.
+      raise errors.UserError(f'sweep run {spec.name}: no evaluation at its last step {spec.steps} in '
+                             f'{run_dir(sweep_dir, spec.name)}/metrics.jsonl')
     started.append(spec.name)
   return started
 
@@ -248,7 +249,7 @@ def _losses(sw, record: Mapping) -> dict:
              if k.startswith('eval/') and k.endswith('/loss')}
   missing = [s for s in [sw.domain, *sw.general] if s not in sources]
   if missing:
-    raise ValueError(f'evaluation at step {record["step"]} has no loss for sources {missing}')
+    raise errors.CheckpointError(f'evaluation at step {record["step"]} has no loss for sources {missing}')
   total = sum(sw.general.values())
   general = sum(w * sources[s] for s, w in sw.general.items()) / total
   return dict(domain_loss=sources[sw.domain], general_loss=general,
@@ -306,10 +307,10 @@ def read_csv(path: str, required: Sequence[str] = COLUMNS) -> dict[str, np.ndarr
     header = reader.fieldnames or []
     missing = [c for c in required if c not in header]
     if missing:
-      raise ValueError(f'{path}: missing column(s) {missing}; the header has {header}')
+      raise errors.DataError(f'{path}: missing column(s) {missing}; the header has {header}')
     raw = list(reader)
   if not raw:
-    raise ValueError(f'{path}: no data rows')
+    raise errors.DataError(f'{path}: no data rows')
   out = {}
   for column in header:
     if column in ('run', 'size'):
@@ -324,8 +325,8 @@ def read_csv(path: str, required: Sequence[str] = COLUMNS) -> dict[str, np.ndarr
       except (TypeError, ValueError):
         value = math.nan
       if not check(value):
-        raise ValueError(f'{path} row {i} (run {row.get("run", "?")}): column {column!r} is '
-                         f'{text!r}; expected {what}')
+        raise errors.DataError(f'{path} row {i} (run {row.get("run", "?")}): column {column!r} is '
+                               f'{text!r}; expected {what}')
       values.append(value)
     out[column] = np.array(values)
   return out
@@ -416,7 +417,7 @@ def report(config: ml_collections.ConfigDict, sweep_dir: str,
   from lmjax.scaling import report as report_lib  # pylint: disable=import-outside-toplevel
   rows, start = collect(config, sweep_dir)
   if not rows:
-    raise ValueError(f'sweep {sweep_dir}: no finished CPT runs to fit')
+    raise errors.CheckpointError(f'sweep {sweep_dir}: no finished CPT runs to fit')
   results_path = os.path.join(sweep_dir, 'results.csv')
   write_csv(results_path, rows)
   if start:
