@@ -78,6 +78,8 @@ def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
 def from_run(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was started with (its workdir's config.json), locked."""
   path = os.path.join(workdir, 'config.json')
+  if not fs.isdir(workdir):
+    raise errors.MissingFile(f'run directory {workdir!r} does not exist')
   if not fs.isfile(path):
     raise errors.MissingFile(f'{path} does not exist: --workdir is not a run directory (or pass --config)')
   config = ml_collections.ConfigDict(json.loads(fs.read_text(path)))

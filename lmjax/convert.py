@@ -5,7 +5,9 @@ straight into its shards on the mesh; `load(directory)` does both. Export: `save
 (one file, or shards with `model.safetensors.index.json`) and a `config.json` that transformers loads,
 with the RoPE keys in the transformers 4 spelling (`rope_theta` + `rope_scaling`, read by 4 and 5)
 or the transformers 5 one (`rope_parameters`, read by 5 only: 4 would ignore it and silently fall back
-to theta 10000 without scaling).
+to theta 10000 without scaling). A run's checkpoint and tokenizer export from the command line with
+`python -m lmjax.export`. A checkpoint lmjax cannot use is an errors.CheckpointError (a missing file an
+errors.MissingFile) naming the file, tensor or config.json field.
 
 RoPE layout: Hugging Face checkpoints of these families rotate the two halves of each head,
 (x[i], x[i + Dh/2]) (`rotate_half`), which is the layout `model.apply_rope` uses, so q/k
@@ -24,7 +26,7 @@ next shard is read, so a host holds one device shard at a time (shards repeated 
 are read once). The limit: the layer axis is never sharded (`sharding.RULES['layers']` is None), so
 one shard spans all layers of its slice; on a single device that is a whole stacked tensor (e.g.
 7.5 GB for Llama-3-8B's f32 w_gate). Export gathers one layer of one tensor at a time and holds one
-output file (at most `max_shard_bytes`) on the host.
+output file (at most `max_shard_bytes`) on the host twice: its arrays and their serialised bytes.
 """
 from __future__ import annotations
 
@@ -32,18 +34,17 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import struct
+import sys
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import safetensors.numpy
 from jax.experimental import multihost_utils
-from safetensors.numpy import save_file
 
-from lmjax import model
-from lmjax import sharding
+from lmjax import errors, fs, model, sharding
 
 # (lmjax path, its axes without the layer axis, HF name, HF axes)
 TENSORS = (
@@ -116,7 +117,7 @@ def tensors(args: model.Args) -> list[Tensor]:
 def read_config(directory: str) -> dict:
   path = os.path.join(directory, 'config.json')
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path} does not exist (a Hugging Face checkpoint directory has one)')
+    raise errors.MissingFile(f'{path} does not exist (a Hugging Face checkpoint directory has one)')
   with open(path) as f:
     return json.load(f)
 
@@ -129,24 +130,27 @@ def model_fields(cfg: dict) -> dict:
   """
   model_type = cfg.get('model_type')
   if model_type not in ARCHITECTURES:
-    raise ValueError(f'config.json model_type={model_type!r}: expected one of {sorted(ARCHITECTURES)}')
+    raise errors.CheckpointError(f'config.json model_type={model_type!r}: expected one of '
+                                 f'{sorted(ARCHITECTURES)}')
   for key in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
               'vocab_size'):
     if not isinstance(cfg.get(key), int):
-      raise ValueError(f'config.json {key}={cfg.get(key)!r}: expected an integer')
+      raise errors.CheckpointError(f'config.json {key}={cfg.get(key)!r}: expected an integer')
   if cfg.get('hidden_act', 'silu') != 'silu':
-    raise ValueError(f'config.json hidden_act={cfg["hidden_act"]!r}: lmjax computes silu (SwiGLU)')
+    raise errors.CheckpointError(f'config.json hidden_act={cfg["hidden_act"]!r}: lmjax computes silu '
+                                 '(SwiGLU)')
   for key in ('attention_bias', 'mlp_bias'):
     if model_type == 'llama' and cfg.get(key):
-      raise ValueError(f'config.json {key}=true: lmjax has no o_proj or MLP biases')
+      raise errors.CheckpointError(f'config.json {key}=true: lmjax has no o_proj or MLP biases')
   if cfg.get('use_sliding_window'):
-    raise ValueError('config.json use_sliding_window=true: lmjax has no sliding-window attention')
+    raise errors.CheckpointError('config.json use_sliding_window=true: lmjax has no sliding-window attention')
   window, max_pos = cfg.get('sliding_window'), cfg.get('max_position_embeddings')
   if model_type == 'mistral' and window is not None and (max_pos is None or window < max_pos):
-    raise ValueError(f'config.json sliding_window={window}: lmjax has no sliding-window attention '
-                     f'(expected null or >= max_position_embeddings={max_pos})')
+    raise errors.CheckpointError(f'config.json sliding_window={window}: lmjax has no sliding-window '
+                                 f'attention (expected null or >= max_position_embeddings={max_pos})')
   if any(t != 'full_attention' for t in cfg.get('layer_types') or ()):
-    raise ValueError(f'config.json layer_types={cfg["layer_types"]}: expected only full_attention')
+    raise errors.CheckpointError(f'config.json layer_types={cfg["layer_types"]}: expected only '
+                                 'full_attention')
   d, heads = cfg['hidden_size'], cfg['num_attention_heads']
   head_dim = cfg.get('head_dim') or d // heads
   return dict(
@@ -162,22 +166,22 @@ def _rope_fields(cfg: dict) -> dict:
   if cfg.get('rope_parameters') is not None:
     where, rope = 'rope_parameters', cfg['rope_parameters']
     if any(isinstance(v, dict) for v in rope.values()):
-      raise ValueError(f'config.json rope_parameters={rope}: expected one set for every layer')
+      raise errors.CheckpointError(f'config.json rope_parameters={rope}: expected one set for every layer')
     theta = rope.get('rope_theta', cfg.get('rope_theta', 10_000.0))
   else:
     where, rope = 'rope_scaling', cfg.get('rope_scaling') or {}
     theta = cfg.get('rope_theta', 10_000.0)
   rope_type = rope.get('rope_type', rope.get('type', 'default'))
   if cfg.get('partial_rotary_factor', rope.get('partial_rotary_factor', 1.0)) != 1.0:
-    raise ValueError('config.json partial_rotary_factor: lmjax rotates the whole head')
+    raise errors.CheckpointError('config.json partial_rotary_factor: lmjax rotates the whole head')
   if rope_type == 'default':
     return dict(rope_theta=float(theta), rope_scaling_factor=1.0)
   if rope_type != 'llama3':
-    raise ValueError(f'config.json {where}.rope_type={rope_type!r}: expected default or llama3')
+    raise errors.CheckpointError(f'config.json {where}.rope_type={rope_type!r}: expected default or llama3')
   keys = ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')
   for key in keys:
     if key not in rope:
-      raise ValueError(f'config.json {where}.{key} is missing (rope_type llama3 needs {keys})')
+      raise errors.CheckpointError(f'config.json {where}.{key} is missing (rope_type llama3 needs {keys})')
   return dict(rope_theta=float(theta), rope_scaling_factor=float(rope['factor']),
               rope_low_freq_factor=float(rope['low_freq_factor']),
               rope_high_freq_factor=float(rope['high_freq_factor']),
@@ -191,14 +195,14 @@ def config_dict(args: model.Args, hf_config: dict | None = None, *, dtype: str =
   q/k/v biases and llama without; max_position_embeddings is 8192 unless hf_config has one (it does
   not change the model's numbers: lmjax and transformers' default and llama3 RoPE ignore it)."""
   if rope_spelling not in ROPE_SPELLINGS:
-    raise ValueError(f'rope_spelling={rope_spelling!r}: expected one of {ROPE_SPELLINGS}')
+    raise errors.ConfigError(f'rope_spelling={rope_spelling!r}: expected one of {ROPE_SPELLINGS}')
   cfg = dict(hf_config or {})
   model_type = cfg.get('model_type') or ('qwen2' if args.qkv_bias else 'llama')
   if model_type not in ARCHITECTURES:
-    raise ValueError(f'model_type={model_type!r}: expected one of {sorted(ARCHITECTURES)}')
+    raise errors.CheckpointError(f'model_type={model_type!r}: expected one of {sorted(ARCHITECTURES)}')
   if args.qkv_bias != (model_type == 'qwen2'):
-    raise ValueError(f'model_type={model_type!r} with qkv_bias={args.qkv_bias}: q/k/v biases '
-                     f'without an o_proj bias are Qwen2\'s alone')
+    raise errors.CheckpointError(f'model_type={model_type!r} with qkv_bias={args.qkv_bias}: q/k/v '
+                                 f'biases without an o_proj bias are Qwen2\'s alone')
   for key in ('rope_theta', 'rope_scaling', 'rope_parameters', 'torch_dtype', 'dtype', 'layer_types',
               'transformers_version'):
     cfg.pop(key, None)
@@ -246,8 +250,8 @@ def _mmap_safetensors(path: str) -> dict[str, np.ndarray]:
     if name == '__metadata__':
       continue
     if info['dtype'] not in _DTYPES:
-      raise ValueError(f'{path}: tensor {name!r} has dtype {info["dtype"]}; expected one of '
-                       f'{sorted(_DTYPES)}')
+      raise errors.CheckpointError(f'{path}: tensor {name!r} has dtype {info["dtype"]}; expected one '
+                                   f'of {sorted(_DTYPES)}')
     begin, end = (8 + size + o for o in info['data_offsets'])
     out[name] = data[begin:end].view(_DTYPES[info['dtype']]).reshape(info['shape'])
   return out
@@ -264,16 +268,16 @@ def checkpoint_tensors(directory: str) -> dict[str, tuple[str, np.ndarray]]:
   elif os.path.isfile(os.path.join(directory, 'model.safetensors')):
     weight_map, files = None, ['model.safetensors']
   else:
-    raise FileNotFoundError(f'{directory}: no model.safetensors or model.safetensors.index.json')
+    raise errors.MissingFile(f'{directory}: no model.safetensors or model.safetensors.index.json')
   out = {}
   for file in files:
     path = os.path.join(directory, file)
     if not os.path.isfile(path):
-      raise FileNotFoundError(f'{index} names {file}, which does not exist')
+      raise errors.MissingFile(f'{index} names {file}, which does not exist')
     out.update({name: (path, x) for name, x in _mmap_safetensors(path).items()})
   for name, file in (weight_map or {}).items():
     if name not in out:
-      raise ValueError(f'{index} maps tensor {name!r} to {file}, which does not hold it')
+      raise errors.CheckpointError(f'{index} maps tensor {name!r} to {file}, which does not hold it')
   return out
 
 
@@ -285,23 +289,23 @@ def check_tensors(found: dict[str, tuple[str, np.ndarray]], args: model.Args, di
       expected[t.hf_name(i)] = t.hf_shape
   for name, shape in expected.items():
     if name not in found:
-      raise ValueError(f'{directory}: tensor {name!r} is missing (expected shape {shape})')
+      raise errors.CheckpointError(f'{directory}: tensor {name!r} is missing (expected shape {shape})')
     file, x = found[name]
     if tuple(x.shape) != shape:
-      raise ValueError(f'{file}: tensor {name!r} has shape {tuple(x.shape)}, expected {shape} '
-                       f'from the model config')
+      raise errors.CheckpointError(f'{file}: tensor {name!r} has shape {tuple(x.shape)}, expected '
+                                   f'{shape} from the model config')
   for name in found:
     # Tied checkpoints may repeat the head; old ones saved RoPE frequency buffers.
     ignored = name.endswith('rotary_emb.inv_freq') or (name == 'lm_head.weight' and args.tie_embeddings)
     if name not in expected and not ignored:
-      raise ValueError(f'{found[name][0]}: unexpected tensor {name!r} for the model config')
+      raise errors.CheckpointError(f'{found[name][0]}: unexpected tensor {name!r} for the model config')
 
 
 def _check_config(args: model.Args, cfg: dict, directory: str) -> None:
   for field, value in model_fields(cfg).items():
     if getattr(args, field) != value:
-      raise ValueError(f'config.model.{field}={getattr(args, field)!r} but {directory}/config.json '
-                       f'gives {value!r}')
+      raise errors.CheckpointError(f'config.model.{field}={getattr(args, field)!r} but '
+                                   f'{directory}/config.json gives {value!r}')
 
 
 def _get(tree: dict, path: str):
@@ -389,10 +393,13 @@ def _host(x) -> np.ndarray:
 def save(directory: str, args: model.Args, params: dict, *, hf_config: dict | None = None,
          dtype: str | None = None, rope_spelling: str = 'transformers4',
          tokenizer_from: str | None = None, max_shard_bytes: int = 2 << 30) -> None:
-  """Writes a Hugging Face checkpoint: config.json (`config_dict`) and safetensors.
+  """Writes a Hugging Face checkpoint: config.json (`config_dict`) and safetensors, each file
+  atomically (`fs.write_atomic`: a reader never sees part of one) with the mode of a new file (0666
+  less the umask).
 
   Args:
-    directory: created if needed; must not hold a checkpoint already.
+    directory: a local path or a URL (lmjax/fs.py); created if needed; must not hold a checkpoint
+      already.
     args, params: the model (params may be sharded over processes: every process calls `save`,
       process 0 writes).
     hf_config: the source checkpoint's config.json, whose other keys are kept; for a model trained
@@ -404,13 +411,13 @@ def save(directory: str, args: model.Args, params: dict, *, hf_config: dict | No
   """
   dtype = dtype or args.param_dtype
   if dtype not in ('float32', 'bfloat16'):
-    raise ValueError(f'dtype={dtype!r}: expected float32 or bfloat16')
+    raise errors.ConfigError(f'dtype={dtype!r}: expected float32 or bfloat16')
   np_dtype = jnp.dtype(dtype)
   cfg = config_dict(args, hf_config, dtype=dtype, rope_spelling=rope_spelling)
   writer = jax.process_index() == 0
   if writer:
-    os.makedirs(directory, exist_ok=True)
-    if any(f.endswith('.safetensors') or f == 'model.safetensors.index.json' for f in os.listdir(directory)):
+    fs.makedirs(directory)
+    if any(f.endswith('.safetensors') or f == 'model.safetensors.index.json' for f in fs.listdir(directory)):
       raise FileExistsError(f'{directory} already holds a checkpoint; export into an empty directory')
   # Tensors in HF order (embedding, layer 0, layer 1, ..., norm, head), grouped into files.
   layer_tensors = [t for t in tensors(args) if t.layered]
@@ -436,14 +443,20 @@ def save(directory: str, args: model.Args, params: dict, *, hf_config: dict | No
       weight_map[t.hf_name(i)] = name
       total += out[t.hf_name(i)].nbytes
     if writer:
-      save_file(out, os.path.join(directory, name), metadata={'format': 'pt'})
+      fs.write_atomic(os.path.join(directory, name), safetensors.numpy.save(out, metadata={'format': 'pt'}))
   if not writer:
     return
   if len(files) > 1:
-    with open(os.path.join(directory, 'model.safetensors.index.json'), 'w') as f:
-      json.dump(dict(metadata=dict(total_size=total), weight_map=weight_map), f, indent=2)
-  with open(os.path.join(directory, 'config.json'), 'w') as f:
-    json.dump(cfg, f, indent=2)
+    fs.write_atomic(os.path.join(directory, 'model.safetensors.index.json'),
+                    json.dumps(dict(metadata=dict(total_size=total), weight_map=weight_map), indent=2))
+  fs.write_atomic(os.path.join(directory, 'config.json'), json.dumps(cfg, indent=2))
   for file in TOKENIZER_FILES if tokenizer_from else ():
-    if os.path.isfile(os.path.join(tokenizer_from, file)):
-      shutil.copy(os.path.join(tokenizer_from, file), os.path.join(directory, file))
+    if fs.isfile(os.path.join(tokenizer_from, file)):
+      with fs.open(os.path.join(tokenizer_from, file), 'rb') as f:
+        fs.write_atomic(os.path.join(directory, file), f.read())
+
+
+if __name__ == '__main__':  # a library: without this, `python -m lmjax.convert` does nothing and exits 0
+  print('lmjax.convert: error: a library, not a command; to export a run as a Hugging Face model: '
+        'python -m lmjax.export --workdir=RUN --out=DIR', file=sys.stderr)
+  sys.exit(2)

@@ -17,10 +17,14 @@ Pad positions' logits are not compared.
 
 Then the export round trip (needs lmjax's requirements; jax runs on the CPU): lmjax.convert imports
 each checkpoint, exports it in both RoPE spellings (in shards with an index for one family), and
-transformers loads each export: its tensors and logits must equal the original's. Results, lmjax's
-own logit difference, whether generate equals the argmax of the forward recomputed each step, and
-the versions used go to `<out>/manifest.json`; the script exits non-zero when a check fails (after
-packing, so the assets still come back).
+transformers loads each export: its tensors and logits must equal the original's. And the export of a
+run: `python -m lmjax.export` writes a run's checkpoint (random params, norms too, untied, Llama-3.1
+RoPE scaling) with its tokenizer (one trained by lmjax's sentencepiece trainer, and a Hugging Face
+tokenizer.json), and transformers' AutoTokenizer and AutoModelForCausalLM load the directory: its ids
+(bos first for sentencepiece) and decoded texts must be lmjax's, its logits within 1e-4 of lmjax's on
+the checkpoint's params. Results, lmjax's own logit difference, whether generate equals the argmax of
+the forward recomputed each step, and the versions used go to `<out>/manifest.json`; the script exits
+non-zero when a check fails (after packing, so the assets still come back).
 
 --hf_1b DIR writes a random Llama-3.2-1B-shaped bfloat16 checkpoint (not packed) for the H200
 acceptance run of importing, training and exporting a 1B model.
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -167,6 +172,81 @@ def export_check(directory: str, family: str, hf_model, g: dict, scratch: str) -
   return result
 
 
+TEXTS = ['Permission is hereby granted, free of charge, to any person obtaining a copy.',
+         'def f(x, *args):\n\tif x:\n        return {"a": [1, 2.5e-3]}  # comment 12345',
+         '床前明月光，疑是地上霜。 naïve café — “quoted” 😀 beyond the vocabulary', '  two  spaces  ']
+
+
+def run_tokenizer(kind: str, directory: str):
+  """A tokenizer of TEXTS as a run would have it: lmjax's sentencepiece trainer, or a Hugging Face
+  byte-level BPE (tokenizer.json, with a tokenizer_config.json naming bos and eos)."""
+  from lmjax.data import tokenizer as tokenizer_lib
+  rng = np.random.default_rng(0)
+  lines = [line for t in TEXTS for line in t.split('\n')] + [
+      ' '.join(rng.choice(TEXTS[0].split(), 12)) for _ in range(200)]
+  if kind == 'sentencepiece':
+    return tokenizer_lib.train(lines, os.path.join(directory, 'tokenizer.model'), vocab_size=400,
+                               character_coverage=0.98)
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(lines, trainer=trainers.BpeTrainer(
+      vocab_size=400, special_tokens=['<s>', '</s>'], show_progress=False,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  os.makedirs(directory, exist_ok=True)
+  tok.save(os.path.join(directory, 'tokenizer.json'))
+  with open(os.path.join(directory, 'tokenizer_config.json'), 'w') as f:
+    json.dump(dict(bos_token='<s>', eos_token='</s>'), f)
+  return tokenizer_lib.load(directory)
+
+
+def export_run_check(kind: str, scratch: str) -> dict:
+  """A run with a `kind` tokenizer exported by `python -m lmjax.export`, then loaded by transformers'
+  AutoTokenizer and AutoModelForCausalLM: ids, decoded texts and logits against lmjax's."""
+  import jax
+  import jax.numpy as jnp
+  from lmjax import checkpoint, model
+  run, out = os.path.join(scratch, f'run-{kind}'), os.path.join(scratch, f'export-{kind}')
+  tok = run_tokenizer(kind, os.path.join(run, 'tokenizer'))
+  cfg = model.defaults()
+  cfg.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=512, tie_embeddings=False,
+             rope_scaling_factor=8.0, rope_original_max_position=32, compute_dtype='float32')
+  args = model.resolve(cfg)
+  graphdef, params = model.create(args, seed=0)
+  keys = iter(jax.random.split(jax.random.key(1), 8))
+  params = jax.tree_util.tree_map_with_path(  # random norms: a swapped one shows in the logits
+      lambda path, x: x + 0.2 * jax.random.normal(next(keys), x.shape) if 'norm' in str(path) else x, params)
+  saver = checkpoint.Checkpointer(os.path.join(run, 'checkpoints'), async_save=False)
+  saver.save(7, dict(params=params, step=jnp.int32(7)), {})
+  saver.close()
+  with open(os.path.join(run, 'config.json'), 'w') as f:
+    json.dump(dict(model=cfg.to_dict()), f)
+  with open(os.path.join(run, 'provenance.json'), 'w') as f:
+    json.dump(dict(tokenizer=tok.path), f)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  exported = subprocess.run([sys.executable, '-m', 'lmjax.export', f'--workdir={run}', f'--out={out}'],
+                            cwd=root, capture_output=True, text=True)
+  if exported.returncode:
+    return dict(ok=False, export=exported.stderr[-2000:])
+  hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation='eager').eval()
+  bos = [tok.bos_id] if kind == 'sentencepiece' else []  # the sentencepiece tokenizer.json adds bos
+  ids_equal = all(hf_tok(t).input_ids == bos + tok.encode(t) for t in TEXTS)
+  decoded_equal = all(hf_tok.decode(tok.encode(t)) == t for t in TEXTS)
+  diff = 0.0
+  for t in TEXTS:
+    ids = np.array([[tok.bos_id] + tok.encode(t)])
+    batch = dict(inputs=jnp.asarray(ids), positions=jnp.asarray(positions(np.ones_like(ids))),
+                 segment_ids=jnp.ones(ids.shape, jnp.int32))
+    want = np.asarray(model.apply(graphdef, params, batch))
+    diff = max(diff, float(np.abs(logits(hf_model, ids, np.ones_like(ids)) - want).max()))
+  return dict(tokenizer_class=type(hf_tok).__name__, ids_equal=ids_equal, decoded_equal=decoded_equal,
+              logits_max_diff=diff, files=sorted(os.listdir(out)),
+              ok=bool(ids_equal and decoded_equal and diff <= 1e-4))
+
+
 def write_1b(directory: str) -> None:
   config = transformers.AutoConfig.for_model(
       'llama', vocab_size=128_256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -217,6 +297,19 @@ def main():
           failed.append(family)
     manifest['families'][family] = info
     print(family, json.dumps(info))
+  if not flags.skip_export_check:
+    manifest['export_run'] = {}
+    for kind in ('sentencepiece', 'hugging_face'):
+      try:
+        with tempfile.TemporaryDirectory() as scratch:
+          info = export_run_check(kind, scratch)
+      except ImportError as e:
+        info = dict(ok=False, export=f'not run: {e} (install lmjax\'s requirements, or pass '
+                                     '--skip_export_check)')
+      manifest['export_run'][kind] = info
+      print(f'export_run {kind}', json.dumps(info))
+      if not info['ok']:
+        failed.append(f'export_run {kind}')
   with open(os.path.join(flags.out, 'manifest.json'), 'w') as f:
     json.dump(manifest, f, indent=1)
   tar = flags.tar or flags.out.rstrip('/') + '.tar.gz'

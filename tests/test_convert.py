@@ -1,9 +1,10 @@
 """Hugging Face import/export: logits of imported random checkpoints against a float64 numpy forward
 written here in HF's own layout and names, bit-identical export round trips, sharded checkpoints on a
-mesh, config.json spellings, one-line errors, and (when tests/assets/hf holds them) transformers'
-own logits."""
+mesh, config.json spellings, errors of the project's types naming the culprit, exported files with a
+new file's mode, and (when tests/assets/hf holds them) transformers' own logits."""
 import json
 import os
+import stat
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -12,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import save_file
 
-from lmjax import convert, model, sharding
+from lmjax import convert, errors, model, sharding
 
 ASSETS = os.path.join(os.path.dirname(__file__), 'assets', 'hf')
 GOLDEN = sorted(d for d in os.listdir(ASSETS) if os.path.isfile(os.path.join(ASSETS, d, 'golden.npz'))
@@ -264,7 +265,7 @@ def test_config_json_in_both_rope_spellings():
     (dict(num_hidden_layers=None), 'num_hidden_layers'),
 ])
 def test_unsupported_configs_name_the_field(change, match):
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(errors.CheckpointError, match=match):
     convert.model_fields(hf_config(**change))
 
 
@@ -283,38 +284,51 @@ def test_checkpoint_mismatches_name_the_first_tensor(tmp_path):
 
   tensors = hf_tensors(cfg)
   del tensors['model.layers.1.mlp.up_proj.weight']
-  with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj.weight' is missing"):
+  with pytest.raises(errors.CheckpointError, match=r"'model.layers.1.mlp.up_proj.weight' is missing"):
     load_with(tensors, 'missing')
   tensors = hf_tensors(cfg)
   k_proj = 'model.layers.0.self_attn.k_proj.weight'
   tensors[k_proj] = tensors[k_proj].T.copy()
-  with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.k_proj.weight' has shape \(64, 32\), "
-                                       r'expected \(32, 64\)'):
+  with pytest.raises(errors.CheckpointError, match=r"'model.layers.0.self_attn.k_proj.weight' has shape "
+                                                  r'\(64, 32\), expected \(32, 64\)'):
     load_with(tensors, 'shape')
   tensors = hf_tensors(cfg)
   tensors['model.layers.0.self_attn.o_proj.bias'] = np.zeros(64, np.float32)
-  with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.self_attn.o_proj.bias'"):
+  with pytest.raises(errors.CheckpointError,
+                     match="unexpected tensor 'model.layers.0.self_attn.o_proj.bias'"):
     load_with(tensors, 'extra')
   write_checkpoint(tmp_path / 'ok', cfg, hf_tensors(cfg))
   other = model.Args(**dict(convert.model_fields(cfg), rope_theta=500_000.0))
-  with pytest.raises(ValueError, match=r'config.model.rope_theta=500000.0 but .*config.json gives 10000.0'):
+  with pytest.raises(errors.CheckpointError,
+                     match=r'config.model.rope_theta=500000.0 but .*config.json gives 10000.0'):
     convert.load_params(str(tmp_path / 'ok'), other)
-  with pytest.raises(FileNotFoundError, match='no model.safetensors'):
+  with pytest.raises(errors.MissingFile, match='no model.safetensors'):
     convert.load_params(str(tmp_path), args)
   _, params = convert.load(str(tmp_path / 'ok'))
   with pytest.raises(FileExistsError, match='already holds a checkpoint'):
     convert.save(str(tmp_path / 'ok'), args, params)
 
 
-def test_export_copies_the_tokenizer_files(tmp_path):
+def test_export_copies_the_tokenizer_files_all_with_a_new_files_mode(tmp_path):
+  """0666 less the umask, as any new file (safetensors' own writer makes its files 0600)."""
   cfg = CONFIGS['llama_tied']
   write_checkpoint(tmp_path / 'src', cfg, hf_tensors(cfg))
   for file in ('tokenizer.json', 'tokenizer_config.json'):
     (tmp_path / 'src' / file).write_text('{}')
+    (tmp_path / 'src' / file).chmod(0o600)  # the mode is the new file's, not the source's
   args, params = convert.load(str(tmp_path / 'src'))
-  convert.save(str(tmp_path / 'dst'), args, params, tokenizer_from=str(tmp_path / 'src'))
+  umask = os.umask(0o022)
+  try:
+    convert.save(str(tmp_path / 'dst'), args, params, tokenizer_from=str(tmp_path / 'src'))
+    convert.save(str(tmp_path / 'shards'), args, params, max_shard_bytes=100_000)
+  finally:
+    os.umask(umask)
   assert sorted(os.listdir(tmp_path / 'dst')) == ['config.json', 'model.safetensors', 'tokenizer.json',
                                                   'tokenizer_config.json']
+  assert len(os.listdir(tmp_path / 'shards')) > 3  # several shards, the index and config.json
+  for directory in ('dst', 'shards'):
+    for name in os.listdir(tmp_path / directory):
+      assert stat.S_IMODE((tmp_path / directory / name).stat().st_mode) == 0o644, name
 
 
 @pytest.mark.parametrize('family', GOLDEN or [NO_GOLDEN])
