@@ -153,9 +153,8 @@ def test_damaged_data_shard_and_tokenizer_are_errors_naming_them(tmp_path):
     trainer.setup(tiny(cache, steps=1), str(tmp_path / 'third'))
 
 
-@pytest.mark.slow
-def test_sigterm_checkpoints_and_exits_zero(cache, tmp_path):
-  workdir = str(tmp_path / 'run')
+def _signal_a_run(cache, workdir: str, sig: int) -> tuple[int, str]:
+  """(exit code, stderr) of a long tiny run sent `sig` once it has logged 3 steps."""
   proc = subprocess.Popen(
       [sys.executable, '-m', 'lmjax.train', '--config=configs/tiny.py:steps=100000', f'--workdir={workdir}',
        '--config.train.batch_size=8', '--config.train.seq_len=32', '--config.train.checkpoint_every=100000',
@@ -165,9 +164,16 @@ def test_sigterm_checkpoints_and_exits_zero(cache, tmp_path):
   deadline = time.time() + 300
   while time.time() < deadline and not (os.path.isfile(metrics) and len(open(metrics).readlines()) >= 3):
     time.sleep(0.5)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-2000:]
+  return proc.returncode, err
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_zero(cache, tmp_path):
+  workdir = str(tmp_path / 'run')
+  code, err = _signal_a_run(cache, workdir, signal.SIGTERM)
+  assert code == 0, err[-2000:]
   last = train_steps(workdir)[-1]
   assert sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()) == [last]
 
@@ -175,19 +181,9 @@ def test_sigterm_checkpoints_and_exits_zero(cache, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_checkpoints_the_step_and_exits_130(cache, tmp_path):
   workdir = str(tmp_path / 'run')
-  proc = subprocess.Popen(
-      [sys.executable, '-m', 'lmjax.train', '--config=configs/tiny.py:steps=100000', f'--workdir={workdir}',
-       '--config.train.batch_size=8', '--config.train.seq_len=32', '--config.train.checkpoint_every=100000',
-       '--config.train.log_every=1', f'--config.data.cache_dir={cache}'],
-      cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics = os.path.join(workdir, 'metrics.jsonl')
-  deadline = time.time() + 300
-  while time.time() < deadline and not (os.path.isfile(metrics) and len(open(metrics).readlines()) >= 3):
-    time.sleep(0.5)
-  proc.send_signal(signal.SIGINT)
-  _, err = proc.communicate(timeout=300)
+  code, err = _signal_a_run(cache, workdir, signal.SIGINT)
   last = train_steps(workdir)[-1]
-  assert proc.returncode == 130 and 'Traceback' not in err, err[-2000:]
+  assert code == 130 and 'Traceback' not in err, err[-2000:]
   assert err.strip().splitlines()[-1] == (
       f'lmjax.train: error: interrupted: stopped at step {last} with a checkpoint in '
       f'{workdir}/checkpoints; the same command resumes from it')
