@@ -68,7 +68,7 @@ setup(
                  "dask==2026.8.0", "distributed==2026.8.0",  # Beam's DaskRunner, tests/test_data_beam.py
                  "gcsfs==2026.10.1", "gcp-storage-emulator==2026.7.19",  # gs:// on a local emulator
                  "libtpu==0.0.42.1",  # the TPU compiler, for compile-only tests on CPU (lmjax.aot)
-                 "wandb==0.31.0", *PINNED],
+                 "wandb==0.31.0", "lm-eval==0.4.13", "datasets==5.2.0", *PINNED],
         "parquet": ["pyarrow==25.0.1"],
         # prepare --runner=beam (lmjax/data/beam.py): DirectRunner, Dask (tested), Dataflow (docs/data.md)
         "beam": ["apache-beam[dask]==2.77.0", "pyarrow==25.0.1", "dask==2026.8.0",
@@ -79,6 +79,8 @@ setup(
         "seqio": ["seqio==0.0.20", "tensorflow==2.21.0", "tensorflow-text==2.21.1",
                   "tensorflow-datasets==4.9.10", "clu==0.0.12", "keras==3.15.1", "protobuf==7.36.2"],
         "wandb": ["wandb==0.31.0"],
+        # EleutherAI's lm-evaluation-harness on lmjax models (lmjax/eval/harness.py): no torch needed
+        "eval": ["lm-eval==0.4.13", "datasets==5.2.0"],
         "gcs": ["gcsfs==2026.10.1"],
         "bench": ["datasketch==2.0.0", "rensa==0.5.0", "py3langid==0.4.0",
                   "lingua-language-detector==2.1.1"],

@@ -1,0 +1,227 @@
+"""EleutherAI's lm-evaluation-harness on lmjax models: the harness's model type `lmjax`.
+
+  import lm_eval, lmjax.eval.harness
+  lm_eval.simple_evaluate(model='lmjax', model_args='workdir=RUN[,checkpoint=STEP]', tasks=[...])
+  lm_eval.simple_evaluate(model='lmjax', model_args='hf=DIR', tasks=[...])   # a Hugging Face checkpoint
+
+`LmjaxLM` is a `TemplateLM`: the harness tokenizes (`tok_encode`) and splits each request's context
+and continuation; this module scores token ids the way the harness's own Hugging Face backend
+(`lm_eval/models/huggingface.py`) does, so the numbers are the ones papers report:
+
+- loglikelihood: a row is (context + continuation) cut from the left to max_length + 1 tokens; the
+  sum of the continuation's log-probabilities and whether each of its tokens is the argmax (the
+  greedy flag). Requests run longest first (the harness's Collator), in batches of `batch_size` rows
+  padded to the batch's longest row (rounded up to a multiple of 16 to bound recompiles).
+- loglikelihood_rolling: a document's tokens in disjoint windows of max_length (`get_rolling_token_
+  windows`, context 1), each scored as a loglikelihood request, summed.
+- generate_until: `lmjax/sample.py`'s KV-cache decoding (greedy, or sampled with `temperature`),
+  `max_gen_toks` new tokens after the context cut from the left to max_length - max_gen_toks, stopped
+  at EOS, the text cut at the first stop string.
+
+Tokens: lmjax trains every document after BOS, so `tok_encode` puts BOS first (as a Llama tokenizer
+does) unless asked not to, and BOS is the harness's prefix for an empty context. A run directory's
+model, tokenizer and mesh are the run's (its config.json, provenance.json; lmjax/eval/heldout.py); a
+Hugging Face directory's are its safetensors and tokenizer.json (lmjax/convert.py), on a data-parallel
+mesh over every device. Rows are split over the mesh's data shards and, across processes, each
+process feeds its slice and every process gathers the scores (as the training step does).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from lmjax import errors
+
+errors.require('lm_eval', 'eval', 'lm-evaluation-harness tasks (lmjax.eval.harness)')
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, \
+    postprocess_generated_text
+
+from lmjax import config as config_lib, convert, model, sample, sharding
+from lmjax.data import tokenizer as tokenizer_lib
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tasks')  # the shipped local tasks
+_WIDTH_STEP = 16  # row widths are multiples of this: a few compiled shapes per task
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _scores(graphdef, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+  """(log-likelihood [B] f32: the sum over weighted targets of log p(target), greedy [B] bool: every
+  weighted target is its position's argmax) of a batch with inputs/targets/weights/positions/
+  segment_ids [B, T]."""
+  logits_btv = model.apply(graphdef, params, batch).astype(jnp.float32)
+  logp_btv = jax.nn.log_softmax(logits_btv, axis=-1)
+  target_bt = jnp.take_along_axis(logp_btv, batch['targets'][..., None], axis=-1)[..., 0]
+  weighted = batch['weights'] > 0
+  greedy_bt = jnp.argmax(logits_btv, axis=-1) == batch['targets']
+  return (jnp.where(weighted, target_bt, 0.0).sum(-1),
+          jnp.all(greedy_bt | ~weighted, axis=-1))
+
+
+class Scorer:
+  """A model's graph, params, tokenizer and mesh, and `batch_size` rows at a time."""
+
+  def __init__(self, graphdef, params: dict, tokenizer: tokenizer_lib.Tokenizer,
+               mesh: jax.sharding.Mesh, max_length: int, batch_size: int):
+    data_shards = mesh.shape['data'] * mesh.shape.get('fsdp', 1)
+    self.graphdef, self.params, self.tokenizer, self.mesh = graphdef, params, tokenizer, mesh
+    self.max_length = max_length
+    self.batch_size = -(-batch_size // data_shards) * data_shards  # rows split evenly over shards
+
+  def loglikelihoods(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    """(log-likelihood, greedy) of each (context ids, continuation ids), in the given order; a pair
+    longer than max_length + 1 tokens loses tokens from the left of its context."""
+    out = []
+    for start in range(0, len(pairs), self.batch_size):
+      out += self._batch(pairs[start:start + self.batch_size])
+    return out
+
+  def _batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    seqs = [(list(ctx) + list(cont))[-(self.max_length + 1):] for ctx, cont in pairs]
+    width = -(-max(len(s) - 1 for s in seqs) // _WIDTH_STEP) * _WIDTH_STEP
+    rows = {k: np.zeros((self.batch_size, width), np.int32) for k in
+            ('inputs', 'targets', 'positions', 'segment_ids')}
+    rows['weights'] = np.zeros((self.batch_size, width), np.float32)
+    for r, (seq, (_, cont)) in enumerate(zip(seqs, pairs)):
+      t = len(seq) - 1
+      rows['inputs'][r, :t], rows['targets'][r, :t] = seq[:-1], seq[1:]
+      rows['positions'][r, :t], rows['segment_ids'][r, :t] = np.arange(t), 1
+      rows['weights'][r, t - len(cont):t] = 1.0
+    local = self.batch_size // jax.process_count()
+    first = jax.process_index() * local
+    with jax.set_mesh(self.mesh):
+      placed = sharding.global_batch({k: v[first:first + local] for k, v in rows.items()}, self.mesh)
+      ll, greedy = _scores(self.graphdef, self.params, placed)
+      ll, greedy = (np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in (ll, greedy))
+    return [(float(ll[r]), bool(greedy[r])) for r in range(len(pairs))]
+
+  def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+               seed: int) -> list[list[int]]:
+    """Up to `max_new_tokens` new tokens after each prompt, cut at EOS."""
+    new = sample.generate(self.graphdef, self.params, prompts, max_new_tokens, temperature=temperature,
+                          seed=seed, eos_id=self.tokenizer.eos_id)
+    out = []
+    for row in np.asarray(new).tolist():
+      out.append(row[:row.index(self.tokenizer.eos_id)] if self.tokenizer.eos_id in row else row)
+    return out
+
+
+def run_scorer(workdir: str, checkpoint: int | None, batch_size: int) -> Scorer:
+  """The Scorer of checkpoint `checkpoint` (None: the latest) of the lmjax run in `workdir`."""
+  from lmjax.eval import heldout  # pylint: disable=import-outside-toplevel  (the data pipeline's imports)
+  ev = heldout.build(config_lib.from_run(workdir), workdir, data=False)
+  _, params = heldout.load_params(ev, workdir, checkpoint)
+  return Scorer(ev.steps.graphdef, params, ev.tokenizer, ev.mesh, ev.config.train.seq_len, batch_size)
+
+
+def hf_scorer(directory: str, batch_size: int, max_length: int | None, dtype: str | None) -> Scorer:
+  """The Scorer of a Hugging Face checkpoint directory (safetensors, config.json, tokenizer.json),
+  computing in `dtype` (None: the checkpoint's own, its config.json's dtype or torch_dtype)."""
+  cfg = convert.read_config(directory)
+  dtype = dtype or cfg.get('dtype') or cfg.get('torch_dtype') or 'float32'
+  mesh = sharding.make_mesh(config_lib.base().mesh)
+  args, params = convert.load(directory, mesh, compute_dtype=dtype)
+  length = max_length or cfg.get('max_position_embeddings')
+  if not length:
+    raise errors.ConfigError(f'{directory}/config.json has no max_position_embeddings: pass max_length=')
+  return Scorer(model.abstract(args)[0], params, tokenizer_lib.load(directory), mesh, int(length),
+                batch_size)
+
+
+@register_model('lmjax')
+class LmjaxLM(TemplateLM):
+  """The harness's model type `lmjax`: model_args `workdir=RUN[,checkpoint=STEP]` or `hf=DIR[,dtype=D]`
+  (D: the compute dtype, default the checkpoint's), with `batch_size` (rows per forward pass),
+  `max_length` (default: the run's seq_len, the checkpoint's max_position_embeddings), `max_gen_toks`
+  (default 256) and `seed` (sampled generation)."""
+
+  def __init__(self, workdir: str | None = None, checkpoint: int | None = None, hf: str | None = None,
+               batch_size: int | str = 16, max_length: int | None = None, max_gen_toks: int = 256,
+               seed: int = 0, dtype: str | None = None, **unused):
+    del unused  # what simple_evaluate passes every model (device, max_batch_size)
+    super().__init__()
+    if (workdir is None) == (hf is None):
+      raise errors.ConfigError("lmjax model_args: expected workdir=RUN[,checkpoint=STEP] or hf=DIR")
+    batch_size = 16 if batch_size in (None, 'auto') else int(batch_size)
+    self.scorer = (run_scorer(workdir, None if checkpoint is None else int(checkpoint), batch_size)
+                   if workdir else hf_scorer(hf, batch_size, max_length and int(max_length), dtype))
+    if max_length and workdir:
+      self.scorer.max_length = int(max_length)
+    self.max_gen_toks, self.seed = int(max_gen_toks), int(seed)
+
+  @property
+  def tokenizer_name(self) -> str:
+    return os.path.basename(self.scorer.tokenizer.path)
+
+  @property
+  def eot_token_id(self) -> int:
+    return self.scorer.tokenizer.eos_id
+
+  @property
+  def prefix_token_id(self) -> int:
+    return self.scorer.tokenizer.bos_id
+
+  @property
+  def max_length(self) -> int:
+    return self.scorer.max_length
+
+  def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+    ids = self.scorer.tokenizer.encode(string)
+    return ids if add_special_tokens is False else [self.prefix_token_id] + ids
+
+  def tok_decode(self, ids: list[int]) -> str:
+    return self.scorer.tokenizer.decode(ids)
+
+  def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs
+                            ) -> list[tuple[float, bool]]:
+    order = Collator(requests, sort_fn=lambda req: (-len(req[1] + req[2]), tuple(req[1] + req[2])))
+    ordered = list(order.get_batched(n=0))[0] if requests else []
+    scored = self.scorer.loglikelihoods([(ctx, cont) for _, ctx, cont in ordered])
+    for (key, _, _), result in zip(ordered, scored):
+      if key is not None:  # a rolling window has none
+        self.cache_hook.add_partial('loglikelihood', key, result)
+    return order.get_original(scored)
+
+  def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+    windows, owner = [], []
+    for i, (text,) in enumerate(req.args for req in requests):
+      for ctx, cont in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+          token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+          max_seq_len=self.max_length, context_len=1)):
+        windows.append((None, ctx, cont))
+        owner.append(i)
+    totals = [0.0] * len(requests)
+    for i, (ll, _) in zip(owner, self._loglikelihood_tokens(windows)):
+      totals[i] += ll
+    for req, total in zip(requests, totals):
+      self.cache_hook.add_partial('loglikelihood_rolling', req.args, total)
+    return totals
+
+  def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+    eos = self.scorer.tokenizer.decode([self.eot_token_id])
+    order = Collator([req.args for req in requests], sort_fn=lambda x: (-len(self.tok_encode(x[0])), x[0]),
+                     group_by='gen_kwargs', group_fn=lambda x: x[1])
+    out = []
+    for chunk in order.get_batched(n=self.scorer.batch_size):
+      contexts, all_kwargs = zip(*chunk)
+      kwargs = normalize_gen_kwargs(dict(all_kwargs[0]), self.max_gen_toks)
+      until = handle_stop_sequences(kwargs.pop('until', None), eos=eos)
+      max_new = kwargs.pop('max_gen_toks')
+      if max_new >= self.max_length:
+        raise errors.ConfigError(f'max_gen_toks={max_new}: expected fewer than max_length={self.max_length}')
+      prompts = [self.tok_encode(c)[-(self.max_length - max_new):] for c in contexts]
+      new = self.scorer.generate(prompts, max_new, float(kwargs.get('temperature') or 0.0), self.seed)
+      for context, gen_kwargs, ids in zip(contexts, all_kwargs, new):
+        text = postprocess_generated_text(self.tok_decode(ids), stop=until, think_end_token=None)
+        out.append(text)
+        self.cache_hook.add_partial('generate_until', (context, gen_kwargs), text)
+    return order.get_original(out)

@@ -1,0 +1,91 @@
+"""lmjax's lm-evaluation-harness adapter (lmjax/eval/harness.py) against the harness's own Hugging
+Face backend: the golden outputs scripts/make_harness_golden.py saved where torch and transformers
+exist (tests/assets/harness/golden.json), reproduced here without either."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import lm_eval
+import numpy as np
+import pytest
+
+from lmjax.eval import harness  # noqa: F401  (registers the model type 'lmjax')
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASSETS = os.path.join(ROOT, 'tests', 'assets', 'harness')
+TASKS = ('lmjax_parity_mc', 'lmjax_parity_ppl', 'lmjax_parity_gen')
+
+
+def parity_model(directory) -> str:
+  """llama_tied with the parity tokenizer, as the golden script assembled it."""
+  os.makedirs(directory, exist_ok=True)
+  for name in ('config.json', 'model.safetensors'):
+    shutil.copy(os.path.join(ROOT, 'tests', 'assets', 'hf', 'llama_tied', name), directory)
+  for name in ('tokenizer.json', 'tokenizer_config.json'):
+    shutil.copy(os.path.join(ASSETS, 'tokenizer', name), directory)
+  return str(directory)
+
+
+def evaluate(model_args: str, batch_size: int = 4) -> dict:
+  return lm_eval.simple_evaluate(
+      model='lmjax', model_args=model_args, tasks=list(TASKS), batch_size=batch_size, log_samples=True,
+      task_manager=lm_eval.tasks.TaskManager(include_path=os.path.join(ASSETS, 'tasks')))
+
+
+def requests(out: dict, task: str) -> list:
+  return [s['resps'] for s in sorted(out['samples'][task], key=lambda s: s['doc_id'])]
+
+
+@pytest.fixture(scope='module')
+def golden():
+  with open(os.path.join(ASSETS, 'golden.json')) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope='module')
+def lmjax_out(tmp_path_factory):
+  return evaluate(f'hf={parity_model(tmp_path_factory.mktemp("parity"))}')
+
+
+def test_loglikelihoods_match_the_hf_backend(golden, lmjax_out):
+  for task in ('lmjax_parity_mc', 'lmjax_parity_ppl'):
+    want, got = golden['requests'][task], requests(lmjax_out, task)
+    assert len(got) == len(want)
+    for doc_want, doc_got in zip(want, got):
+      ll_want = [r[0][0] if isinstance(r[0], (list, tuple)) else r[0] for r in doc_want]
+      ll_got = [r[0][0] if isinstance(r[0], (list, tuple)) else r[0] for r in doc_got]
+      np.testing.assert_allclose(ll_got, ll_want, atol=1e-4, rtol=1e-6, err_msg=task)  # f32 sums
+      if task == 'lmjax_parity_mc':  # the greedy flags
+        assert [bool(r[0][1]) for r in doc_got] == [r[0][1] for r in doc_want]
+
+
+def test_generated_strings_equal_the_hf_backends(golden, lmjax_out):
+  got = requests(lmjax_out, 'lmjax_parity_gen')
+  assert [[list(r) for r in doc] for doc in got] == golden['requests']['lmjax_parity_gen']
+
+
+def test_metrics_equal_the_hf_backends(golden, lmjax_out):
+  for task, metrics in golden['metrics'].items():
+    got = {k.split(',')[0]: v for k, v in lmjax_out['results'][task].items()
+           if k.endswith(',none') and '_stderr' not in k}
+    assert set(got) == set(metrics), task
+    for name, value in metrics.items():
+      assert got[name] == pytest.approx(value, rel=1e-5), (task, name)
+
+
+def test_eight_data_shards_give_the_one_device_results(lmjax_out, tmp_path):
+  """The adapter on 8 fake CPU devices (rows split over the data axis) scores as on one."""
+  script = (f'import json, sys\nsys.path.insert(0, {os.path.join(ROOT, "tests")!r})\n'
+            'import jax, test_harness\nassert len(jax.devices()) == 8\n'
+            f'out = test_harness.evaluate("hf={parity_model(tmp_path / "model")}", batch_size=8)\n'
+            'print(json.dumps({t: test_harness.requests(out, t) for t in test_harness.TASKS}))\n')
+  run = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, JAX_PLATFORMS='cpu',
+                                XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+  assert run.returncode == 0, run.stderr[-3000:]
+  sharded = json.loads(run.stdout.strip().splitlines()[-1])
+  for task in TASKS:
+    one = json.loads(json.dumps(requests(lmjax_out, task)))  # tuples as lists, as the subprocess's
+    assert sharded[task] == one, task
