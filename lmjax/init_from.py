@@ -2,6 +2,8 @@
 
   init_from = 'lmjax:DIR'   another lmjax run's workdir (its latest checkpoint's params); a bare DIR too
   init_from = 'hf:DIR'      a Hugging Face checkpoint (safetensors + config.json; lmjax/convert.py)
+  init_from = 'hf:ORG/NAME[@REVISION]'   the same by its Hub id (meta-llama/Llama-3.2-1B), from the
+                            Hub cache or downloaded into it (HF_HUB_OFFLINE=1: the cache only)
 
 An lmjax DIR may be a URL (gs://bucket/runs/1b): its provenance.json and tokenizer are read through
 lmjax/fs.py, its checkpoint by orbax.
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lmjax import checkpoint, errors, fs, model, sharding
+from lmjax import checkpoint, convert, errors, fs, model, sharding
 
 KINDS = ('lmjax', 'hf')
 # Parameters with a vocabulary axis, and which axis it is: they may grow (see the module docstring).
@@ -36,8 +38,12 @@ VOCAB_AXIS = {'embed_vd': 0, 'head_dv': 1}
 
 
 def parse(spec: str) -> tuple[str, str]:
-  """'hf:DIR' -> ('hf', DIR); 'lmjax:DIR' or a bare 'DIR' (a URL too) -> ('lmjax', DIR)."""
+  """'hf:DIR' -> ('hf', DIR); 'hf:ORG/NAME[@REVISION]' -> ('hf', its directory in the Hugging Face
+  Hub cache, downloaded if missing: convert.directory); 'lmjax:DIR' or a bare 'DIR' (a URL too) ->
+  ('lmjax', DIR)."""
   kind, sep, rest = spec.partition(':')
+  if sep and kind == 'hf':
+    return kind, convert.directory(rest)
   if sep and kind in KINDS:
     return kind, rest
   if sep and '/' not in kind and not rest.startswith('//'):
@@ -113,7 +119,6 @@ def lmjax_params(directory: str, target_abstract: dict, mesh) -> dict:
 
 
 def _hf_params(directory: str, args: model.Args, mesh) -> dict:
-  from lmjax import convert  # safetensors reading; only needed for Hugging Face parents
   fields = convert.model_fields(convert.read_config(directory))
   parent = model.Args(**{**{f: getattr(args, f) for f in ('norm_eps', 'attention', 'remat',
                                                           'compute_dtype', 'param_dtype')}, **fields})

@@ -117,3 +117,35 @@ def test_hugging_face_parent_loads_its_weights(tmp_path):
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert params['embed_vd'].sharding.spec == jax.sharding.PartitionSpec('tensor', 'fsdp')
+
+
+def test_a_hub_id_resolves_from_the_hugging_face_cache(tmp_path, monkeypatch):
+  """hf:ORG/NAME[@REVISION] through huggingface_hub's cache, offline: the cache made here in the
+  layout huggingface_hub writes (refs/<revision> holds the commit, snapshots/<commit>/ the files)
+  gives the parameters of the directory it was copied from."""
+  import shutil
+  from lmjax import convert, init_from
+  directory = os.path.join(HF, 'llama_tied')
+  if not os.path.isdir(directory):
+    pytest.skip('tests/assets/hf holds no golden checkpoints (scripts/make_hf_golden.py)')
+  cache, commit = tmp_path / 'hub', 'a' * 40
+  repo = cache / 'models--tiny-org--tiny-llama'
+  shutil.copytree(directory, repo / 'snapshots' / commit, ignore=shutil.ignore_patterns('golden.npz'))
+  (repo / 'refs').mkdir()
+  (repo / 'refs' / 'main').write_text(commit)
+  (repo / 'refs' / 'v1').write_text(commit)
+  monkeypatch.setenv('HF_HUB_CACHE', str(cache))
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  import huggingface_hub.constants
+  monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(cache))
+  monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+  for spec in ('hf:tiny-org/tiny-llama', 'hf:tiny-org/tiny-llama@v1'):
+    kind, found = init_from.parse(spec)
+    assert kind == 'hf' and found == str(repo / 'snapshots' / commit)
+    _, got = convert.load(found)
+    _, want = convert.load(directory)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(errors.MissingFile, match="'tiny-org/absent' is not a local directory, and the "
+                                               'Hugging Face Hub gives no checkpoint for it'):
+    init_from.parse('hf:tiny-org/absent')

@@ -3,6 +3,7 @@
   import lm_eval, lmjax.eval.harness
   lm_eval.simple_evaluate(model='lmjax', model_args='workdir=RUN[,checkpoint=STEP]', tasks=[...])
   lm_eval.simple_evaluate(model='lmjax', model_args='hf=DIR', tasks=[...])   # a Hugging Face checkpoint
+  lm_eval.simple_evaluate(model='lmjax', model_args='hf=meta-llama/Llama-3.2-1B', tasks=[...])  # by Hub id
 
 `LmjaxLM` is a `TemplateLM`: the harness tokenizes (`tok_encode`) and splits each request's context
 and continuation; this module scores token ids the way the harness's own Hugging Face backend
@@ -11,7 +12,7 @@ and continuation; this module scores token ids the way the harness's own Hugging
 - loglikelihood: a row is (context + continuation) cut from the left to max_length + 1 tokens; the
   sum of the continuation's log-probabilities and whether each of its tokens is the argmax (the
   greedy flag). Requests run longest first (the harness's Collator), in batches of `batch_size` rows
-  padded to the batch's longest row (rounded up to a multiple of 16 to bound recompiles).
+  padded to the batch's longest row (rounded up to a few widths, `_width`, to bound recompiles).
 - loglikelihood_rolling: a document's tokens in disjoint windows of max_length (`get_rolling_token_
   windows`, context 1), each scored as a loglikelihood request, summed.
 - generate_until: `lmjax/sample.py`'s KV-cache decoding (greedy, or sampled with `temperature`),
@@ -50,7 +51,6 @@ from lmjax.data import tokenizer as tokenizer_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tasks')  # the shipped local tasks
-_WIDTH_STEP = 16  # row widths are multiples of this: a few compiled shapes per task
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -65,6 +65,14 @@ def _scores(graphdef, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
   greedy_bt = jnp.argmax(logits_btv, axis=-1) == batch['targets']
   return (jnp.where(weighted, target_bt, 0.0).sum(-1),
           jnp.all(greedy_bt | ~weighted, axis=-1))
+
+
+def _width(tokens: int) -> int:
+  """A row width of at least `tokens`: a power of two from 16 to 256, then a multiple of 256, so a
+  task compiles the forward pass for a few shapes (each compile of a large model takes seconds)."""
+  if tokens <= 256:
+    return max(16, 1 << (tokens - 1).bit_length())
+  return -(-tokens // 256) * 256
 
 
 class Scorer:
@@ -87,7 +95,7 @@ class Scorer:
 
   def _batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
     seqs = [(list(ctx) + list(cont))[-(self.max_length + 1):] for ctx, cont in pairs]
-    width = -(-max(len(s) - 1 for s in seqs) // _WIDTH_STEP) * _WIDTH_STEP
+    width = _width(max(len(s) - 1 for s in seqs))
     rows = {k: np.zeros((self.batch_size, width), np.int32) for k in
             ('inputs', 'targets', 'positions', 'segment_ids')}
     rows['weights'] = np.zeros((self.batch_size, width), np.float32)
@@ -126,6 +134,7 @@ def run_scorer(workdir: str, checkpoint: int | None, batch_size: int) -> Scorer:
 def hf_scorer(directory: str, batch_size: int, max_length: int | None, dtype: str | None) -> Scorer:
   """The Scorer of a Hugging Face checkpoint directory (safetensors, config.json, tokenizer.json),
   computing in `dtype` (None: the checkpoint's own, its config.json's dtype or torch_dtype)."""
+  directory = convert.directory(directory)
   cfg = convert.read_config(directory)
   dtype = dtype or cfg.get('dtype') or cfg.get('torch_dtype') or 'float32'
   mesh = sharding.make_mesh(config_lib.base().mesh)
