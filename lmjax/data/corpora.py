@@ -22,6 +22,7 @@ import re
 import sysconfig
 from typing import Callable, Iterator
 
+from lmjax import errors
 from lmjax.data import readers
 from lmjax.data.records import Doc, Drop
 
@@ -213,8 +214,8 @@ def _glob_read(spec: str) -> Callable[[list[str]], list[str]]:
         if isinstance(r, Doc):
           docs.append(r.text)
         elif r.reason != 'empty':  # empty files (e.g. package __init__.py) are not documents
-          raise ValueError(f'{r.doc_id}: {r.reason} (expected a JSON object with a "text" field, '
-                           'UTF-8 text)')
+          raise errors.DataError(f'{r.doc_id}: {r.reason} (expected a JSON object with a "text" '
+                                 'field, UTF-8 text)')
     return docs
   return read
 
@@ -232,8 +233,8 @@ def corpus(name: str) -> Corpus:
     return Corpus('', f'(files matching {pattern!r})', lambda: readers.list_files(name),
                   _glob_read(name))
   if name not in CORPORA:
-    raise ValueError(f'unknown corpus {name!r}: expected one of {sorted(CORPORA)} or txt:<glob>, '
-                     'jsonl:<glob> or parquet:<glob>')
+    raise errors.ConfigError(f'unknown corpus {name!r}: expected one of {sorted(CORPORA)} or '
+                             'txt:<glob>, jsonl:<glob> or parquet:<glob>')
   return CORPORA[name]
 
 
@@ -281,7 +282,7 @@ def corpus_names(spec: str) -> list[str]:
   """'fortunes, pydoc_topics' -> ['fortunes', 'pydoc_topics'], checking each name."""
   names = [n.strip() for n in spec.split(',') if n.strip()]
   if not names:
-    raise ValueError(f'corpora {spec!r}: expected a comma-separated list of {sorted(CORPORA)}')
+    raise errors.ConfigError(f'corpora {spec!r}: expected a comma-separated list of {sorted(CORPORA)}')
   for n in names:
     corpus(n)
   return names
@@ -300,7 +301,8 @@ def doc_key(text: str) -> bytes:
 def source_documents(spec: str) -> list[str]:
   """All non-blank documents of the installed corpora in `spec`, deduplicated, ordered by `doc_key`.
 
-  Raises FileNotFoundError naming the install lines when none of the corpora is installed.
+  Raises errors.MissingFile (a FileNotFoundError) naming the install lines when none of the corpora
+  is installed.
   """
   names = corpus_names(spec)
   docs = {}
@@ -313,5 +315,5 @@ def source_documents(spec: str) -> list[str]:
           docs.setdefault(doc_key(d), d)
   if not docs:
     lines = sorted({corpus(n).install for n in names})
-    raise FileNotFoundError(f'no corpus of {names} is installed; install with: {" ; ".join(lines)}')
+    raise errors.MissingFile(f'no corpus of {names} is installed; install with: {" ; ".join(lines)}')
   return [docs[k] for k in sorted(docs)]

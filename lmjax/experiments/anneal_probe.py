@@ -29,6 +29,7 @@ from typing import Sequence
 import ml_collections
 
 from lmjax import errors, fs, phases
+from lmjax.data import prepare
 from lmjax.experiments import common
 from lmjax.scaling import report as plots
 
@@ -50,9 +51,11 @@ def parse_candidate(text: str, sources: Sequence[str]) -> tuple[str, str]:
 
 
 def default_mix(config: ml_collections.ConfigDict) -> dict[str, float]:
-  """The first phase's mixture, normalised, sources of weight 0 left out."""
+  """The first phase's mixture over the sources that are installed (an optional corpus may not be:
+  the run trains without it), normalised, sources of weight 0 left out."""
   resolved = phases.resolve(config.phases, config.train.steps, list(config.data.sources))
-  weights = {s: w for s, w in resolved[0].weights.items() if w > 0}
+  present, _ = prepare.available_sources(config.data)
+  weights = {s: w for s, w in resolved[0].weights.items() if w > 0 and s in present}
   total = sum(weights.values())
   return {s: w / total for s, w in weights.items()}
 
