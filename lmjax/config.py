@@ -17,6 +17,7 @@ import ml_collections
 
 from lmjax import errors, fs, losses, model, optim, phases, trainer
 from lmjax.data import pipeline
+from lmjax.eval import hook
 
 
 def base() -> ml_collections.ConfigDict:
@@ -29,6 +30,7 @@ def base() -> ml_collections.ConfigDict:
       loss=losses.defaults(),
       optim=optim.defaults(),
       train=trainer.defaults(),
+      eval=hook.defaults(),  # harness tasks during training (lmjax/eval/hook.py)
       mesh=dict(data=-1, fsdp=1, tensor=1),
       # '' (scratch) | 'lmjax:DIR' (another run's latest params) | 'hf:DIR' (Hugging Face weights);
       # the run inherits the parent's tokenizer (lmjax/init_from.py).

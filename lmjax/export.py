@@ -46,8 +46,9 @@ import tokenizers
 from absl import flags
 from tokenizers import decoders, normalizers, processors
 
-from lmjax import checkpoint, convert, errors, evaluate, fs, model
+from lmjax import checkpoint, convert, errors, fs, model
 from lmjax.data import tokenizer as tokenizer_lib
+from lmjax.eval import runs
 
 # The names an export writes, and so all that --overwrite may replace.
 WRITTEN = re.compile(r'model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json|'
@@ -78,7 +79,7 @@ def run_args(workdir: str) -> model.Args:
 
 def run_tokenizer(workdir: str) -> tokenizer_lib.Tokenizer:
   """The tokenizer the run trained with, the file its provenance.json names."""
-  return tokenizer_lib.load(evaluate.run_tokenizer_path(workdir))
+  return tokenizer_lib.load(runs.run_tokenizer_path(workdir))
 
 
 def _path(key_path) -> str:

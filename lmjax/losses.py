@@ -262,6 +262,20 @@ def ce_chunked(x_btd, w_dv, batch, args: Args) -> jax.Array:
   return _chunked(fn, x_btd, w_dv, {'targets': batch['targets']}, args.chunk_tokens)
 
 
+def target_scores(x_btd: jax.Array, w_dv: jax.Array, targets_bt: jax.Array,
+                  args: Args) -> tuple[jax.Array, jax.Array]:
+  """For scoring, not training: per token, -log p(target) [B, T] f32 (`cross_entropy` without
+  z-loss, as ce_materialize computes it) and whether the target is the most likely of the first
+  args.vocab_size tokens [B, T] bool (argmax: a tie goes to the lowest id). `materialize` holds the
+  logits [B, T, V] whole; any other implementation takes a block of positions at a time (`_chunked`)."""
+  def fn(logits_btv, f):
+    z = _mask_vocab(logits_btv.astype(jnp.float32), args.vocab_size)
+    return cross_entropy(z, f['targets']), jnp.argmax(z, axis=-1) == f['targets']
+  if args.implementation == 'materialize':
+    return fn(logits(x_btd, w_dv), {'targets': targets_bt})
+  return _chunked(fn, x_btd, w_dv, {'targets': targets_bt}, args.chunk_tokens)
+
+
 def _mesh_devices(x) -> int:
   """Devices of the mesh `x` is laid out on (the one set by jax.set_mesh, else its own); 1 if none."""
   for mesh in (jax.sharding.get_abstract_mesh(), jax.typeof(x).sharding.mesh):

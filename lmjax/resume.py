@@ -18,7 +18,8 @@ FREE = ('train.log_every', 'train.eval_every', 'train.checkpoint_every', 'train.
         'train.async_checkpoint', 'train.trackers', 'train.wandb_project', 'data.num_threads',
         'data.prefetch', 'data.verify_checksums', 'data.cache_dir', 'data.eval.num_batches', 'model.attention',
         'model.remat', 'mesh', 'init_from', 'init_skip', 'loss.implementation', 'loss.chunk_tokens',
-        'loss.kd.store', 'loss.kd.mode')  # where the teacher's top-k comes from, not what it is
+        'loss.kd.store', 'loss.kd.mode',  # where the teacher's top-k comes from, not what it is
+        'eval')  # what is measured along the way
 RECORDED = ('train.steps',)
 
 

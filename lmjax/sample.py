@@ -151,10 +151,10 @@ def _pick(logits_bv, temperature, top_p, key):
 
 def main(config) -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from lmjax import evaluate  # pylint: disable=import-outside-toplevel
+  from lmjax.eval import runs  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
-  ev = evaluate.build(config, f.workdir, data=False)
-  _, params = evaluate.load_params(ev, f.workdir, f.checkpoint)
+  ev = runs.build(config, f.workdir, data=False)
+  _, params = runs.load_params(ev, f.workdir, f.checkpoint)
   tok = ev.tokenizer
   new = generate(ev.steps.graphdef, params, [[tok.bos_id] + tok.encode(f.prompt)], f.max_new_tokens,
                  temperature=f.temperature, top_p=f.top_p, seed=f.seed, eos_id=tok.eos_id)[0].tolist()

@@ -17,6 +17,7 @@ import ml_collections
 from absl import flags
 
 from lmjax import cli, distributed, fs, trainer
+from lmjax.eval import hook
 
 
 def main(config: ml_collections.ConfigDict) -> None:
@@ -54,7 +55,8 @@ def main(config: ml_collections.ConfigDict) -> None:
 
   writer = trainer.MetricsWriter(r, echo=print_eval)
   try:
-    trainer.train(r, trainer.default_hooks(r, writer) + [trainer.Hook(1, progress)])
+    trainer.train(r, trainer.default_hooks(r, writer) + hook.harness_hooks(r, writer)
+                  + [trainer.Hook(1, progress)])
   finally:
     bar.close()
     writer.close()

@@ -30,6 +30,7 @@ from lmjax import (checkpoint, errors, fs, init_from, model, phases as phases_li
                    steps as steps_lib)
 from lmjax.data import pipeline as data_pipeline
 from lmjax.distill import store as store_lib, teacher as teacher_lib
+from lmjax.eval import heldout
 
 # Dense bf16 peak FLOP/s per chip, for MFU (vendor datasheets).
 PEAK_FLOPS = {
@@ -347,12 +348,9 @@ def default_hooks(run: Run, writer: MetricsWriter) -> list[Hook]:
     writer.write(info.step, record)
 
   def evaluate(info: StepInfo):
+    metrics = heldout.measure(run.steps.eval_step, info.state['params'], eval_batches, run.mesh)
     record = {'tokens': info.step * tokens_per_step}
-    for source, batches in eval_batches.items():
-      sums = [run.steps.eval_step(info.state['params'], sharding.global_batch(b, run.mesh))
-              for b in batches]
-      loss_sum, weight_sum = np.sum(jax.device_get(sums), axis=0)
-      record[f'eval/{source}/loss'] = float(loss_sum / max(weight_sum, 1.0))
+    record.update({f'eval/{source}/loss': m['loss'] for source, m in metrics.items()})
     writer.write(info.step, record)
 
   def save(info: StepInfo):
@@ -360,7 +358,7 @@ def default_hooks(run: Run, writer: MetricsWriter) -> list[Hook]:
       run.checkpointer.save(info.step, info.state, run.data_iter.get_state())
 
   # Evaluation also runs before the first step: the starting point of a continued-pretraining run's
-  # forgetting report (lmjax/evaluate.py), and the untrained baseline of any other.
+  # forgetting report (lmjax/eval/forgetting.py), and the untrained baseline of any other.
   return [Hook(cfg.log_every, log), Hook(cfg.eval_every, evaluate, at_start=True),
           Hook(cfg.checkpoint_every, save)]
 
@@ -417,7 +415,7 @@ def train(run: Run, hooks: Iterable[Hook]) -> dict:
 def run(config: ml_collections.ConfigDict, workdir: str, extra_hooks: Iterable[Hook] = (),
         writer_hooks: Iterable[Callable[[Run, MetricsWriter], Hook]] = ()) -> dict:
   """Trains `config` in `workdir` (resuming if possible) with the default hooks plus `extra_hooks`
-  and the hooks `writer_hooks` make from the run and its metrics writer (e.g. lmjax.evaluate.hook)."""
+  and the hooks `writer_hooks` make from the run and its metrics writer (e.g. lmjax.eval.hook.hook)."""
   r = setup(config, workdir)
   writer = MetricsWriter(r)
   try:

@@ -10,7 +10,7 @@
    first step the starting params are evaluated (step 0: held-out loss and bits per byte of every
    source, and the legal cloze task tests/assets/eval/legal_cloze.jsonl), the trainer's held-out
    loss every steps/5 steps, and after the last step the same as at step 0.
-3. Prints the forgetting report (`lmjax.evaluate.forgetting`) and the cloze accuracies, and writes
+3. Prints the forgetting report (`lmjax.eval.forgetting`) and the cloze accuracies, and writes
    the report as <workdir>/forgetting.png.
 
 The same steps from the command line, one run at a time, are in configs/cpt_domain.py's docstring.
@@ -26,7 +26,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lmjax import config as config_lib, evaluate, trainer  # noqa: E402
+from lmjax import config as config_lib, trainer  # noqa: E402
+from lmjax.eval import choice, forgetting, records, runs as runs_lib  # noqa: E402
 
 CLOZE = os.path.join(ROOT, 'tests', 'assets', 'eval', 'legal_cloze.jsonl')
 DOMAIN = 'legal'
@@ -34,9 +35,9 @@ DOMAIN = 'legal'
 
 def _finished(run_dir: str, steps: int) -> bool:
   """Whether the run recorded its final evaluation (the cloze after its last step)."""
-  if not os.path.isfile(os.path.join(run_dir, evaluate.EVALUATIONS)):
+  if not os.path.isfile(os.path.join(run_dir, records.EVALUATIONS)):
     return False
-  return any(k.startswith('task/') for k in evaluate.eval_records(run_dir).get(steps, {}))
+  return any(k.startswith('task/') for k in records.eval_records(run_dir).get(steps, {}))
 
 
 def pretrain(workdir: str, steps: int, cache: str) -> str:
@@ -58,26 +59,26 @@ def continued(workdir: str, parent: str, replay: float, steps: int, cache: str) 
                            f'init_from=lmjax:{parent},replay={replay},steps={steps}')
   config.data.cache_dir = cache
   r = trainer.setup(config, run_dir)
-  ev = evaluate.of_run(r)
+  ev = runs_lib.of_run(r)
   if r.start_step == 0:
-    evaluate.save_record(run_dir, 0, evaluate.scores(ev, r.state['params'], [CLOZE]))
+    records.save_record(run_dir, 0, records.scores(ev, r.state['params'], [CLOZE]))
   writer = trainer.MetricsWriter(r)
   try:
     state = trainer.train(r, trainer.default_hooks(r, writer))
   finally:
     writer.close()
     r.checkpointer.close()
-  evaluate.save_record(run_dir, steps, evaluate.scores(ev, state['params'], [CLOZE]))
+  records.save_record(run_dir, steps, records.scores(ev, state['params'], [CLOZE]))
   return run_dir
 
 
 def cloze_lines(runs: dict[str, str]) -> list[str]:
   """The cloze accuracy of each run at its start and its end."""
-  name = evaluate.task_name(CLOZE)
+  name = choice.task_name(CLOZE)
   lines = []
   for label, run_dir in runs.items():
-    records = evaluate.eval_records(run_dir)
-    first, last = records[0], records[max(records)]
+    evals = records.eval_records(run_dir)
+    first, last = evals[0], evals[max(evals)]
     acc, norm = f'task/{name}/acc', f'task/{name}/acc_norm'
     lines.append(f'{label}: {name} acc {first[acc]:.3f} -> {last[acc]:.3f}, '
                  f'acc_norm {first[norm]:.3f} -> {last[norm]:.3f}')
@@ -97,12 +98,12 @@ def main():
   for replay in (float(r) for r in args.replays.split(',')):
     run_dir = continued(args.workdir, parent, replay, args.cpt_steps, cache)
     runs[os.path.basename(run_dir)] = run_dir
-  print(evaluate.format_forgetting(evaluate.forgetting(runs, DOMAIN), DOMAIN) + '\n')
-  bpb = evaluate.forgetting(runs, DOMAIN, metric='bpb')  # evaluated at the first and last steps
-  print(evaluate.format_forgetting(bpb, DOMAIN, 'bpb') + '\n')
+  print(forgetting.format_forgetting(forgetting.forgetting(runs, DOMAIN), DOMAIN) + '\n')
+  bpb = forgetting.forgetting(runs, DOMAIN, metric='bpb')  # evaluated at the first and last steps
+  print(forgetting.format_forgetting(bpb, DOMAIN, 'bpb') + '\n')
   print('\n'.join(cloze_lines(runs)))
   plot = os.path.join(args.workdir, 'forgetting.png')
-  evaluate.plot_forgetting(evaluate.forgetting(runs, DOMAIN), plot, DOMAIN)
+  forgetting.plot_forgetting(forgetting.forgetting(runs, DOMAIN), plot, DOMAIN)
   print(f'wrote {plot}')
 
 

@@ -8,7 +8,7 @@ the first ones for the held-out loss and trains on the next ones up to its chara
 tiny_mix's is 1M); the examples are cut from the cleaned documents after those
 (`lmjax.data.prepare.cleaned_documents`'s 'unseen'). Licences share boilerplate, so an example whose
 last `--overlap` characters of context and true continuation appear verbatim in the training text is
-dropped (decontamination, as language-model evaluations do with n-gram overlap). `lmjax.evaluate.cloze`
+dropped (decontamination, as language-model evaluations do with n-gram overlap). `cloze` (below)
 makes the examples: a context of ~240 characters, 4 choices of ~48, the true continuation and three
 from other licences. The output depends only on the installed corpora (licensedcode-data 32.1.0 and
 Debian's common licences when it was made) and the arguments.
@@ -20,12 +20,64 @@ import json
 import os
 import sys
 import tempfile
+from typing import Sequence
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lmjax import config as config_lib, evaluate  # noqa: E402
+from lmjax import config as config_lib, errors  # noqa: E402
 from lmjax.data import prepare  # noqa: E402
+
+
+def cloze(docs: Sequence[str], n: int, *, context_chars: int = 240, choice_chars: int = 48,
+          num_choices: int = 4, seed: int = 0) -> list[dict]:
+  """A cloze task from documents, deterministic in its arguments: each example's context is a
+  passage of one document (about context_chars, ending before a space), its choices the passage's
+  true continuation and continuations from other documents, each starting at a space and cut at
+  the first whitespace past choice_chars; the true one at a seeded position."""
+  min_chars = 2 * (context_chars + choice_chars)
+  long_enough = [d for d in docs if len(d) >= min_chars]
+  if len(long_enough) < num_choices:
+    raise errors.DataError(f'cloze: {len(long_enough)} documents of at least {min_chars} characters; '
+                           f'expected at least num_choices={num_choices}')
+  rng = np.random.default_rng(seed)
+
+  def continuation(doc: str, at: int) -> str:
+    end = at + choice_chars
+    while end < len(doc) and not doc[end].isspace():
+      end += 1
+    return doc[at:end]
+
+  def space_after(doc: str, at: int) -> int:
+    while at < len(doc) and doc[at] != ' ':
+      at += 1
+    return at
+
+  examples = []
+  for _ in range(100 * n):
+    if len(examples) == n:
+      return examples
+    i = int(rng.integers(len(long_enough)))
+    doc = long_enough[i]
+    cut = space_after(doc, int(rng.integers(context_chars, len(doc) - 2 * choice_chars)))
+    true = continuation(doc, cut)
+    others = rng.choice([j for j in range(len(long_enough)) if j != i], num_choices - 1, replace=False)
+    wrong = []
+    for j in others:
+      other = long_enough[j]
+      start = space_after(other, int(rng.integers(len(other) - 2 * choice_chars)))
+      wrong.append(continuation(other, start))
+    context = doc[space_after(doc, max(0, cut - context_chars)) + 1:cut]
+    if len(true.strip()) < choice_chars // 2 or any(len(w.strip()) < choice_chars // 2 or w == true
+                                                    for w in wrong):
+      continue  # a continuation ran into the end of its document
+    answer = int(rng.integers(num_choices))
+    examples.append(dict(context=context, choices=wrong[:answer] + [true] + wrong[answer:],
+                         answer=answer))
+  raise errors.DataError(f'cloze: {len(examples)} of {n} examples after {100 * n} draws: the documents '
+                         f'have too few spaces to cut continuations of about choice_chars={choice_chars}')
 
 
 def seen_in(example: dict, train_text: str, overlap: int) -> bool:
@@ -49,7 +101,7 @@ def main():
   config = config_lib.load(os.path.join(ROOT, 'configs', 'cpt_domain.py'))
   docs = prepare.cleaned_documents(config.data, args.workdir or tempfile.mkdtemp(), 'legal')
   train_text = '\x00'.join(docs['train'] + docs['eval'])
-  candidates = evaluate.cloze(docs['unseen'], 4 * args.n, seed=args.seed)
+  candidates = cloze(docs['unseen'], 4 * args.n, seed=args.seed)
   unseen = [e for e in candidates if not seen_in(e, train_text, args.overlap)]
   if len(unseen) < args.n:
     raise SystemExit(f'only {len(unseen)} of {len(candidates)} candidate examples are unseen; '

@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from lmjax import config as config_lib, evaluate, optim, phases, sharding, steps as steps_lib
+from lmjax import config as config_lib, optim, phases, sharding, steps as steps_lib
+from lmjax.eval import forgetting, records as records_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPT_STEPS = 30  # scripts/cpt_demo.py's default, as 100 pretraining steps
@@ -19,14 +20,14 @@ def test_domain_loss_falls_general_loss_rises_and_replay_forgets_less(cpt_demo):
   workdir, stdout = cpt_demo  # scripts/cpt_demo.py with its defaults (tests/conftest.py)
   runs = {'r0': str(workdir / 'replay0'), 'r20': str(workdir / 'replay0.2')}
   for metric in ('loss', 'bpb'):
-    rows = evaluate.forgetting(runs, 'legal', metric=metric)
+    rows = forgetting.forgetting(runs, 'legal', metric=metric)
     final = {r['run']: r for r in rows if r['step'] == CPT_STEPS}
     assert sorted(final) == ['r0', 'r20'], rows
     for r in final.values():
       assert r['domain_gain'] > 0.05, r
       assert r['general_change'] > 0, r
     assert final['r20']['general_change'] < 0.5 * final['r0']['general_change'], final
-  records = evaluate.eval_records(runs['r20'])
+  records = records_lib.eval_records(runs['r20'])
   for step in (0, CPT_STEPS):
     assert 0 <= records[step]['task/legal_cloze/acc'] <= 1
   assert 'legal_cloze acc' in stdout and (workdir / 'forgetting.png').is_file()

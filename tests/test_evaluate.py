@@ -1,7 +1,9 @@
-"""lmjax.evaluate: bytes per token sum to the UTF-8 size of the text; held-out bpb and choice
-log-likelihoods equal float64 numpy computations from model.apply; acc/acc_norm by hand; task-file
-errors; the cloze builder; the forgetting report; and, on a tiny trained run, the bpb hook and the
-command lines of lmjax.evaluate and lmjax.sample."""
+"""lmjax.eval and lmjax.evaluate: bytes per token sum to the UTF-8 size of the text; held-out bpb,
+choice and continuation log-likelihoods (and greedy flags) equal float64 numpy computations from
+model.apply; acc/acc_norm by hand; task-file errors; the cloze builder (scripts/make_legal_cloze.py);
+the forgetting report; and, on a tiny trained run, the bpb hook and the command lines of
+lmjax.evaluate and lmjax.sample."""
+import importlib.util
 import json
 import math
 import os
@@ -15,11 +17,16 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from lmjax import config as config_lib, evaluate, model, sample, sharding, steps as steps_lib, trainer
+from lmjax import config as config_lib, model, sample, sharding, steps as steps_lib, trainer
 from lmjax.data import tokenizer as tokenizer_lib
+from lmjax.eval import choice, forgetting, heldout, hook, records as records_lib, runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLOZE = os.path.join(ROOT, 'tests', 'assets', 'eval', 'legal_cloze.jsonl')
+_spec = importlib.util.spec_from_file_location('make_legal_cloze',
+                                               os.path.join(ROOT, 'scripts', 'make_legal_cloze.py'))
+make_legal_cloze = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_legal_cloze)
 TEXTS = [
     'Permission is hereby granted, free of charge, to any person obtaining a copy.\n',
     'def f(x, *args):\n\tif x:\n        return {"a": [1, 2.5e-3]}  # comment\n',
@@ -72,7 +79,7 @@ def log_softmax64(logits, vocab):
 
 
 def test_token_bytes_of_sentencepiece_sum_to_the_utf8_size(sp_tokenizer):
-  table = evaluate.token_bytes(sp_tokenizer)
+  table = heldout.token_bytes(sp_tokenizer)
   assert table.shape == (TOKENIZER_VOCAB,)
   assert table[sp_tokenizer.bos_id] == table[sp_tokenizer.eos_id] == 0
   unseen = 'unseen: \ua66e \u16a0\u16c7\u16bb \U0001f980'  # spelled in byte-fallback pieces
@@ -91,7 +98,7 @@ def test_token_bytes_of_a_byte_level_bpe_sum_to_the_utf8_size(tmp_path):
   tok.save(str(tmp_path / 'tokenizer.json'))
   (tmp_path / 'tokenizer_config.json').write_text(json.dumps({'bos_token': '<s>', 'eos_token': '</s>'}))
   hf = tokenizer_lib.load(str(tmp_path))
-  table = evaluate.token_bytes(hf)
+  table = heldout.token_bytes(hf)
   assert table[hf.bos_id] == table[hf.eos_id] == 0
   for text in TEXTS + [''.join(TEXTS)]:
     assert table[hf.encode(text)].sum() == len(text.encode('utf-8')), text
@@ -106,9 +113,9 @@ def test_heldout_loss_and_bpb_equal_a_float64_hand_computation(tmp_path):
   the documents' tokens plus EOS, and the nats those of model.apply's logits in float64 over the
   tokenizer's rows."""
   config = tiny_config(write_jsonl(tmp_path / 'docs.jsonl', documents(30, 1)))
-  ev = evaluate.build(config, str(tmp_path / 'run'))
-  _, params = evaluate.load_params(ev, str(tmp_path / 'run'), 0)
-  got = evaluate.heldout(ev, params)['code']
+  ev = runs.build(config, str(tmp_path / 'run'))
+  _, params = runs.load_params(ev, str(tmp_path / 'run'), 0)
+  got = heldout.heldout(ev, params)['code']
 
   batches, tok = ev.eval_batches['code'], ev.tokenizer
   stream = np.concatenate([b['targets'][b['weights'] > 0] for b in batches])  # in document order
@@ -128,7 +135,7 @@ def test_heldout_loss_and_bpb_equal_a_float64_hand_computation(tmp_path):
 
 
 def test_split_choice_moves_the_contexts_trailing_space(sp_tokenizer):
-  context_ids, choice_ids = evaluate.split_choice(sp_tokenizer, 'free of ', 'charge')
+  context_ids, choice_ids = choice.split_choice(sp_tokenizer, 'free of ', 'charge')
   assert context_ids == sp_tokenizer.encode('free of')
   assert choice_ids == sp_tokenizer.encode('free of charge')[len(context_ids):]
   assert sp_tokenizer.decode(choice_ids) == ' charge'
@@ -139,19 +146,19 @@ def test_choice_loglikelihoods_equal_float64_sums_from_model_apply(sp_tokenizer)
   mesh = sharding.make_mesh(config.mesh)
   steps = steps_lib.build(config, mesh, sp_tokenizer.vocab_size)
   params = steps.init(3)['params']
-  ev = evaluate.Evaluator(config, mesh, steps, sp_tokenizer, {})
+  ev = heldout.Evaluator(config, mesh, steps, sp_tokenizer, {})
   examples = [
       dict(context='Permission is hereby ', choices=['granted, free', 'denied', '床前'], answer=0),
       dict(context='', choices=['def f(x):', 'naïve 😀'], answer=1),
       dict(context=''.join(TEXTS) * 2, choices=[' and more', ' 举头望明月'], answer=0),  # cut from the left
   ] * 3  # 21 rows: more than one batch of 8
-  got = evaluate.choice_loglikelihoods(ev, params, examples)
+  got = choice.choice_loglikelihoods(ev, params, examples)
   width = config.train.seq_len  # each sequence alone at the start of a zero row: causal attention
   apply = jax.jit(model.apply, static_argnums=0)  # keeps the zeros after it out of its logits
   for ex, ll in zip(examples, got):
     want = []
-    for choice in ex['choices']:
-      context_ids, choice_ids = evaluate.split_choice(sp_tokenizer, ex['context'], choice)
+    for option in ex['choices']:
+      context_ids, choice_ids = choice.split_choice(sp_tokenizer, ex['context'], option)
       seq = np.array([sp_tokenizer.bos_id, *context_ids, *choice_ids])[-(width + 1):]
       t = len(seq) - 1
       inputs = np.zeros((1, width), np.int32)
@@ -162,13 +169,54 @@ def test_choice_loglikelihoods_equal_float64_sums_from_model_apply(sp_tokenizer)
     np.testing.assert_allclose(ll, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize('implementation', ['materialize', 'chunked'])
+def test_continuation_loglikelihoods_and_greedy_flags_equal_float64_model_apply(sp_tokenizer,
+                                                                               implementation):
+  """Token-id pairs as lm-eval-harness's loglikelihood requests give them: each sum equals a float64
+  sum from model.apply and each flag its argmax, the loss whole or in blocks of positions; a
+  continuation made by argmax from model.apply is greedy, the same with its last token changed is not."""
+  config = tiny_config('python_stdlib', sp_tokenizer.path)
+  config.loss.update(implementation=implementation, chunk_tokens=40)  # chunked: 5 positions a block
+  mesh = sharding.make_mesh(config.mesh)
+  steps = steps_lib.build(config, mesh, sp_tokenizer.vocab_size)
+  params = steps.init(3)['params']
+  ev = heldout.Evaluator(config, mesh, steps, sp_tokenizer, {})
+  width, vocab = config.train.seq_len, sp_tokenizer.vocab_size
+  apply = jax.jit(model.apply, static_argnums=0)
+
+  def next_logp(ids):  # float64 [len(ids), V]: log p(next token | ids[:i + 1]), ids alone in a zero row
+    inputs = np.zeros((1, width), np.int32)
+    inputs[0, :len(ids)] = ids
+    batch = dict(inputs=inputs, positions=np.arange(width)[None], segment_ids=np.ones((1, width), np.int32))
+    return log_softmax64(apply(steps.graphdef, params, batch)[0], vocab)[:len(ids)]
+
+  bos = sp_tokenizer.bos_id
+  context = [bos, *sp_tokenizer.encode('def f(x):')]
+  greedy = []
+  for _ in range(4):
+    greedy.append(int(np.argmax(next_logp(context + greedy)[-1])))
+  pairs = [(context, greedy), (context, greedy[:-1] + [(greedy[-1] + 1) % vocab]),
+           ([bos], sp_tokenizer.encode('naïve 😀')),
+           ([bos, *sp_tokenizer.encode(''.join(TEXTS) * 2)], sp_tokenizer.encode(' and more'))] * 3
+  got = choice.continuation_loglikelihoods(ev, params, pairs)  # 12 rows: more than one batch of 8
+  assert [g for _, g in got[:2]] == [True, False]
+  for (context_ids, ids), (ll, is_greedy) in zip(pairs, got, strict=True):
+    seq = [*context_ids, *ids][-(width + 1):]
+    logp = next_logp(seq[:-1])[len(seq) - 1 - len(ids):]
+    np.testing.assert_allclose(ll, logp[np.arange(len(ids)), ids].sum(), rtol=1e-5)
+    assert is_greedy == bool((logp.argmax(-1) == ids).all())
+  assert choice.continuation_loglikelihoods(ev, params, []) == []
+  with pytest.raises(ValueError, match=r'pair 1: 1 context and 0 continuation tokens'):
+    choice.continuation_loglikelihoods(ev, params, [([bos], [5]), ([bos], [])])
+
+
 def test_accuracy_and_length_normalised_accuracy_by_hand():
   examples = [dict(context='', choices=['a', 'bbbb'], answer=1),   # raw: a; per byte: bbbb
               dict(context='', choices=['é', 'ab'], answer=0),     # 'é' is 2 bytes
               dict(context='', choices=['x', 'y', 'z'], answer=0)]  # a tie goes to the first
   lls = [np.array([-2.0, -4.0]), np.array([-3.0, -2.0]), np.array([-1.0, -1.0, -5.0])]
   # acc: 0 (argmax a), 0 (ab), 1 -> 1/3; acc_norm: -2 vs -1 -> 1 ok; -1.5 vs -1 -> 1 wrong; 0 ok.
-  assert evaluate.accuracy(lls, examples) == dict(acc=1 / 3, acc_norm=2 / 3)
+  assert choice.accuracy(lls, examples) == dict(acc=1 / 3, acc_norm=2 / 3)
 
 
 @pytest.mark.parametrize('line, message', [
@@ -183,14 +231,14 @@ def test_task_file_errors_name_the_line_and_field(tmp_path, line, message):
   path = tmp_path / 'task.jsonl'
   path.write_text('{"context": "c", "choices": ["a", "b"], "answer": 1}\n' + line + '\n')
   with pytest.raises(ValueError, match=message):
-    evaluate.read_task(str(path))
+    choice.read_task(str(path))
 
 
 def test_cloze_is_deterministic_and_its_answer_continues_the_context():
   docs = [f'licence {k}: ' + ' '.join(f'w{k}x{j}' for j in range(300)) for k in range(6)]
-  examples = evaluate.cloze(docs, 20, context_chars=120, choice_chars=30, seed=5)
-  assert examples == evaluate.cloze(docs, 20, context_chars=120, choice_chars=30, seed=5)
-  assert examples != evaluate.cloze(docs, 20, context_chars=120, choice_chars=30, seed=6)
+  examples = make_legal_cloze.cloze(docs, 20, context_chars=120, choice_chars=30, seed=5)
+  assert examples == make_legal_cloze.cloze(docs, 20, context_chars=120, choice_chars=30, seed=5)
+  assert examples != make_legal_cloze.cloze(docs, 20, context_chars=120, choice_chars=30, seed=6)
   for ex in examples:
     assert len(ex['choices']) == 4 and len(set(ex['choices'])) == 4
     right = ex['choices'][ex['answer']]
@@ -200,7 +248,7 @@ def test_cloze_is_deterministic_and_its_answer_continues_the_context():
 
 
 def test_the_legal_cloze_asset_is_a_valid_task():
-  examples = evaluate.read_task(CLOZE)
+  examples = choice.read_task(CLOZE)
   assert len(examples) == 64 and all(len(ex['choices']) == 4 for ex in examples)
 
 
@@ -222,51 +270,51 @@ def test_forgetting_table_against_the_step_0_evaluation(tmp_path):
   a = write_run(tmp_path / 'r0', [{'step': 10, 'loss': 9.0}, losses(10, 4.0, 3.5, 6.0), losses(20, 3.0, 4.0, 7.0)],
                 [losses(0, 5.0, 3.0, 5.0, **{'task/cloze/acc': 0.5}), {'step': 20, 'task/cloze/acc': 0.7}])
   b = write_run(tmp_path / 'r20', [losses(20, 3.5, 3.2, 5.4)], [losses(0, 5.0, 3.0, 5.0)])
-  rows = evaluate.forgetting([a, b], 'legal')
+  rows = forgetting.forgetting([a, b], 'legal')
   assert [(r['run'], r['step']) for r in rows] == [('r0', 0), ('r0', 10), ('r0', 20), ('r20', 0), ('r20', 20)]
   last = rows[2]
   assert last['domain'] == 3.0 and last['domain_gain'] == 2.0
   assert last['general'] == 5.5 and last['general_change'] == pytest.approx(1.5)
   assert last['en_change'] == pytest.approx(1.0) and last['zh_change'] == pytest.approx(2.0)
   assert rows[4]['general_change'] == pytest.approx(0.3)
-  assert evaluate.eval_records(a)[20] == {'eval/legal/loss': 3.0, 'eval/en/loss': 4.0, 'eval/zh/loss': 7.0,
+  assert records_lib.eval_records(a)[20] == {'eval/legal/loss': 3.0, 'eval/en/loss': 4.0, 'eval/zh/loss': 7.0,
                                          'task/cloze/acc': 0.7}
-  only_en = evaluate.forgetting({'x': a}, 'legal', general=['en'])
+  only_en = forgetting.forgetting({'x': a}, 'legal', general=['en'])
   assert only_en[2]['general_change'] == pytest.approx(1.0) and 'zh_change' not in only_en[2]
-  text = evaluate.format_forgetting(rows, 'legal')
+  text = forgetting.format_forgetting(rows, 'legal')
   assert 'r20' in text and '+1.5000' in text
-  evaluate.plot_forgetting(rows, str(tmp_path / 'f.png'), 'legal')
+  forgetting.plot_forgetting(rows, str(tmp_path / 'f.png'), 'legal')
   assert (tmp_path / 'f.png').read_bytes()[:4] == b'\x89PNG'
 
 
 def test_records_and_the_forgetting_plot_live_in_a_url_workdir(tmp_path):
-  """The run-directory files of this module go through lmjax.fs: a memory:// workdir (the tests'
+  """The run-directory files of lmjax.eval go through lmjax.fs: a memory:// workdir (the tests'
   stand-in for gs://) holds evaluations.jsonl, reads back the same records, and takes the plot."""
   import uuid  # pylint: disable=import-outside-toplevel
   from lmjax import fs  # pylint: disable=import-outside-toplevel
   run = f'memory://lmjax-test-{uuid.uuid4().hex}/r0'
   fs.write_atomic(f'{run}/metrics.jsonl', json.dumps(losses(10, 4.0, 3.5, 6.0)) + '\n')
-  evaluate.save_record(run, 0, {k: v for k, v in losses(0, 5.0, 3.0, 5.0).items() if k != 'step'})
-  evaluate.save_record(run, 10, {'task/cloze/acc': 0.25})
-  assert evaluate.eval_records(run) == {0: {'eval/legal/loss': 5.0, 'eval/en/loss': 3.0, 'eval/zh/loss': 5.0},
+  records_lib.save_record(run, 0, {k: v for k, v in losses(0, 5.0, 3.0, 5.0).items() if k != 'step'})
+  records_lib.save_record(run, 10, {'task/cloze/acc': 0.25})
+  assert records_lib.eval_records(run) == {0: {'eval/legal/loss': 5.0, 'eval/en/loss': 3.0, 'eval/zh/loss': 5.0},
                                         10: {'eval/legal/loss': 4.0, 'eval/en/loss': 3.5, 'eval/zh/loss': 6.0,
                                              'task/cloze/acc': 0.25}}
-  rows = evaluate.forgetting([run], 'legal')
+  rows = forgetting.forgetting([run], 'legal')
   assert rows[1]['domain_gain'] == 1.0 and rows[1]['general_change'] == pytest.approx(0.75)
-  evaluate.plot_forgetting(rows, f'{run}/forgetting.png', 'legal')
+  forgetting.plot_forgetting(rows, f'{run}/forgetting.png', 'legal')
   with fs.open(f'{run}/forgetting.png', 'rb') as f:
     assert f.read(4) == b'\x89PNG'
   fs.write_atomic(f'{run}/provenance.json', json.dumps({'tokenizer': f'{run}/missing.model'}))
   with pytest.raises(FileNotFoundError, match='missing.model'):
-    evaluate.run_tokenizer_path(run)
+    runs.run_tokenizer_path(run)
 
 
 def test_forgetting_without_a_step_0_evaluation_says_how_to_make_one(tmp_path):
   a = write_run(tmp_path / 'r', [losses(10, 4.0, 3.5, 6.0)])
   with pytest.raises(ValueError, match=r'no eval/legal/loss at step 0.*--checkpoint=0'):
-    evaluate.forgetting([a], 'legal')
+    forgetting.forgetting([a], 'legal')
   with pytest.raises(ValueError, match="metric='acc'"):
-    evaluate.forgetting([a], 'legal', metric='acc')
+    forgetting.forgetting([a], 'legal', metric='acc')
 
 
 # ----------------------------------------------------------------------------- a tiny trained run
@@ -282,7 +330,7 @@ def trained(tmp_path_factory):
   r = trainer.setup(config, workdir)
   writer = trainer.MetricsWriter(r)
   try:
-    trainer.train(r, trainer.default_hooks(r, writer) + [evaluate.hook(r, writer)])
+    trainer.train(r, trainer.default_hooks(r, writer) + [hook.hook(r, writer)])
   finally:
     writer.close()
     r.checkpointer.close()
@@ -303,13 +351,13 @@ def cli(module, *flags):
 
 def test_hook_records_bpb_beside_the_loss(trained):
   config, workdir, _ = trained
-  records = evaluate.eval_records(workdir)
+  records = records_lib.eval_records(workdir)
   assert sorted(records) == [0, 2, 4]  # evaluated before the first step too
   assert set(records[4]) == {'eval/code/loss', 'eval/code/bpb'}
-  ev = evaluate.build(config, workdir)
-  step, params = evaluate.load_params(ev, workdir)
+  ev = runs.build(config, workdir)
+  step, params = runs.load_params(ev, workdir)
   assert step == 4
-  np.testing.assert_allclose(records[4]['eval/code/bpb'], evaluate.heldout(ev, params)['code']['bpb'],
+  np.testing.assert_allclose(records[4]['eval/code/bpb'], heldout.heldout(ev, params)['code']['bpb'],
                              rtol=1e-6)
 
 
@@ -321,11 +369,11 @@ def test_evaluate_cli_scores_the_starting_params_and_records_them(trained, tmp_p
   run = cli('lmjax.evaluate', *flags, '--checkpoint=0', f'--tasks={task}')
   assert run.returncode == 0, run.stderr[-3000:]
   assert 'step 0 (the starting params)' in run.stdout and 'task mini: acc' in run.stdout
-  with open(os.path.join(workdir, evaluate.EVALUATIONS)) as f:
+  with open(os.path.join(workdir, records_lib.EVALUATIONS)) as f:
     (record,) = [json.loads(line) for line in f]
-  ev = evaluate.build(config, workdir)
-  _, params = evaluate.load_params(ev, workdir, 0)
-  want = evaluate.scores(ev, params, [str(task)])
+  ev = runs.build(config, workdir)
+  _, params = runs.load_params(ev, workdir, 0)
+  want = records_lib.scores(ev, params, [str(task)])
   assert record['step'] == 0 and set(record) == {'step', *want}
   for k, v in want.items():
     np.testing.assert_allclose(record[k], v, rtol=1e-5, err_msg=k)
@@ -350,7 +398,7 @@ def test_evaluate_on_a_read_only_run_prints_its_results_then_one_line(trained, t
   assert run.returncode == 2 and 'Traceback' not in run.stderr, run.stderr[-3000:]
   assert 'step 4' in run.stdout and 'code' in run.stdout  # the results, printed first
   assert run.stderr.strip().splitlines()[-1] == (
-      f'lmjax.evaluate: error: could not record the results in {disk}/run/{evaluate.EVALUATIONS}: '
+      f'lmjax.evaluate: error: could not record the results in {disk}/run/{records_lib.EVALUATIONS}: '
       'Read-only file system (they are printed above)')
 
 
@@ -358,8 +406,8 @@ def test_sample_cli_prints_the_greedy_continuation_of_the_latest_params(trained)
   config, workdir, flags = trained
   run = cli('lmjax.sample', *flags, '--prompt=def f(x', '--max_new_tokens=12')
   assert run.returncode == 0, run.stderr[-3000:]
-  ev = evaluate.build(config, workdir, data=False)
-  _, params = evaluate.load_params(ev, workdir)
+  ev = runs.build(config, workdir, data=False)
+  _, params = runs.load_params(ev, workdir)
   tok = ev.tokenizer
   new = sample.generate(ev.steps.graphdef, params, [[tok.bos_id] + tok.encode('def f(x')], 12,
                         eos_id=tok.eos_id)[0].tolist()

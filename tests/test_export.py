@@ -20,8 +20,9 @@ import sentencepiece as spm
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from lmjax import config as config_lib, convert, errors, evaluate, export, trainer
+from lmjax import config as config_lib, convert, errors, export, trainer
 from lmjax.data import tokenizer as tokenizer_lib
+from lmjax.eval import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ('the of and to in is that with for as by on licence software permission granted copy use '
@@ -103,8 +104,8 @@ def exported(run, tmp_path_factory):
 
 def test_export_loads_back_to_the_checkpoints_params_bit_for_bit(run, exported):
   config, workdir = run
-  ev = evaluate.build(config, workdir, data=False)
-  step, want = evaluate.load_params(ev, workdir)
+  ev = runs.build(config, workdir, data=False)
+  step, want = runs.load_params(ev, workdir)
   args, got = convert.load(exported)
   assert step == 4
   assert {f: getattr(args, f) for f in convert.model_fields(convert.read_config(exported))} == {
@@ -123,8 +124,8 @@ def test_an_earlier_step_in_bfloat16_with_the_umasks_mode(run, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert modes(out) == dict.fromkeys(EXPORTED, 0o640) and modes(tmp_path) == {'step2': 0o750}
   assert {x.dtype for _, x in convert.checkpoint_tensors(str(out)).values()} == {np.dtype(ml_dtypes.bfloat16)}
-  ev = evaluate.build(config, workdir, data=False)
-  (_, step_2), (_, step_4) = evaluate.load_params(ev, workdir, 2), evaluate.load_params(ev, workdir, 4)
+  ev = runs.build(config, workdir, data=False)
+  (_, step_2), (_, step_4) = runs.load_params(ev, workdir, 2), runs.load_params(ev, workdir, 4)
   _, got = convert.load(str(out))
   got = leaves(got)
   rounded_2, rounded_4 = ({k: x.astype(ml_dtypes.bfloat16).astype(np.float32) for k, x in leaves(p).items()}
@@ -140,7 +141,7 @@ def test_exported_files_are_the_umasks_0644_and_only_the_directory_remains(expor
 
 
 def test_exported_tokenizer_gives_the_runs_ids_and_special_tokens(run, exported):
-  tok = tokenizer_lib.load(evaluate.run_tokenizer_path(run[1]))
+  tok = tokenizer_lib.load(runs.run_tokenizer_path(run[1]))
   assert isinstance(tok, tokenizer_lib.SentencePieceTokenizer)
   hf = tokenizers.Tokenizer.from_file(os.path.join(exported, 'tokenizer.json'))
   for text in TEXTS + documents(20, 1) + random_texts(200, 2):

@@ -89,3 +89,87 @@ def test_eight_data_shards_give_the_one_device_results(lmjax_out, tmp_path):
   for task in TASKS:
     one = json.loads(json.dumps(requests(lmjax_out, task)))  # tuples as lists, as the subprocess's
     assert sharded[task] == one, task
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+  """A tiny lmjax run of 4 steps (tests/test_evaluate.py's, rows of 256 tokens)."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import test_evaluate  # pylint: disable=import-outside-toplevel
+  from lmjax import trainer  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp('run')
+  corpus = test_evaluate.write_jsonl(root / 'docs.jsonl', test_evaluate.documents(30, 2))
+  workdir = str(root / 'run')
+  config = test_evaluate.tiny_config(corpus)
+  config.train.seq_len = 256  # the parity tasks' choices run to ~80 tokens of its tokenizer
+  r = trainer.setup(config, workdir)
+  writer = trainer.MetricsWriter(r)
+  try:
+    trainer.train(r, trainer.default_hooks(r, writer))
+  finally:
+    writer.close()
+    r.checkpointer.close()
+  return workdir
+
+
+def test_harness_tasks_on_a_run_from_simple_evaluate_and_the_command_line(run_dir):
+  """simple_evaluate(model='lmjax', model_args='workdir=RUN') and `python -m lmjax.evaluate
+  --harness_tasks` give the same scores; acc is the share of examples whose answer scored highest."""
+  out = lm_eval.simple_evaluate(
+      model='lmjax', model_args=f'workdir={run_dir},checkpoint=4', tasks=['lmjax_parity_mc'],
+      log_samples=True, task_manager=lm_eval.tasks.TaskManager(include_path=os.path.join(ASSETS, 'tasks')))
+  samples = sorted(out['samples']['lmjax_parity_mc'], key=lambda s: s['doc_id'])
+  acc = np.mean([int(np.argmax([r[0][0] for r in s['resps']]) == s['doc']['answer']) for s in samples])
+  assert out['results']['lmjax_parity_mc']['acc,none'] == pytest.approx(acc)
+  assert all(r[0][0] < 0 for s in samples for r in s['resps'])  # log-probabilities of real text
+  run = subprocess.run([sys.executable, '-m', 'lmjax.evaluate', f'--workdir={run_dir}', '--checkpoint=4',
+                        '--harness_tasks=lmjax_parity_mc,lmjax_parity_gen',
+                        f'--include_path={os.path.join(ASSETS, "tasks")}'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''))
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert '|lmjax_parity_mc' in run.stdout.replace(' ', '')  # the harness's table
+  with open(os.path.join(run_dir, 'evaluations.jsonl')) as f:
+    (record,) = [json.loads(line) for line in f]
+  assert record['harness/lmjax_parity_mc/acc'] == pytest.approx(acc)
+  assert {'harness/lmjax_parity_mc/acc_norm', 'harness/lmjax_parity_gen/exact_match'} <= set(record)
+  unknown = subprocess.run([sys.executable, '-m', 'lmjax.evaluate', f'--workdir={run_dir}',
+                            '--harness_tasks=no_such_task'], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600, env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''))
+  assert unknown.returncode == 2 and unknown.stderr.strip().splitlines()[-1].startswith(
+      "lmjax.evaluate: error: harness tasks ['no_such_task']: not tasks of lm-eval")
+
+
+def test_harness_tasks_during_training_reach_metrics_jsonl(tmp_path):
+  """config.eval.harness_tasks: the trainer's hook scores them every harness_every steps and at the
+  end, as harness/<task>/<metric> in metrics.jsonl; the same score as the evaluate command's."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import test_evaluate  # pylint: disable=import-outside-toplevel
+  corpus = test_evaluate.write_jsonl(tmp_path / 'docs.jsonl', test_evaluate.documents(30, 2))
+  config_file = tmp_path / 'cfg.py'
+  config_file.write_text(
+      'import sys\n'
+      f'sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n'
+      'import test_evaluate\n\n\ndef get_config(arg=None):\n'
+      f'  c = test_evaluate.tiny_config({corpus!r})\n'
+      "  c.eval.harness_tasks = ('lmjax_parity_ppl',)\n"
+      '  c.eval.harness_every = 2\n'
+      f'  c.eval.harness_include_path = {os.path.join(ASSETS, "tasks")!r}\n'
+      '  return c\n')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  workdir = tmp_path / 'run'
+  run = subprocess.run([sys.executable, '-m', 'lmjax.train', f'--config={config_file}', f'--workdir={workdir}'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+  assert run.returncode == 0, run.stderr[-3000:]
+  metrics = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  scored = {m['step']: m['harness/lmjax_parity_ppl/bits_per_byte'] for m in metrics
+            if 'harness/lmjax_parity_ppl/bits_per_byte' in m}
+  assert sorted(scored) == [2, 4]
+  again = subprocess.run([sys.executable, '-m', 'lmjax.evaluate', f'--workdir={workdir}',
+                          '--harness_tasks=lmjax_parity_ppl', f'--include_path={os.path.join(ASSETS, "tasks")}'],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+  assert again.returncode == 0, again.stderr[-3000:]
+  (record,) = [json.loads(line) for line in (workdir / 'evaluations.jsonl').read_text().splitlines()]
+  assert record['step'] == 4
+  assert record['harness/lmjax_parity_ppl/bits_per_byte'] == pytest.approx(scored[4], rel=1e-6)
+  assert 3 < scored[4] < scored[2]  # a tiny model on 4 steps: still near uniform, and learning

@@ -42,7 +42,7 @@ class FakeTrain:
   """Stands in for lmjax.trainer.run: appends eval records whose losses follow DOMAIN/GENERAL at the
   run's N, tokens and mixture (en and code both follow GENERAL, so their weighted mean does too).
   A pretraining run (general data only) logs the laws at r_d = 0. As the trainer does, it also
-  evaluates before the first step (step 0, D = 0: not a point of the law), and like lmjax.evaluate's
+  evaluates before the first step (step 0, D = 0: not a point of the law), and like the lmjax.eval.hook
   hook it logs bits per byte as a separate record of the same step."""
 
   def __init__(self, fail_on=None):

@@ -11,8 +11,9 @@ and continuation; this module scores token ids the way the harness's own Hugging
 
 - loglikelihood: a row is (context + continuation) cut from the left to max_length + 1 tokens; the
   sum of the continuation's log-probabilities and whether each of its tokens is the argmax (the
-  greedy flag). Requests run longest first (the harness's Collator), in batches of `batch_size` rows
-  padded to the batch's longest row (rounded up to a few widths, `_width`, to bound recompiles).
+  greedy flag), by `choice.score_pairs`, the scorer of lmjax's own jsonl tasks too. Requests run
+  longest first (the harness's Collator), in batches of `batch_size` rows, each as wide as its longest
+  row needs (`choice.row_width`: a few compiled shapes per task).
 - loglikelihood_rolling: a document's tokens in disjoint windows of max_length (`get_rolling_token_
   windows`, context 1), each scored as a loglikelihood request, summed.
 - generate_until: `lmjax/sample.py`'s KV-cache decoding (greedy, or sampled with `temperature`),
@@ -21,20 +22,18 @@ and continuation; this module scores token ids the way the harness's own Hugging
 
 Tokens: lmjax trains every document after BOS, so `tok_encode` puts BOS first (as a Llama tokenizer
 does) unless asked not to, and BOS is the harness's prefix for an empty context. A run directory's
-model, tokenizer and mesh are the run's (its config.json, provenance.json; lmjax/eval/heldout.py); a
+model, tokenizer and mesh are the run's (its config.json, provenance.json; lmjax/eval/runs.py); a
 Hugging Face directory's are its safetensors and tokenizer.json (lmjax/convert.py), on a data-parallel
 mesh over every device. Rows are split over the mesh's data shards and, across processes, each
 process feeds its slice and every process gathers the scores (as the training step does).
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from lmjax import errors
 
@@ -46,94 +45,59 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, \
     postprocess_generated_text
 
-from lmjax import config as config_lib, convert, model, sample, sharding
+from lmjax import config as config_lib, convert, losses, model, sample, sharding
 from lmjax.data import tokenizer as tokenizer_lib
+from lmjax.eval import choice
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tasks')  # the shipped local tasks
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _scores(graphdef, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
-  """(log-likelihood [B] f32: the sum over weighted targets of log p(target), greedy [B] bool: every
-  weighted target is its position's argmax) of a batch with inputs/targets/weights/positions/
-  segment_ids [B, T]."""
-  logits_btv = model.apply(graphdef, params, batch).astype(jnp.float32)
-  logp_btv = jax.nn.log_softmax(logits_btv, axis=-1)
-  target_bt = jnp.take_along_axis(logp_btv, batch['targets'][..., None], axis=-1)[..., 0]
-  weighted = batch['weights'] > 0
-  greedy_bt = jnp.argmax(logits_btv, axis=-1) == batch['targets']
-  return (jnp.where(weighted, target_bt, 0.0).sum(-1),
-          jnp.all(greedy_bt | ~weighted, axis=-1))
-
-
-def _width(tokens: int) -> int:
-  """A row width of at least `tokens`: a power of two from 16 to 256, then a multiple of 256, so a
-  task compiles the forward pass for a few shapes (each compile of a large model takes seconds)."""
-  if tokens <= 256:
-    return max(16, 1 << (tokens - 1).bit_length())
-  return -(-tokens // 256) * 256
-
-
 class Scorer:
-  """A model's graph, params, tokenizer and mesh, and `batch_size` rows at a time."""
+  """A model's graph, params, tokenizer, mesh and scoring loss, `batch_size` rows at a time."""
 
   def __init__(self, graphdef, params: dict, tokenizer: tokenizer_lib.Tokenizer,
-               mesh: jax.sharding.Mesh, max_length: int, batch_size: int):
+               mesh: jax.sharding.Mesh, loss_args: losses.Args, max_length: int, batch_size: int):
     data_shards = mesh.shape['data'] * mesh.shape.get('fsdp', 1)
     self.graphdef, self.params, self.tokenizer, self.mesh = graphdef, params, tokenizer, mesh
-    self.max_length = max_length
+    self.loss_args, self.max_length = loss_args, max_length
     self.batch_size = -(-batch_size // data_shards) * data_shards  # rows split evenly over shards
 
   def loglikelihoods(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-    """(log-likelihood, greedy) of each (context ids, continuation ids), in the given order; a pair
-    longer than max_length + 1 tokens loses tokens from the left of its context."""
-    out = []
-    for start in range(0, len(pairs), self.batch_size):
-      out += self._batch(pairs[start:start + self.batch_size])
-    return out
-
-  def _batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-    seqs = [(list(ctx) + list(cont))[-(self.max_length + 1):] for ctx, cont in pairs]
-    width = _width(max(len(s) - 1 for s in seqs))
-    rows = {k: np.zeros((self.batch_size, width), np.int32) for k in
-            ('inputs', 'targets', 'positions', 'segment_ids')}
-    rows['weights'] = np.zeros((self.batch_size, width), np.float32)
-    for r, (seq, (_, cont)) in enumerate(zip(seqs, pairs)):
-      t = len(seq) - 1
-      rows['inputs'][r, :t], rows['targets'][r, :t] = seq[:-1], seq[1:]
-      rows['positions'][r, :t], rows['segment_ids'][r, :t] = np.arange(t), 1
-      rows['weights'][r, t - len(cont):t] = 1.0
-    local = self.batch_size // jax.process_count()
-    first = jax.process_index() * local
-    with jax.set_mesh(self.mesh):
-      placed = sharding.global_batch({k: v[first:first + local] for k, v in rows.items()}, self.mesh)
-      ll, greedy = _scores(self.graphdef, self.params, placed)
-      ll, greedy = (np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in (ll, greedy))
-    return [(float(ll[r]), bool(greedy[r])) for r in range(len(pairs))]
+    """(log-likelihood, greedy) of each (context ids, continuation ids), in the given order
+    (choice.score_pairs: a pair longer than max_length + 1 tokens loses the start of its context)."""
+    return choice.score_pairs(self.graphdef, self.params, self.mesh, self.loss_args, pairs,
+                              self.max_length, self.batch_size)
 
   def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                seed: int) -> list[list[int]]:
-    """Up to `max_new_tokens` new tokens after each prompt, cut at EOS."""
+    """Up to `max_new_tokens` new tokens after each prompt, cut at EOS or at a padding row of the
+    model's vocabulary (past the tokenizer's: no text, as `python -m lmjax.sample` stops there)."""
     new = sample.generate(self.graphdef, self.params, prompts, max_new_tokens, temperature=temperature,
                           seed=seed, eos_id=self.tokenizer.eos_id)
     out = []
     for row in np.asarray(new).tolist():
-      out.append(row[:row.index(self.tokenizer.eos_id)] if self.tokenizer.eos_id in row else row)
+      end = next((i for i, t in enumerate(row)
+                  if t == self.tokenizer.eos_id or t >= self.tokenizer.vocab_size), len(row))
+      out.append(row[:end])
     return out
 
 
 def run_scorer(workdir: str, checkpoint: int | None, batch_size: int) -> Scorer:
-  """The Scorer of checkpoint `checkpoint` (None: the latest) of the lmjax run in `workdir`."""
-  from lmjax.eval import heldout  # pylint: disable=import-outside-toplevel  (the data pipeline's imports)
-  ev = heldout.build(config_lib.from_run(workdir), workdir, data=False)
-  _, params = heldout.load_params(ev, workdir, checkpoint)
-  return Scorer(ev.steps.graphdef, params, ev.tokenizer, ev.mesh, ev.config.train.seq_len, batch_size)
+  """The Scorer of checkpoint `checkpoint` (None: the latest) of the lmjax run in `workdir`: its
+  model, mesh, tokenizer and config.loss.implementation, scoring over the tokenizer's vocabulary."""
+  from lmjax.eval import runs  # pylint: disable=import-outside-toplevel  (the data pipeline's imports)
+  ev = runs.build(config_lib.from_run(workdir), workdir, data=False)
+  _, params = runs.load_params(ev, workdir, checkpoint)
+  loss_args = dataclasses.replace(ev.steps.loss, name='ce', z_loss=0.0)
+  return Scorer(ev.steps.graphdef, params, ev.tokenizer, ev.mesh, loss_args, ev.config.train.seq_len,
+                batch_size)
 
 
 def hf_scorer(directory: str, batch_size: int, max_length: int | None, dtype: str | None) -> Scorer:
-  """The Scorer of a Hugging Face checkpoint directory (safetensors, config.json, tokenizer.json),
-  computing in `dtype` (None: the checkpoint's own, its config.json's dtype or torch_dtype)."""
+  """The Scorer of a Hugging Face checkpoint directory (safetensors, config.json, tokenizer.json) or
+  Hub id, computing in `dtype` (None: the checkpoint's own, its config.json's dtype or torch_dtype)
+  and scoring over the whole vocabulary, as transformers does."""
   directory = convert.directory(directory)
   cfg = convert.read_config(directory)
   dtype = dtype or cfg.get('dtype') or cfg.get('torch_dtype') or 'float32'
@@ -142,8 +106,10 @@ def hf_scorer(directory: str, batch_size: int, max_length: int | None, dtype: st
   length = max_length or cfg.get('max_position_embeddings')
   if not length:
     raise errors.ConfigError(f'{directory}/config.json has no max_position_embeddings: pass max_length=')
-  return Scorer(model.abstract(args)[0], params, tokenizer_lib.load(directory), mesh, int(length),
-                batch_size)
+  defaults = losses.defaults()
+  loss_args = losses.Args('ce', 'chunked', 0.0, int(defaults.chunk_tokens), args.vocab_size)
+  return Scorer(model.abstract(args)[0], params, tokenizer_lib.load(directory), mesh, loss_args,
+                int(length), batch_size)
 
 
 @register_model('lmjax')
@@ -155,14 +121,16 @@ class LmjaxLM(TemplateLM):
 
   def __init__(self, workdir: str | None = None, checkpoint: int | None = None, hf: str | None = None,
                batch_size: int | str = 16, max_length: int | None = None, max_gen_toks: int = 256,
-               seed: int = 0, dtype: str | None = None, **unused):
+               seed: int = 0, dtype: str | None = None, scorer: Scorer | None = None, **unused):
     del unused  # what simple_evaluate passes every model (device, max_batch_size)
     super().__init__()
-    if (workdir is None) == (hf is None):
+    if sum(x is not None for x in (workdir, hf, scorer)) != 1:
       raise errors.ConfigError("lmjax model_args: expected workdir=RUN[,checkpoint=STEP] or hf=DIR")
     batch_size = 16 if batch_size in (None, 'auto') else int(batch_size)
-    self.scorer = (run_scorer(workdir, None if checkpoint is None else int(checkpoint), batch_size)
-                   if workdir else hf_scorer(hf, batch_size, max_length and int(max_length), dtype))
+    if scorer is None:
+      scorer = (run_scorer(workdir, None if checkpoint is None else int(checkpoint), batch_size)
+                if workdir else hf_scorer(hf, batch_size, max_length and int(max_length), dtype))
+    self.scorer = scorer
     if max_length and workdir:
       self.scorer.max_length = int(max_length)
     self.max_gen_toks, self.seed = int(max_gen_toks), int(seed)
@@ -234,3 +202,26 @@ class LmjaxLM(TemplateLM):
         out.append(text)
         self.cache_hook.add_partial('generate_until', (context, gen_kwargs), text)
     return order.get_original(out)
+
+
+def evaluate(scorer: Scorer, tasks: list[str], num_fewshot: int | None = None,
+             include_path: str | None = None, limit: float | None = None) -> tuple[dict[str, float], str]:
+  """The harness's `tasks` (its own names, or those of task YAMLs under `include_path`) on `scorer`'s
+  model: ({'harness/<task>/<metric>': value}, the harness's results table). Task data comes from the
+  Hugging Face Hub unless it is local (HF_DATASETS_OFFLINE=1 for the cache only)."""
+  import lm_eval  # pylint: disable=import-outside-toplevel
+  from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
+  manager = TaskManager(include_path=include_path)
+  unknown = [t for t in tasks if t not in manager.all_tasks]
+  if unknown:
+    raise errors.ConfigError(f'harness tasks {unknown}: not tasks of lm-eval {lm_eval.__version__} or of '
+                             f'--include_path={include_path!r}')
+  out = lm_eval.simple_evaluate(model=LmjaxLM(scorer=scorer), tasks=list(tasks), num_fewshot=num_fewshot,
+                                limit=limit, task_manager=manager)
+  metrics = {}
+  for task, values in out['results'].items():
+    for key, value in values.items():
+      name, _, _ = key.partition(',')
+      if isinstance(value, (int, float)) and not name.endswith('_stderr') and name != 'alias':
+        metrics[f'harness/{task}/{name}'] = float(value)
+  return metrics, lm_utils.make_table(out)

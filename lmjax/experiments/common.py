@@ -2,7 +2,7 @@
 sweep runner that trains the unfinished ones (lmjax.scaling.sweep.run_local: resumable), their
 held-out results read back from metrics.jsonl, the command line, and atomic result files.
 
-A run trains with the trainer's default hooks plus lmjax.evaluate's bits-per-byte hook, so each
+A run trains with the trainer's default hooks plus the bits-per-byte hook (lmjax.eval.hook), so each
 evaluation (before the first step, every `config.train.eval_every` steps, after the last) records
 `eval/<source>/loss` and `eval/<source>/bpb`.
 """
@@ -56,9 +56,10 @@ def load(path: str = TINY, arg: str | None = None, overrides: Mapping[str, objec
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Trains (resuming) with the default hooks and the bits-per-byte hook (lmjax.evaluate.hook)."""
-  from lmjax import evaluate, trainer  # pylint: disable=import-outside-toplevel
-  trainer.run(config, workdir, writer_hooks=[evaluate.hook])
+  """Trains (resuming) with the default hooks and the bits-per-byte hook (lmjax.eval.hook)."""
+  from lmjax import trainer  # pylint: disable=import-outside-toplevel
+  from lmjax.eval import hook  # pylint: disable=import-outside-toplevel
+  trainer.run(config, workdir, writer_hooks=[hook.hook])
 
 
 def run_all(runs: Sequence[Run], workdir: str, run_fn: Callable = train) -> list[str]:

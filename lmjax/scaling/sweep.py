@@ -160,7 +160,7 @@ def run_config(config: ml_collections.ConfigDict, name: str, sweep_dir: str):
 
 def read_metrics(workdir: str) -> list[dict]:
   """Evaluation records of a run's metrics.jsonl, one per step, in step order. Records of one step
-  are merged (the trainer's loss and lmjax.evaluate's bits per byte are separate records); where a
+  are merged (the trainer's loss and lmjax.eval.hook's bits per byte are separate records); where a
   resumed run logged a key twice, the later value wins."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not fs.isfile(path):
