@@ -366,6 +366,23 @@ def test_a_bug_keeps_its_traceback_and_says_it_is_a_bug(tmp_path):
                        'command: please report it with this traceback and the command line')
 
 
+def test_libtpus_start_up_noise_is_filtered_off_a_tpu_host(tmp_path):
+  """With libtpu installed and no TPU chips, JAX's backends start with ~5 lines of libtpu's warnings
+  (host bounds, worker hostnames): the entry points drop them, so an error's lines come first."""
+  if importlib.util.find_spec('libtpu') is None:
+    pytest.skip("libtpu is not installed (pip install -e '.[tpu]'): there is no noise to filter")
+  env = _shim(tmp_path, 'import lmjax.trainer\n'
+                        'def setup(*args, **kwargs):\n'
+                        '  raise KeyError("after the backends started")\n'
+                        'lmjax.trainer.setup = setup\n')
+  env.pop('JAX_PLATFORMS')  # as a user runs it: JAX tries the TPU backend first
+  run = subprocess.run([sys.executable, '-m', 'lmjax.train', '--config=configs/tiny.py',
+                        f'--workdir={tmp_path}/run'], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode == 1 and 'TPU_' not in run.stderr and 'InitGoogle' not in run.stderr, run.stderr
+  assert _error_lines(run.stderr)[0] == 'Traceback (most recent call last):'
+
+
 def test_startup_summary(cache, tmp_path):
   """What the run will do, before it starts: sizes, the phases, each source's share of its data."""
   from lmjax import model

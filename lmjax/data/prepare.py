@@ -240,6 +240,7 @@ def clean(data_cfg, names: list[str], store: str, runner: str, verbose: bool) ->
   specs = [(n, data_cfg.sources[n].corpora, *source_kind(data_cfg, n)) for n in names]
   fs.makedirs(os.path.join(store, 'docs'))
   if runner == 'beam':
+    errors.require('apache_beam', 'beam', 'config.data.clean.runner=beam')
     from lmjax.data import beam  # pylint: disable=import-outside-toplevel  (the [beam] extra)
     counters = beam.run(specs, data_cfg.clean, store)
   else:
