@@ -36,6 +36,7 @@ setup(
     description="JAX research codebase for pretraining and adapting LLMs",
     python_requires=">=3.11",
     packages=find_packages(include=["lmjax", "lmjax.*", "pallas_kernels", "pallas_kernels.*"]),
+    package_data={"lmjax.eval": ["tasks/*"]},  # the local harness tasks and their data
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12",

@@ -8,8 +8,8 @@ run's own and every evaluation compares with it. Pretrain that model, continue i
   for r in 0.2 0; do
     CPT="--config=configs/cpt_domain.py:init_from=lmjax:/tmp/lmjax_pre,replay=$r --workdir=/tmp/lmjax_cpt_$r"
     python -m lmjax.train $CPT
-    python -m lmjax.evaluate $CPT --checkpoint=0 --tasks=tests/assets/eval/legal_cloze.jsonl
-    python -m lmjax.evaluate $CPT --tasks=tests/assets/eval/legal_cloze.jsonl
+    python -m lmjax.evaluate $CPT --checkpoint=0 --tasks=lmjax/eval/tasks/legal_cloze.jsonl
+    python -m lmjax.evaluate $CPT --tasks=lmjax/eval/tasks/legal_cloze.jsonl
   done
   python -m lmjax.evaluate --config=configs/cpt_domain.py --workdir=/tmp/lmjax_cpt_0.2 \
       --forgetting=/tmp/lmjax_cpt_0,/tmp/lmjax_cpt_0.2 --domain=legal

@@ -8,7 +8,7 @@
 2. Continues it on legal text with each replay share r of general data (configs/cpt_domain.py,
    <workdir>/replay<r>), a re-warm to 0.3 of the pretraining peak LR, then a cosine decay. Before the
    first step the starting params are evaluated (step 0: held-out loss and bits per byte of every
-   source, and the legal cloze task tests/assets/eval/legal_cloze.jsonl), the trainer's held-out
+   source, and the legal cloze task lmjax/eval/tasks/legal_cloze.jsonl), the trainer's held-out
    loss every steps/5 steps, and after the last step the same as at step 0.
 3. Prints the forgetting report (`lmjax.eval.forgetting`) and the cloze accuracies, and writes
    the report as <workdir>/forgetting.png.
@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 from lmjax import config as config_lib, trainer  # noqa: E402
 from lmjax.eval import choice, forgetting, records, runs as runs_lib  # noqa: E402
 
-CLOZE = os.path.join(ROOT, 'tests', 'assets', 'eval', 'legal_cloze.jsonl')
+CLOZE = os.path.join(ROOT, 'lmjax', 'eval', 'tasks', 'legal_cloze.jsonl')
 DOMAIN = 'legal'
 
 

@@ -33,7 +33,7 @@ SPECIALS = ['<unk>', '<s>', '</s>']  # ids 0, 1, 2: the checkpoint's pad, bos an
 def write_data(tasks_dir: str) -> list[str]:
   """The three tasks' jsonl files; returns all their text (the tokenizer's training set)."""
   from pydoc_data import topics  # pylint: disable=import-outside-toplevel
-  with open(os.path.join(ROOT, 'tests', 'assets', 'eval', 'legal_cloze.jsonl'), encoding='utf-8') as f:
+  with open(os.path.join(ROOT, 'lmjax', 'eval', 'tasks', 'legal_cloze.jsonl'), encoding='utf-8') as f:
     mc = [json.loads(line) for line in f][:12]
   ppl = [{'text': topics.topics[k][:1500]} for k in sorted(topics.topics)[:6]]
   rng = random.Random(0)

@@ -1,6 +1,6 @@
 """Writes the continued-pretraining demo's domain task: a cloze over licence texts.
 
-  python scripts/make_legal_cloze.py [--out tests/assets/eval/legal_cloze.jsonl] [--n 64]
+  python scripts/make_legal_cloze.py [--out lmjax/eval/tasks/legal_cloze.jsonl] [--n 64]
 
 Passages come from the legal documents that training never reads. configs/cpt_domain.py (like
 configs/tiny_mix.py) cleans the legal corpora, orders the kept documents by content hash, holds out
@@ -89,7 +89,7 @@ def seen_in(example: dict, train_text: str, overlap: int) -> bool:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--out', default=os.path.join(ROOT, 'tests', 'assets', 'eval',
+  parser.add_argument('--out', default=os.path.join(ROOT, 'lmjax', 'eval', 'tasks',
                                                     'legal_cloze.jsonl'))
   parser.add_argument('--n', type=int, default=64, help='examples')
   parser.add_argument('--seed', type=int, default=0)

@@ -22,7 +22,7 @@ from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.eval import choice, forgetting, heldout, hook, records as records_lib, runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLOZE = os.path.join(ROOT, 'tests', 'assets', 'eval', 'legal_cloze.jsonl')
+CLOZE = os.path.join(ROOT, 'lmjax', 'eval', 'tasks', 'legal_cloze.jsonl')
 _spec = importlib.util.spec_from_file_location('make_legal_cloze',
                                                os.path.join(ROOT, 'scripts', 'make_legal_cloze.py'))
 make_legal_cloze = importlib.util.module_from_spec(_spec)

@@ -173,3 +173,14 @@ def test_harness_tasks_during_training_reach_metrics_jsonl(tmp_path):
   assert record['step'] == 4
   assert record['harness/lmjax_parity_ppl/bits_per_byte'] == pytest.approx(scored[4], rel=1e-6)
   assert 3 < scored[4] < scored[2]  # a tiny model on 4 steps: still near uniform, and learning
+
+
+def test_the_shipped_local_tasks_run_offline_on_a_run(run_dir):
+  """lmjax/eval/tasks: the legal cloze (multiple choice) and arithmetic (generation) tasks load from
+  the package, with no --include_path and no network, and score as their definitions say."""
+  scorer = harness.run_scorer(run_dir, 4, 8)
+  metrics, table = harness.evaluate(scorer, ['lmjax_legal_cloze', 'lmjax_arithmetic'], limit=8)
+  assert set(metrics) == {'harness/lmjax_legal_cloze/acc', 'harness/lmjax_legal_cloze/acc_norm',
+                          'harness/lmjax_arithmetic/exact_match'}
+  assert all(v in [i / 8 for i in range(9)] for v in metrics.values())  # shares of 8 examples
+  assert 'lmjax_legal_cloze' in table

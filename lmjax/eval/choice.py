@@ -7,7 +7,7 @@ moves to the choice, and the choice's tokens are those of encode(context + choic
 encode(context); a context too long for a row loses its start. acc: the best-scoring choice is the
 answer; acc_norm: the same after dividing each score by the choice's UTF-8 length in bytes
 (lm-eval-harness's length-normalised accuracy). scripts/make_legal_cloze.py builds such a task from
-documents (tests/assets/eval/legal_cloze.jsonl).
+documents (lmjax/eval/tasks/legal_cloze.jsonl).
 
 The scoring is in two parts: `choice_pairs` turns examples into (context ids, continuation ids)
 pairs, and `continuation_loglikelihoods` scores any such pairs on a run's params (the pairs of

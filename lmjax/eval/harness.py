@@ -206,12 +206,13 @@ class LmjaxLM(TemplateLM):
 
 def evaluate(scorer: Scorer, tasks: list[str], num_fewshot: int | None = None,
              include_path: str | None = None, limit: float | None = None) -> tuple[dict[str, float], str]:
-  """The harness's `tasks` (its own names, or those of task YAMLs under `include_path`) on `scorer`'s
-  model: ({'harness/<task>/<metric>': value}, the harness's results table). Task data comes from the
-  Hugging Face Hub unless it is local (HF_DATASETS_OFFLINE=1 for the cache only)."""
+  """The harness's `tasks` (its own names, lmjax's local tasks in lmjax/eval/tasks/, or those of task
+  YAMLs under `include_path`) on `scorer`'s model: ({'harness/<task>/<metric>': value}, the
+  harness's results table). Task data comes from the Hugging Face Hub unless it is local
+  (HF_DATASETS_OFFLINE=1 for the cache only)."""
   import lm_eval  # pylint: disable=import-outside-toplevel
   from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
-  manager = TaskManager(include_path=include_path)
+  manager = TaskManager(include_path=[TASKS_DIR] + ([include_path] if include_path else []))
   unknown = [t for t in tasks if t not in manager.all_tasks]
   if unknown:
     raise errors.ConfigError(f'harness tasks {unknown}: not tasks of lm-eval {lm_eval.__version__} or of '
@@ -220,8 +221,8 @@ def evaluate(scorer: Scorer, tasks: list[str], num_fewshot: int | None = None,
                                 limit=limit, task_manager=manager)
   metrics = {}
   for task, values in out['results'].items():
-    for key, value in values.items():
-      name, _, _ = key.partition(',')
-      if isinstance(value, (int, float)) and not name.endswith('_stderr') and name != 'alias':
+    for key, value in values.items():  # 'acc,none' (a metric under its filter), not 'sample_len'
+      name, comma, _ = key.partition(',')
+      if comma and isinstance(value, (int, float)) and not name.endswith('_stderr'):
         metrics[f'harness/{task}/{name}'] = float(value)
   return metrics, lm_utils.make_table(out)
