@@ -184,3 +184,24 @@ def test_the_shipped_local_tasks_run_offline_on_a_run(run_dir):
                           'harness/lmjax_arithmetic/exact_match'}
   assert all(v in [i / 8 for i in range(9)] for v in metrics.values())  # shares of 8 examples
   assert 'lmjax_legal_cloze' in table
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_device_results(lmjax_out, tmp_path):
+  """The adapter across 2 processes (launch/local.py, 4 fake CPU devices each, one mesh over both):
+  each process feeds its rows and gathers all scores; process 0's results equal one device's."""
+  out = tmp_path / 'results.json'
+  script = (f'import json, sys\nsys.path.insert(0, {os.path.join(ROOT, "tests")!r})\n'
+            'from lmjax import distributed\ndistributed.initialize()\n'
+            'import jax, test_harness\nassert len(jax.devices()) == 8\n'
+            f'res = test_harness.evaluate("hf={parity_model(tmp_path / "model")}", batch_size=8)\n'
+            'if jax.process_index() == 0:\n'
+            f'  json.dump({{t: test_harness.requests(res, t) for t in test_harness.TASKS}}, open({str(out)!r}, "w"))\n')
+  run = subprocess.run([sys.executable, 'launch/local.py', '--processes=2', '--devices_per_process=4',
+                        f'--log_dir={tmp_path / "logs"}', '--', sys.executable, '-c', script],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+  logs = ''.join(p.read_text()[-2000:] for p in (tmp_path / 'logs').rglob('*.log'))
+  assert run.returncode == 0, run.stderr[-2000:] + logs
+  two = json.loads(out.read_text())
+  for task in TASKS:
+    assert two[task] == json.loads(json.dumps(requests(lmjax_out, task))), task
