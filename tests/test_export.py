@@ -82,13 +82,7 @@ def run(tmp_path_factory):
   config.data.sources = {'code': dict(corpora=f'jsonl:{corpus}', max_chars=0)}
   config.data.tokenizer.update(vocab_size=400, character_coverage=0.98)
   workdir = str(root / 'run')
-  r = trainer.setup(config, workdir)
-  writer = trainer.MetricsWriter(r)
-  try:
-    trainer.train(r, trainer.default_hooks(r, writer))
-  finally:
-    writer.close()
-    r.checkpointer.close()
+  trainer.run(config, workdir)
   return config, workdir
 
 

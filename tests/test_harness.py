@@ -102,13 +102,7 @@ def run_dir(tmp_path_factory):
   workdir = str(root / 'run')
   config = test_evaluate.tiny_config(corpus)
   config.train.seq_len = 256  # the parity tasks' choices run to ~80 tokens of its tokenizer
-  r = trainer.setup(config, workdir)
-  writer = trainer.MetricsWriter(r)
-  try:
-    trainer.train(r, trainer.default_hooks(r, writer))
-  finally:
-    writer.close()
-    r.checkpointer.close()
+  trainer.run(config, workdir)
   return workdir
 
 
