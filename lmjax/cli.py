@@ -1,7 +1,7 @@
 """The command-line layer every entry point shares: the `--config` and `--workdir` flags, loading and
 validating the config, quiet logs, and user mistakes as one line. Entry points (`python -m
-lmjax.train`, `lmjax.prepare`, `lmjax.aot`, `lmjax.scaling.sweep`) sit on top of the library and call
-this; library modules never import it.
+lmjax.train`, `lmjax.prepare`, `lmjax.aot`, `lmjax.evaluate`, `lmjax.sample`, `lmjax.export`,
+`lmjax.scaling.sweep`) sit on top of the library and call this; library modules never import it.
 
   python -m lmjax.<entry> --config=configs/<name>.py[:knobs] --workdir=DIR [--config.a.b=value ...]
 
@@ -15,7 +15,6 @@ LMJAX_VERBOSE=1) shows the whole traceback and orbax's logs for a user's mistake
 from __future__ import annotations
 
 import difflib
-import errno
 import importlib.util
 import logging as stdlib_logging
 import os
@@ -107,10 +106,6 @@ def _init_backends_quietly() -> None:
         print('\n'.join(kept), file=sys.stderr)
 
 
-# What the file system answers that no code can fix: a full, read-only or forbidden disk.
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
-
-
 def _check_workdir() -> None:
   """FileSystemError when --workdir names a file: every entry point reads or writes a run there."""
   workdir = flags.FLAGS['workdir'].value if 'workdir' in flags.FLAGS else None
@@ -152,6 +147,9 @@ def _parse_flags(argv):
   except Exception as e:  # absl and ml_collections raise many kinds for a bad flag or config file
     if _verbose(argv):
       raise
+    if any(a.startswith('--config.') for a in argv) and not any(a.startswith('--config=') for a in argv):
+      _fail('--config.* overrides need --config=configs/<name>.py (without it a run\'s config.json is '
+            'used as it was saved)')
     _fail(_first_unknown_override(argv) or str(e).strip().splitlines()[-1])
 
 
@@ -185,16 +183,16 @@ def run(main: Callable[[ml_collections.ConfigDict], None]) -> None:
       if _verbose(sys.argv):
         raise
       _fail('interrupted (Ctrl-C)', 130)
-    except errors.UserError as e:
-      if _verbose(sys.argv):
+    except Exception as e:  # pylint: disable=broad-except
+      user = isinstance(e, errors.UserError)
+      disk = isinstance(e, OSError) and e.errno in errors.DISK_ERRNOS  # the disk, not the code
+      if (user or disk) and _verbose(sys.argv):
         raise
-      _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, e.exit_code)
-    except OSError as e:
-      if _verbose(sys.argv) or e.errno not in _DISK_ERRNOS:
-        raise
-      _fail(f'{e.filename}: {e.strerror}' if e.filename else e.strerror)  # the disk, not the code
-    except Exception:  # not a cause the code knows: a bug, whose stack is the report
-      traceback.print_exc()
+      if user:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, e.exit_code)
+      if disk:
+        _fail(f'{e.filename}: {e.strerror}' if e.filename else e.strerror)
+      traceback.print_exc()  # not a cause the code knows: a bug, whose stack is the report
       _fail('the error above is a bug in lmjax, not a mistake in your command: please report it '
             'with this traceback and the command line', 1)
 

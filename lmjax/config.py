@@ -83,8 +83,11 @@ def from_run(workdir: str) -> ml_collections.ConfigDict:
   if not fs.isdir(workdir):
     raise errors.MissingFile(f'run directory {workdir!r} does not exist')
   if not fs.isfile(path):
-    raise errors.MissingFile(f'{path} does not exist: --workdir is not a run directory (or pass --config)')
-  config = ml_collections.ConfigDict(json.loads(fs.read_text(path)))
+    raise errors.MissingFile(f'{path} does not exist: --workdir is not a run directory')
+  try:
+    config = ml_collections.ConfigDict(json.loads(fs.read_text(path)))
+  except ValueError as e:
+    raise errors.CheckpointError(f'{path} is damaged (not a config a run wrote: {e})') from None
   config.lock()
   return config
 
@@ -139,6 +142,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   unknown = unknown_field(config)
   if unknown:
     raise errors.ConfigError(unknown)
+  if 'eval' in config:  # a run's config.json from before config.eval has none
+    hook.validate(config.eval)
   for axis in ('data', 'fsdp', 'tensor'):
     size = config.mesh[axis]
     if size == 0 or size < -1:

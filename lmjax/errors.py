@@ -7,6 +7,7 @@ ImportError), so library users keep their `except ValueError`.
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import re
 from types import ModuleType
@@ -64,6 +65,9 @@ def require(module: str, extra: str, what: str) -> ModuleType:
       raise  # the module is there and one of its own imports is broken: not a missing extra
     raise MissingExtra(what, extra, module) from e
 
+
+# What the file system answers that no code can fix: a full, read-only or forbidden disk.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
 # The operating system's reason inside an error message: orbax and tensorstore wrap it in their own.
 _OS_REASON = re.compile(r'No space left on device|Read-only file system|Permission denied|'

@@ -249,6 +249,8 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str | None = 
            overwrite: bool = False) -> int:
   """Writes the Hugging Face directory `out` of checkpoint `step` (None: the latest) of the run in
   `workdir`, tensors in `dtype` (None: the run's param dtype); returns the step."""
+  if jax.process_count() > 1:
+    raise errors.ConfigError('export runs in one process (it reads every parameter on this host)')
   if not fs.isdir(workdir):
     raise errors.MissingFile(f'run directory {workdir!r} does not exist')
   args = run_args(workdir)
@@ -270,7 +272,7 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str | None = 
         fs.write_atomic(os.path.join(partial, name), contents)
       _move(partial, out)
   except OSError as e:
-    if isinstance(e, errors.UserError):
+    if isinstance(e, errors.UserError) or e.errno not in errors.DISK_ERRNOS:
       raise
     raise errors.FileSystemError(f'could not write {out}: {errors.os_reason(e)}') from e
   return step

@@ -414,12 +414,15 @@ def train(run: Run, hooks: Iterable[Hook]) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str, extra_hooks: Iterable[Hook] = (),
         writer_hooks: Iterable[Callable[[Run, MetricsWriter], Hook]] = ()) -> dict:
-  """Trains `config` in `workdir` (resuming if possible) with the default hooks plus `extra_hooks`
-  and the hooks `writer_hooks` make from the run and its metrics writer (e.g. lmjax.eval.hook.hook)."""
+  """Trains `config` in `workdir` (resuming if possible) with the default hooks, config.eval's harness
+  tasks, `extra_hooks` and the hooks `writer_hooks` make from the run and its metrics writer (e.g.
+  lmjax.eval.hook.hook)."""
+  from lmjax.eval import hook  # pylint: disable=import-outside-toplevel  (it imports this module)
   r = setup(config, workdir)
   writer = MetricsWriter(r)
   try:
-    hooks = default_hooks(r, writer) + list(extra_hooks) + [make(r, writer) for make in writer_hooks]
+    hooks = (default_hooks(r, writer) + hook.harness_hooks(r, writer) + list(extra_hooks)
+             + [make(r, writer) for make in writer_hooks])
     return train(r, hooks)
   finally:
     writer.close()

@@ -349,19 +349,22 @@ def test_a_read_only_workdir_is_one_line(tmp_path):
   assert _error_lines(run.stderr) == [f'lmjax.train: error: {disk}/run: Read-only file system']
 
 
-def test_a_bug_keeps_its_traceback_and_says_it_is_a_bug(tmp_path):
-  """A defect (here an injected KeyError inside the trainer) is not a user's mistake: the traceback
-  is printed, then one line saying it is a bug; exit code 1, not 2."""
+@pytest.mark.parametrize('defect,shown', [('{}["no such key"]', "KeyError: 'no such key'"),
+                                          ('open("/no/such/file")', 'FileNotFoundError: [Errno 2] No such '
+                                                                   "file or directory: '/no/such/file'")])
+def test_a_bug_keeps_its_traceback_and_says_it_is_a_bug(tmp_path, defect, shown):
+  """A defect (here a KeyError, or an OSError that is not the disk's, injected inside the trainer) is
+  not a user's mistake: the traceback is printed, then one line saying it is a bug; exit code 1."""
   env = _shim(tmp_path, 'import lmjax.trainer\n'
                         'def setup(*args, **kwargs):\n'
-                        '  return {}["no such key"]\n'
+                        f'  return {defect}\n'
                         'lmjax.trainer.setup = setup\n')
   run = subprocess.run([sys.executable, '-m', 'lmjax.train', '--config=configs/tiny.py',
                         f'--workdir={tmp_path}/run'], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
   assert run.returncode == 1, run.stderr[-3000:]
   lines = _error_lines(run.stderr)
-  assert lines[0] == 'Traceback (most recent call last):' and "KeyError: 'no such key'" in lines
+  assert lines[0] == 'Traceback (most recent call last):' and shown in lines
   assert lines[-1] == ('lmjax.train: error: the error above is a bug in lmjax, not a mistake in your '
                        'command: please report it with this traceback and the command line')
 

@@ -199,3 +199,16 @@ def test_two_processes_give_the_one_device_results(lmjax_out, tmp_path):
   two = json.loads(out.read_text())
   for task in TASKS:
     assert two[task] == json.loads(json.dumps(requests(lmjax_out, task))), task
+
+
+def test_config_eval_is_checked_before_training():
+  from lmjax import config as config_lib, errors  # pylint: disable=import-outside-toplevel
+  from lmjax.eval import hook  # pylint: disable=import-outside-toplevel
+  config = config_lib.load(os.path.join(ROOT, 'configs', 'tiny.py'))
+  config.eval.harness_tasks = ('hellaswag,arc_easy', 'piqa')  # a flag gives one comma-separated string
+  assert hook.task_names(config.eval) == ['hellaswag', 'arc_easy', 'piqa']
+  config.eval.harness_every = -1
+  with pytest.raises(errors.ConfigError, match=r'config.eval.harness_every=-1'):
+    config_lib.validate(config)
+  with pytest.raises(errors.ConfigError, match=r"harness tasks \['no_such_task'\]"):
+    harness.task_manager(['no_such_task', 'lmjax_arithmetic'], None)

@@ -262,8 +262,10 @@ def check_source(name: str, spec: str, counter_rows: list[dict]) -> None:
   if read == 0:
     raise errors.DataError(f'{where}: the source is empty (its files hold no document)')
   if docs['read', 'kept'] == 0 and docs['read', 'missing_field']:
-    own = next(c for c in corpora.corpus_names(spec) if corpora.corpus(c).is_glob and readers.list_files(c)
-               and readers.parse_spec(c).kind != 'txt')
+    own = next((c for c in corpora.corpus_names(spec) if corpora.corpus(c).is_glob
+                and readers.parse_spec(c).kind != 'txt' and readers.list_files(c)), None)
+    if own is None:
+      raise errors.DataError(f'{where}: no record has its text field')
     first = readers.list_files(own)[0]
     has = readers.fields(first, own)
     raise errors.DataError(f'{where}: no record has the field {readers.parse_spec(own).field!r}; {first} '

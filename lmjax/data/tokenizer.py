@@ -118,6 +118,12 @@ class HFTokenizer:
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
 
+  @property
+  def adds_bos(self) -> bool:
+    """Whether tokenizer.json's own post-processing puts BOS before a text (Llama's does, Qwen2's, with
+    no BOS, does not): what transformers' encode does by default. `encode` never adds it."""
+    return self._tok.encode('a', add_special_tokens=True).ids[:1] == [self.bos_id]
+
   def encode_batch(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
     """Encodes many texts at once on the tokenizers library's own thread pool (its size is the
     RAYON_NUM_THREADS environment variable; `num_threads` is accepted for the interface)."""

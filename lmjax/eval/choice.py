@@ -10,8 +10,8 @@ answer; acc_norm: the same after dividing each score by the choice's UTF-8 lengt
 documents (lmjax/eval/tasks/legal_cloze.jsonl).
 
 The scoring is in two parts: `choice_pairs` turns examples into (context ids, continuation ids)
-pairs, and `continuation_loglikelihoods` scores any such pairs on a run's params (the pairs of
-lm-eval-harness's loglikelihood requests too).
+pairs, and `score_pairs` scores any such pairs (`continuation_loglikelihoods`: on a run's params); the
+lm-evaluation-harness adapter (lmjax/eval/harness.py) scores its loglikelihood requests with it too.
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ Pair = tuple[Sequence[int], Sequence[int]]  # (context token ids, continuation t
 
 def read_task(path: str) -> list[dict]:
   """The examples of a task file (see the module docstring); an error names the line and field."""
+  if not os.path.isfile(path):
+    raise errors.MissingFile(f'task file {path!r} does not exist')
   examples = []
   with open(path, encoding='utf-8') as f:
     for i, line in enumerate(f, start=1):

@@ -20,8 +20,9 @@ and continuation; this module scores token ids the way the harness's own Hugging
   `max_gen_toks` new tokens after the context cut from the left to max_length - max_gen_toks, stopped
   at EOS, the text cut at the first stop string.
 
-Tokens: lmjax trains every document after BOS, so `tok_encode` puts BOS first (as a Llama tokenizer
-does) unless asked not to, and BOS is the harness's prefix for an empty context. A run directory's
+Tokens: lmjax trains every document after BOS, so for a run `tok_encode` puts BOS first (as a Llama
+tokenizer does) unless asked not to; a Hugging Face checkpoint's as its tokenizer does when asked for
+special tokens (the hf backend's default). BOS is the harness's prefix for an empty context. A run directory's
 model, tokenizer and mesh are the run's (its config.json, provenance.json; lmjax/eval/runs.py); a
 Hugging Face directory's are its safetensors and tokenizer.json (lmjax/convert.py), on a data-parallel
 mesh over every device. Rows are split over the mesh's data shards and, across processes, each
@@ -57,10 +58,12 @@ class Scorer:
   """A model's graph, params, tokenizer, mesh and scoring loss, `batch_size` rows at a time."""
 
   def __init__(self, graphdef, params: dict, tokenizer: tokenizer_lib.Tokenizer,
-               mesh: jax.sharding.Mesh, loss_args: losses.Args, max_length: int, batch_size: int):
+               mesh: jax.sharding.Mesh, loss_args: losses.Args, max_length: int, batch_size: int,
+               add_bos: bool = True):
     data_shards = mesh.shape['data'] * mesh.shape.get('fsdp', 1)
     self.graphdef, self.params, self.tokenizer, self.mesh = graphdef, params, tokenizer, mesh
     self.loss_args, self.max_length = loss_args, max_length
+    self.add_bos = add_bos  # put BOS before a text: lmjax runs always, a checkpoint as its tokenizer does
     self.batch_size = -(-batch_size // data_shards) * data_shards  # rows split evenly over shards
 
   def loglikelihoods(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
@@ -108,8 +111,9 @@ def hf_scorer(directory: str, batch_size: int, max_length: int | None, dtype: st
     raise errors.ConfigError(f'{directory}/config.json has no max_position_embeddings: pass max_length=')
   defaults = losses.defaults()
   loss_args = losses.Args('ce', 'chunked', 0.0, int(defaults.chunk_tokens), args.vocab_size)
-  return Scorer(model.abstract(args)[0], params, tokenizer_lib.load(directory), mesh, loss_args,
-                int(length), batch_size)
+  tok = tokenizer_lib.load(directory)
+  return Scorer(model.abstract(args)[0], params, tok, mesh, loss_args, int(length), batch_size,
+                add_bos=tok.adds_bos)  # a directory's tokenizer.json (tokenizer_lib.load)
 
 
 @register_model('lmjax')
@@ -153,7 +157,8 @@ class LmjaxLM(TemplateLM):
 
   def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
     ids = self.scorer.tokenizer.encode(string)
-    return ids if add_special_tokens is False else [self.prefix_token_id] + ids
+    bos = self.scorer.add_bos if add_special_tokens is None else add_special_tokens
+    return [self.prefix_token_id] + ids if bos else ids
 
   def tok_decode(self, ids: list[int]) -> str:
     return self.scorer.tokenizer.decode(ids)
@@ -204,6 +209,19 @@ class LmjaxLM(TemplateLM):
     return order.get_original(out)
 
 
+def task_manager(tasks: list[str], include_path: str | None):
+  """The harness's TaskManager over its own tasks, lmjax/eval/tasks/ and `include_path`; a task name
+  none of them has is an error naming it."""
+  import lm_eval  # pylint: disable=import-outside-toplevel
+  from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
+  manager = TaskManager(include_path=[TASKS_DIR] + ([include_path] if include_path else []))
+  unknown = [t for t in tasks if t not in manager.all_tasks]
+  if unknown:
+    raise errors.ConfigError(f'harness tasks {unknown}: not tasks of lm-eval {lm_eval.__version__}, of '
+                             f'lmjax/eval/tasks or of the include path {include_path!r}')
+  return manager
+
+
 def evaluate(scorer: Scorer, tasks: list[str], num_fewshot: int | None = None,
              include_path: str | None = None, limit: float | None = None) -> tuple[dict[str, float], str]:
   """The harness's `tasks` (its own names, lmjax's local tasks in lmjax/eval/tasks/, or those of task
@@ -211,18 +229,14 @@ def evaluate(scorer: Scorer, tasks: list[str], num_fewshot: int | None = None,
   harness's results table). Task data comes from the Hugging Face Hub unless it is local
   (HF_DATASETS_OFFLINE=1 for the cache only)."""
   import lm_eval  # pylint: disable=import-outside-toplevel
-  from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
-  manager = TaskManager(include_path=[TASKS_DIR] + ([include_path] if include_path else []))
-  unknown = [t for t in tasks if t not in manager.all_tasks]
-  if unknown:
-    raise errors.ConfigError(f'harness tasks {unknown}: not tasks of lm-eval {lm_eval.__version__} or of '
-                             f'--include_path={include_path!r}')
+  manager = task_manager(tasks, include_path)
   out = lm_eval.simple_evaluate(model=LmjaxLM(scorer=scorer), tasks=list(tasks), num_fewshot=num_fewshot,
                                 limit=limit, task_manager=manager)
   metrics = {}
   for task, values in out['results'].items():
-    for key, value in values.items():  # 'acc,none' (a metric under its filter), not 'sample_len'
-      name, comma, _ = key.partition(',')
+    for key, value in values.items():  # 'acc,none': a metric and its filter (not 'sample_len')
+      name, comma, filtered = key.partition(',')
       if comma and isinstance(value, (int, float)) and not name.endswith('_stderr'):
-        metrics[f'harness/{task}/{name}'] = float(value)
+        suffix = '' if filtered == 'none' else f'/{filtered}'  # gsm8k: strict-match, flexible-extract
+        metrics[f'harness/{task}/{name}{suffix}'] = float(value)
   return metrics, lm_utils.make_table(out)

@@ -9,7 +9,7 @@ import dataclasses
 
 import ml_collections
 
-from lmjax import trainer
+from lmjax import errors, trainer
 from lmjax.eval import heldout, runs
 
 
@@ -41,21 +41,38 @@ def hook(run: trainer.Run, writer: trainer.MetricsWriter, every: int | None = No
   return trainer.Hook(every or run.config.train.eval_every, record, at_start=True)
 
 
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """config.eval's values; with harness tasks, the [eval] extra must be installed."""
+  if cfg.harness_every < 0 or cfg.harness_limit < 0:
+    raise errors.ConfigError(f'config.eval.harness_every={cfg.harness_every}, harness_limit='
+                             f'{cfg.harness_limit}: expected >= 0 (0: eval_every; all examples)')
+  if task_names(cfg):
+    errors.require('lm_eval', 'eval', 'config.eval.harness_tasks')
+
+
+def task_names(cfg: ml_collections.ConfigDict) -> list[str]:
+  """config.eval.harness_tasks as names: a tuple, or one comma-separated string (as a flag gives it)."""
+  return [t.strip() for item in cfg.harness_tasks for t in item.split(',') if t.strip()]
+
+
 def harness_hooks(run: trainer.Run, writer: trainer.MetricsWriter) -> list[trainer.Hook]:
   """A hook that scores config.eval.harness_tasks on the run's params every harness_every steps and at
-  the end ([] without tasks), logging `harness/<task>/<metric>`."""
-  cfg = run.config.eval
-  if not cfg.harness_tasks:
+  the last step ([] without tasks), logging `harness/<task>/<metric>`. The task names are checked
+  before training starts; a run stopped by a signal skips them (its checkpoint comes first)."""
+  cfg, tasks = run.config.eval, task_names(run.config.eval)
+  if not tasks:
     return []
   from lmjax.eval import harness  # pylint: disable=import-outside-toplevel  (the [eval] extra)
+  harness.task_manager(tasks, cfg.harness_include_path or None)
   ev = runs.of_run(run)
   loss_args = dataclasses.replace(ev.steps.loss, name='ce', z_loss=0.0)
 
   def record(info: trainer.StepInfo):
+    if info.final and info.step != run.config.train.steps:  # SIGTERM or Ctrl-C: stop quickly
+      return
     scorer = harness.Scorer(ev.steps.graphdef, info.state['params'], ev.tokenizer, ev.mesh, loss_args,
                             run.config.train.seq_len, run.config.train.batch_size)
-    metrics, _ = harness.evaluate(scorer, list(cfg.harness_tasks),
-                                  None if cfg.harness_num_fewshot < 0 else cfg.harness_num_fewshot,
+    metrics, _ = harness.evaluate(scorer, tasks, None if cfg.harness_num_fewshot < 0 else cfg.harness_num_fewshot,
                                   cfg.harness_include_path or None, cfg.harness_limit or None)
     writer.write(info.step, metrics)
 
