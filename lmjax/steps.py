@@ -72,12 +72,15 @@ def teacher_fields(teacher: Teacher, teacher_params, batch, loss_args: losses.Ar
 def loss_sums(graphdef, params, batch, loss_args: losses.Args, num_sources: int,
               teacher: Teacher | None = None, teacher_params=None):
   """(sum of weighted per-token losses, sum of weights, per-source loss sums [S], per-source
-  weight sums [S]) for one (micro-)batch; an online `teacher` adds its top-k to the batch first."""
+  weight sums [S]) for one (micro-)batch, S = num_sources (0: the two totals alone); an online
+  `teacher` adds its top-k to the batch first."""
   if teacher is not None:
     batch = {**batch, **teacher_fields(teacher, teacher_params, batch, loss_args)}
   x_btd, w_dv = model.hidden_and_head(graphdef, params, batch)
   weighted_bt = losses.per_token(x_btd, w_dv, batch, loss_args) * batch['weights']
   row_loss_b, row_weight_b = weighted_bt.sum(-1), batch['weights'].sum(-1)
+  if not num_sources:
+    return row_loss_b.sum(), row_weight_b.sum()
   by_source = lambda v: jax.ops.segment_sum(v, batch['source_id'], num_segments=num_sources)
   return row_loss_b.sum(), row_weight_b.sum(), by_source(row_loss_b), by_source(row_weight_b)
 
@@ -113,11 +116,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, loss_a
              jax.tree.map(jnp.zeros_like, state['params']))
     ((loss_sum, weight_sum, source_loss, source_weight), grads), _ = jax.lax.scan(
         accumulate, zeros, micro)
-    grads = jax.tree.map(lambda g: g / weight_sum, grads)
+    # A batch whose targets are all padding (weight 0) has zero gradients: divide by at least 1, so it
+    # is a step with a zero gradient (AdamW's momentum and decay still apply), not NaN parameters.
+    denominator = jnp.maximum(weight_sum, 1.0)
+    grads = jax.tree.map(lambda g: g / denominator, grads)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     new_state = dict(state, params=optax.apply_updates(state['params'], updates),
                      opt_state=opt_state, step=state['step'] + 1)
-    metrics = {'loss': loss_sum / weight_sum, 'grad_norm': optax.global_norm(grads),
+    metrics = {'loss': loss_sum / denominator, 'grad_norm': optax.global_norm(grads),
                'lr': schedule(state['step']), 'target_tokens': weight_sum,
                'source_loss_sums': source_loss, 'source_weight_sums': source_weight}
     return new_state, metrics
@@ -170,7 +176,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, vocab_size
   train_step = make_train_step(graphdef, tx, schedule, loss_args, config.train.microbatches,
                                len(sources), kd_at, teacher)
   eval_args = dataclasses.replace(loss_args, name='ce', z_loss=0.0)
-  eval_step = lambda params, batch: loss_sums(graphdef, params, batch, eval_args, 1)[:2]
+  eval_step = lambda params, batch: loss_sums(graphdef, params, batch, eval_args, 0)
   return Steps(args, loss_args, phases, sources, graphdef, schedule, tx, abstract_state, state_sh,
                jax.jit(init, static_argnums=0, out_shardings=state_sh),
                jax.jit(train_step, out_shardings=(state_sh, None), donate_argnums=0),

@@ -429,4 +429,4 @@ def test_sample_and_evaluate_read_the_runs_config_when_config_is_left_out(traine
   not_a_run = cli('lmjax.sample', f'--workdir={workdir}/checkpoints', '--prompt=x')
   assert not_a_run.returncode == 2 and not_a_run.stderr.strip() == (
       f'lmjax.sample: error: {workdir}/checkpoints/config.json does not exist: --workdir is not a run '
-      'directory (or pass --config)')
+      'directory')

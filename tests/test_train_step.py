@@ -124,6 +124,29 @@ def test_loss_is_token_weighted_cross_entropy():
                              (nll * batch['weights']).sum() / batch['weights'].sum(), rtol=1e-5)
 
 
+def test_a_batch_of_only_padding_is_a_zero_gradient_step_not_nan():
+  """Targets all weighted 0: zero gradients (AdamW's momentum still moves the parameters), finite
+  parameters, loss 0 over 0 target tokens (was NaN: the gradients were divided by the weight sum)."""
+  config = tiny_config()
+  config.mesh.update(data=1)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  built = steps_lib.build(config, mesh, model.resolve(config.model).vocab_size)
+  state = built.init(0)
+  with jax.set_mesh(mesh):
+    real = sharding.global_batch(random_batch(0, 8, 32, built.args.vocab_size), mesh)
+    state, _ = built.train_step(state, real)
+    before = [np.asarray(leaf) for leaf in jax.tree.leaves(state['params'])]  # the step donates state
+    padding = dict(random_batch(1, 8, 32, built.args.vocab_size))
+    padding['weights'] = np.zeros_like(padding['weights'])
+    new, metrics = built.train_step(state, sharding.global_batch(padding, mesh))
+  assert float(metrics['target_tokens']) == 0 and float(metrics['loss']) == 0
+  assert float(metrics['grad_norm']) == 0
+  for leaf in jax.tree.leaves(new['params']):
+    assert np.isfinite(np.asarray(leaf)).all()
+  moved = [np.abs(np.asarray(a) - b).max() for a, b in zip(jax.tree.leaves(new['params']), before)]
+  assert max(moved) > 0  # the first step's momentum
+
+
 @pytest.mark.slow
 def test_1b_train_step_compiles_ahead_of_time_for_8_devices():
   config = config_lib.load('configs/pretrain.py', 'size=1b,batch_size=8')
