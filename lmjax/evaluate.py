@@ -50,7 +50,8 @@ def main(config: ml_collections.ConfigDict) -> None:
     scorer = harness.Scorer(ev.steps.graphdef, params, ev.tokenizer, ev.mesh,
                             dataclasses.replace(ev.steps.loss, name='ce', z_loss=0.0),
                             ev.config.train.seq_len, ev.config.train.batch_size)
-    found, table = harness.evaluate(scorer, f.harness_tasks, f.num_fewshot, f.include_path, f.limit)
+    found, table = harness.evaluate(scorer, f.harness_tasks, f.num_fewshot, f.include_path, f.limit,
+                                    run=(ev.config, workdir))
     record.update(found)
   print(f'step {step}' + (' (the starting params)' if step == 0 else ''))
   print(f'{"source":10s} {"loss":>8s} {"bpb":>8s}')
@@ -79,7 +80,8 @@ if __name__ == '__main__':
                        'run started from (config.init_from)', lower_bound=0)
   flags.DEFINE_list('tasks', [], 'multiple-choice task files (jsonl: context, choices, answer)')
   flags.DEFINE_list('harness_tasks', [], "lm-evaluation-harness tasks by the harness's names (hellaswag, "
-                    'arc_easy, ...; the [eval] extra), scored as harness/<task>/<metric>')
+                    'arc_easy, ...; the [eval] extra), lmjax/eval/tasks\' (lmjax_legal_cloze, ...) or '
+                    'lmjax_heldout (the run\'s held-out documents), scored as harness/<task>/<metric>')
   flags.DEFINE_integer('num_fewshot', None, 'harness tasks: few-shot examples (default: each task\'s own)')
   flags.DEFINE_string('include_path', None, 'harness tasks: a directory of task YAMLs of your own')
   flags.DEFINE_float('limit', None, 'harness tasks: at most this many examples a task (< 1: a fraction)')

@@ -212,3 +212,31 @@ def test_config_eval_is_checked_before_training():
     config_lib.validate(config)
   with pytest.raises(errors.ConfigError, match=r"harness tasks \['no_such_task'\]"):
     harness.task_manager(['no_such_task', 'lmjax_arithmetic'], None)
+
+
+def test_lmjax_heldout_scores_each_sources_held_out_documents(run_dir):
+  """lmjax_heldout: a rolling-perplexity task per source over the run's held-out documents; a document
+  shorter than a window scores the sum of log p(token | the tokens before it) after BOS, as model.apply's
+  full logits with a float64 log-softmax give it (the adapter scores through the chunked loss; the hf
+  backend's windows: BOS, given BOS, first)."""
+  from lmjax import config as config_lib, model  # pylint: disable=import-outside-toplevel
+  from lmjax.data import prepare  # pylint: disable=import-outside-toplevel
+  config = config_lib.from_run(run_dir)
+  scorer = harness.run_scorer(run_dir, 4, 8)
+  out = lm_eval.simple_evaluate(model=harness.LmjaxLM(scorer=scorer), tasks=harness.heldout_tasks(config, run_dir),
+                                log_samples=True)
+  assert set(out['results']) == {'lmjax_heldout_code'}
+  assert out['results']['lmjax_heldout_code']['bits_per_byte,none'] > 0
+  docs = prepare.cleaned_documents(config.data, run_dir, 'code')['eval']
+  sample = min(out['samples']['lmjax_heldout_code'], key=lambda s: len(s['doc']['text']))
+  ids = scorer.tokenizer.encode(sample['doc']['text'])
+  assert sample['doc']['text'] in docs and len(ids) + 1 < scorer.max_length  # one window
+  seq = [scorer.tokenizer.bos_id, scorer.tokenizer.bos_id, *ids]  # context BOS, targets BOS + text
+  batch = {'inputs': np.array([seq[:-1]]), 'positions': np.arange(len(seq) - 1)[None],
+           'segment_ids': np.ones((1, len(seq) - 1), np.int32)}
+  logits = np.asarray(model.apply(scorer.graphdef, scorer.params, batch), np.float64)[0]
+  logits = logits[:, :scorer.tokenizer.vocab_size]
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  want = logp[np.arange(len(seq) - 1), seq[1:]].sum()
+  assert sample['resps'][0][0] == pytest.approx(want, rel=1e-5)

@@ -209,13 +209,37 @@ class LmjaxLM(TemplateLM):
     return order.get_original(out)
 
 
-def task_manager(tasks: list[str], include_path: str | None):
+HELDOUT = 'lmjax_heldout'  # a run's held-out documents, a rolling-perplexity task per source
+
+
+def heldout_tasks(config, workdir: str) -> list[dict]:
+  """Task configs `lmjax_heldout_<source>`, one per source of the run of `config` in `workdir`: its
+  held-out documents (those of the trainer's eval/<source>/loss, each whole: prepare.cleaned_documents)
+  scored in rolling windows (word and byte perplexity, bits per byte). The harness's windows predict
+  the document's tokens after BOS as its hf backend does (with BOS itself, given BOS, as the first)."""
+  from lmjax.data import prepare  # pylint: disable=import-outside-toplevel
+  import datasets  # pylint: disable=import-outside-toplevel  (lm-eval's own requirement)
+  present, _ = prepare.available_sources(config.data)
+  tasks = []
+  for source in present:
+    docs = prepare.cleaned_documents(config.data, workdir, source)['eval']
+    rows = [{'text': d} for d in docs]
+    tasks.append({
+        'task': f'{HELDOUT}_{source}', 'test_split': 'test', 'output_type': 'loglikelihood_rolling',
+        'custom_dataset': lambda rows=rows, **_: datasets.DatasetDict(
+            {'test': datasets.Dataset.from_list(rows)}),
+        'doc_to_text': '', 'doc_to_target': '{{text}}',
+        'metric_list': [{'metric': m} for m in ('word_perplexity', 'byte_perplexity', 'bits_per_byte')]})
+  return tasks
+
+
+def task_manager(tasks: list, include_path: str | None):
   """The harness's TaskManager over its own tasks, lmjax/eval/tasks/ and `include_path`; a task name
-  none of them has is an error naming it."""
+  none of them has is an error naming it (task configs, dicts, are the harness's to check)."""
   import lm_eval  # pylint: disable=import-outside-toplevel
   from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
   manager = TaskManager(include_path=[TASKS_DIR] + ([include_path] if include_path else []))
-  unknown = [t for t in tasks if t not in manager.all_tasks]
+  unknown = [t for t in tasks if isinstance(t, str) and t != HELDOUT and t not in manager.all_tasks]
   if unknown:
     raise errors.ConfigError(f'harness tasks {unknown}: not tasks of lm-eval {lm_eval.__version__}, of '
                              f'lmjax/eval/tasks or of the include path {include_path!r}')
@@ -223,13 +247,19 @@ def task_manager(tasks: list[str], include_path: str | None):
 
 
 def evaluate(scorer: Scorer, tasks: list[str], num_fewshot: int | None = None,
-             include_path: str | None = None, limit: float | None = None) -> tuple[dict[str, float], str]:
-  """The harness's `tasks` (its own names, lmjax's local tasks in lmjax/eval/tasks/, or those of task
-  YAMLs under `include_path`) on `scorer`'s model: ({'harness/<task>/<metric>': value}, the
+             include_path: str | None = None, limit: float | None = None,
+             run: tuple | None = None) -> tuple[dict[str, float], str]:
+  """The harness's `tasks` (its own names, lmjax's local tasks in lmjax/eval/tasks/, those of task
+  YAMLs under `include_path`, or `lmjax_heldout`: the held-out documents of `run` = (config,
+  workdir), `heldout_tasks`) on `scorer`'s model: ({'harness/<task>/<metric>': value}, the
   harness's results table). Task data comes from the Hugging Face Hub unless it is local
   (HF_DATASETS_OFFLINE=1 for the cache only)."""
   import lm_eval  # pylint: disable=import-outside-toplevel
   manager = task_manager(tasks, include_path)
+  if HELDOUT in tasks:
+    if run is None:
+      raise errors.ConfigError(f'harness task {HELDOUT}: a run\'s held-out documents; evaluate a run')
+    tasks = [t for t in tasks if t != HELDOUT] + heldout_tasks(*run)
   out = lm_eval.simple_evaluate(model=LmjaxLM(scorer=scorer), tasks=list(tasks), num_fewshot=num_fewshot,
                                 limit=limit, task_manager=manager)
   metrics = {}

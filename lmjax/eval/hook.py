@@ -73,7 +73,8 @@ def harness_hooks(run: trainer.Run, writer: trainer.MetricsWriter) -> list[train
     scorer = harness.Scorer(ev.steps.graphdef, info.state['params'], ev.tokenizer, ev.mesh, loss_args,
                             run.config.train.seq_len, run.config.train.batch_size)
     metrics, _ = harness.evaluate(scorer, tasks, None if cfg.harness_num_fewshot < 0 else cfg.harness_num_fewshot,
-                                  cfg.harness_include_path or None, cfg.harness_limit or None)
+                                  cfg.harness_include_path or None, cfg.harness_limit or None,
+                                  run=(run.config, run.workdir))
     writer.write(info.step, metrics)
 
   return [trainer.Hook(cfg.harness_every or run.config.train.eval_every, record)]
