@@ -75,9 +75,16 @@ class Scorer:
   def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                seed: int) -> list[list[int]]:
     """Up to `max_new_tokens` new tokens after each prompt, cut at EOS or at a padding row of the
-    model's vocabulary (past the tokenizer's: no text, as `python -m lmjax.sample` stops there)."""
-    new = sample.generate(self.graphdef, self.params, prompts, max_new_tokens, temperature=temperature,
-                          seed=seed, eos_id=self.tokenizer.eos_id)
+    model's vocabulary (past the tokenizer's: no text, as `python -m lmjax.sample` stops there).
+
+    sample.generate compiles per prompt shape, so the batch always has batch_size + 1 rows: filler
+    rows of BOS fill it, the last as long as `choice.row_width` of the longest prompt (a few widths
+    per task); a row's tokens do not depend on the others (sample.py)."""
+    width = choice.row_width(max(map(len, prompts)), self.max_length - max_new_tokens)
+    filler = [self.tokenizer.bos_id] * width
+    rows = list(prompts) + [filler] * (self.batch_size + 1 - len(prompts))
+    new = sample.generate(self.graphdef, self.params, rows, max_new_tokens, temperature=temperature,
+                          seed=seed, eos_id=self.tokenizer.eos_id)[:len(prompts)]
     out = []
     for row in np.asarray(new).tolist():
       end = next((i for i, t in enumerate(row)
