@@ -14,7 +14,6 @@ LMJAX_VERBOSE=1) shows the whole traceback and orbax's logs for a user's mistake
 """
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import logging as stdlib_logging
 import os
@@ -133,10 +132,10 @@ def _first_unknown_override(argv) -> str | None:
     for key in a[len('--config.'):].split('=', 1)[0].split('.'):
       keys = list(node.keys()) if isinstance(node, (dict, ml_collections.ConfigDict)) else []
       if key not in keys:
-        close = difflib.get_close_matches(key, keys, n=1)
-        hint = f" (did you mean {walked}.{close[0]}?)" if close else f'; {walked} has {sorted(keys)}'
-        new = ' (new keys cannot be added from the command line; edit the config file)' if keys and not close else ''
-        return f'{path}: {walked}.{key}: no such field{hint}{new}'
+        message = config_lib.no_such_field(walked, key, keys)
+        if keys and 'did you mean' not in message:
+          message += ' (new keys cannot be added from the command line; edit the config file)'
+        return f'{path}: {message}'
       node, walked = node[key], f'{walked}.{key}'
   return None
 

@@ -92,6 +92,13 @@ def from_run(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
+def no_such_field(path: str, key: str, keys) -> str:
+  """'<path>.<key>: no such field' with its close match among `keys`, else the fields `path` has."""
+  close = difflib.get_close_matches(key, list(keys), n=1)
+  hint = f' (did you mean {path}.{close[0]}?)' if close else f'; {path} has {sorted(keys)}'
+  return f'{path}.{key}: no such field{hint}'
+
+
 # Where a config names its own keys: {path: the fields each entry may have (None: any value)}.
 _NAMED = {'config.data.sources': ('corpora', 'max_chars', 'kind', 'languages'),
           'config.phases': tuple(phases.phase().keys())}
@@ -123,9 +130,7 @@ def unknown_field(config: ml_collections.ConfigDict) -> str | None:
       if len(known) == 0:  # an empty map in the base ({source: weight}): any key
         continue
       if key not in known:
-        close = difflib.get_close_matches(key, list(known.keys()), n=1)
-        hint = f' (did you mean {path}.{close[0]}?)' if close else f'; {path} has {sorted(known.keys())}'
-        return f'{here}: no such field{hint}'
+        return no_such_field(path, key, known.keys())
       if isinstance(node[key], (dict, ml_collections.ConfigDict)) and isinstance(
           known[key], (dict, ml_collections.ConfigDict)):
         found = walk(node[key], known[key], here)

@@ -20,7 +20,6 @@ choice.py, records.py and forgetting.py.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -47,10 +46,7 @@ def main(config: ml_collections.ConfigDict) -> None:
   table = ''
   if f.harness_tasks:
     from lmjax.eval import harness  # pylint: disable=import-outside-toplevel  (the [eval] extra)
-    scorer = harness.Scorer(ev.steps.graphdef, params, ev.tokenizer, ev.mesh,
-                            dataclasses.replace(ev.steps.loss, name='ce', z_loss=0.0),
-                            ev.config.train.seq_len, ev.config.train.batch_size)
-    found, table = harness.evaluate(scorer, f.harness_tasks, f.num_fewshot, f.include_path, f.limit,
+    found, table = harness.evaluate(harness.evaluator_scorer(ev, params), f.harness_tasks, f.num_fewshot, f.include_path, f.limit,
                                     run=(ev.config, workdir))
     record.update(found)
   print(f'step {step}' + (' (the starting params)' if step == 0 else ''))

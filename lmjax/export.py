@@ -61,13 +61,6 @@ UNIGRAM, BPE = 1, 2
 # ----------------------------------------------------------------------------- the run
 
 
-def finished_steps(workdir: str) -> list[int]:
-  """The steps of the run's finished checkpoints (a save in flight has no commit_success.txt yet)."""
-  directory = os.path.join(workdir, 'checkpoints')
-  return sorted(int(d) for d in fs.listdir(directory)
-                if d.isdigit() and fs.isfile(os.path.join(directory, d, 'commit_success.txt')))
-
-
 def run_args(workdir: str) -> model.Args:
   """The run's model, from the config.json it wrote when it started."""
   path = os.path.join(workdir, 'config.json')
@@ -254,7 +247,7 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str | None = 
   if not fs.isdir(workdir):
     raise errors.MissingFile(f'run directory {workdir!r} does not exist')
   args = run_args(workdir)
-  saved = finished_steps(workdir)
+  saved = runs.finished_steps(workdir)
   if not saved or (step is not None and step not in saved):
     want = 'a finished checkpoint' if step is None else f'checkpoint {step}'
     raise errors.CheckpointError(f'{os.path.join(workdir, "checkpoints")}: expected {want}; found steps '

@@ -149,6 +149,13 @@ def _pick(logits_bv, temperature, top_p, key):
   return jnp.where(temperature > 0, sampled_b, jnp.argmax(logits_bv, axis=-1)).astype(jnp.int32)
 
 
+def text_tokens(new: list[int], eos_id: int, vocab_size: int) -> list[int]:
+  """The generated tokens up to EOS or to the first padding row of the model's vocabulary (an id past
+  the tokenizer's `vocab_size`: no text)."""
+  end = next((i for i, t in enumerate(new) if t == eos_id or t >= vocab_size), len(new))
+  return new[:end]
+
+
 def main(config) -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
   from lmjax.eval import runs  # pylint: disable=import-outside-toplevel
@@ -158,12 +165,11 @@ def main(config) -> None:
   tok = ev.tokenizer
   new = generate(ev.steps.graphdef, params, [[tok.bos_id] + tok.encode(f.prompt)], f.max_new_tokens,
                  temperature=f.temperature, top_p=f.top_p, seed=f.seed, eos_id=tok.eos_id)[0].tolist()
-  if tok.eos_id in new:
-    new = new[:new.index(tok.eos_id)]
-  past = [i for i, t in enumerate(new) if t >= tok.vocab_size]
-  if past:  # a padding row of the model's vocabulary (past the tokenizer's): no text
-    print(f'(stopped at token {new[past[0]]}, past the tokenizer\'s {tok.vocab_size})', file=sys.stderr)
-    new = new[:past[0]]
+  text_ids = text_tokens(new, tok.eos_id, tok.vocab_size)
+  if len(text_ids) < len(new) and new[len(text_ids)] >= tok.vocab_size:
+    print(f'(stopped at token {new[len(text_ids)]}, past the tokenizer\'s {tok.vocab_size})',
+          file=sys.stderr)
+  new = text_ids
   print(f.prompt + tok.decode(new))
 
 

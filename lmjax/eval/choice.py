@@ -172,9 +172,14 @@ def continuation_loglikelihoods(ev: heldout.Evaluator, params: dict, pairs: Sequ
                                 ) -> list[tuple[float, bool]]:
   """`score_pairs` on a run's model, mesh, config.train.seq_len and config.train.batch_size, with
   plain cross-entropy over the tokenizer's vocabulary by config.loss.implementation."""
-  loss_args = dataclasses.replace(ev.steps.loss, name='ce', z_loss=0.0)
-  return score_pairs(ev.steps.graphdef, params, ev.mesh, loss_args, pairs, ev.config.train.seq_len,
-                     ev.config.train.batch_size)
+  return score_pairs(ev.steps.graphdef, params, ev.mesh, scoring_loss(ev), pairs,
+                     ev.config.train.seq_len, ev.config.train.batch_size)
+
+
+def scoring_loss(ev: heldout.Evaluator) -> losses.Args:
+  """The run's loss settings for scoring: plain cross-entropy (no z-loss, no distillation) over the
+  tokenizer's vocabulary, by config.loss.implementation."""
+  return dataclasses.replace(ev.steps.loss, name='ce', z_loss=0.0)
 
 
 def choice_loglikelihoods(ev: heldout.Evaluator, params: dict, examples: Sequence[dict]

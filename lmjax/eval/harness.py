@@ -30,7 +30,6 @@ process feeds its slice and every process gathers the scores (as the training st
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
@@ -85,12 +84,8 @@ class Scorer:
     rows = list(prompts) + [filler] * (self.batch_size + 1 - len(prompts))
     new = sample.generate(self.graphdef, self.params, rows, max_new_tokens, temperature=temperature,
                           seed=seed, eos_id=self.tokenizer.eos_id)[:len(prompts)]
-    out = []
-    for row in np.asarray(new).tolist():
-      end = next((i for i, t in enumerate(row)
-                  if t == self.tokenizer.eos_id or t >= self.tokenizer.vocab_size), len(row))
-      out.append(row[:end])
-    return out
+    return [sample.text_tokens(row, self.tokenizer.eos_id, self.tokenizer.vocab_size)
+            for row in np.asarray(new).tolist()]
 
 
 def run_scorer(workdir: str, checkpoint: int | None, batch_size: int) -> Scorer:
@@ -99,9 +94,15 @@ def run_scorer(workdir: str, checkpoint: int | None, batch_size: int) -> Scorer:
   from lmjax.eval import runs  # pylint: disable=import-outside-toplevel  (the data pipeline's imports)
   ev = runs.build(config_lib.from_run(workdir), workdir, data=False)
   _, params = runs.load_params(ev, workdir, checkpoint)
-  loss_args = dataclasses.replace(ev.steps.loss, name='ce', z_loss=0.0)
-  return Scorer(ev.steps.graphdef, params, ev.tokenizer, ev.mesh, loss_args, ev.config.train.seq_len,
-                batch_size)
+  return evaluator_scorer(ev, params, batch_size)
+
+
+def evaluator_scorer(ev, params: dict, batch_size: int | None = None) -> Scorer:
+  """The Scorer of a run's Evaluator (lmjax/eval/heldout.py) and `params`: its model, mesh,
+  tokenizer, config.train.seq_len, `batch_size` rows (default config.train.batch_size) and
+  `choice.scoring_loss`."""
+  return Scorer(ev.steps.graphdef, params, ev.tokenizer, ev.mesh, choice.scoring_loss(ev),
+                ev.config.train.seq_len, batch_size or ev.config.train.batch_size)
 
 
 def hf_scorer(directory: str, batch_size: int, max_length: int | None, dtype: str | None) -> Scorer:

@@ -5,7 +5,6 @@ metrics.jsonl, TensorBoard and W&B by the run's MetricsWriter.
 """
 from __future__ import annotations
 
-import dataclasses
 
 import ml_collections
 
@@ -65,13 +64,11 @@ def harness_hooks(run: trainer.Run, writer: trainer.MetricsWriter) -> list[train
   from lmjax.eval import harness  # pylint: disable=import-outside-toplevel  (the [eval] extra)
   harness.task_manager(tasks, cfg.harness_include_path or None)
   ev = runs.of_run(run)
-  loss_args = dataclasses.replace(ev.steps.loss, name='ce', z_loss=0.0)
 
   def record(info: trainer.StepInfo):
     if info.final and info.step != run.config.train.steps:  # SIGTERM or Ctrl-C: stop quickly
       return
-    scorer = harness.Scorer(ev.steps.graphdef, info.state['params'], ev.tokenizer, ev.mesh, loss_args,
-                            run.config.train.seq_len, run.config.train.batch_size)
+    scorer = harness.evaluator_scorer(ev, info.state['params'])
     metrics, _ = harness.evaluate(scorer, tasks, None if cfg.harness_num_fewshot < 0 else cfg.harness_num_fewshot,
                                   cfg.harness_include_path or None, cfg.harness_limit or None,
                                   run=(run.config, run.workdir))

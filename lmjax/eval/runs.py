@@ -49,6 +49,14 @@ def run_tokenizer_path(workdir: str) -> str:
   return tok
 
 
+def finished_steps(workdir: str) -> list[int]:
+  """The steps of the run's finished checkpoints (a save in flight has no commit marker yet);
+  nothing is moved or deleted."""
+  directory = os.path.join(workdir, 'checkpoints')
+  return sorted(int(d) for d in fs.listdir(directory)
+                if d.isdigit() and fs.isfile(os.path.join(directory, d, 'commit_success.txt')))
+
+
 def load_params(ev: heldout.Evaluator, workdir: str, step: int | None = None) -> tuple[int, dict]:
   """(step, params) of the run in `workdir`: its latest checkpoint (step None), checkpoint `step`,
   or for step 0 the params it started from (config.init_from's, else the seed's initialisation)."""
@@ -59,9 +67,7 @@ def load_params(ev: heldout.Evaluator, workdir: str, step: int | None = None) ->
                               ev.mesh)
     return 0, params
   directory = os.path.join(workdir, 'checkpoints')
-  # Finished checkpoints only (a save in flight has no commit marker yet); nothing is moved or deleted.
-  saved = sorted(int(d) for d in fs.listdir(directory)
-                 if d.isdigit() and fs.isfile(os.path.join(directory, d, 'commit_success.txt')))
+  saved = finished_steps(workdir)
   if not saved or (step is not None and step not in saved):
     want = 'a finished checkpoint' if step is None else f'checkpoint {step}'
     raise errors.CheckpointError(f'{directory}: expected {want}; found steps {saved} '
