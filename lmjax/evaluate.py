@@ -4,6 +4,8 @@ tasks, and the forgetting report of continued pretraining.
   python -m lmjax.evaluate --workdir=RUN [--checkpoint=STEP] [--tasks=A.jsonl,B.jsonl]
       [--harness_tasks=hellaswag,arc_easy --num_fewshot=0 --include_path=DIR --limit=N]
   python -m lmjax.evaluate --workdir=RUN --forgetting=RUN_A,RUN_B --domain=legal
+  python -m lmjax.evaluate --workdir=RUN --forgetting=RUN_A --metric=harness/acc \
+      --domain=lmjax_legal_cloze --general=hellaswag,arc_easy
 
 The config is RUN's config.json unless `--config=configs/<name>.py` names another.
 
@@ -82,8 +84,10 @@ if __name__ == '__main__':
   flags.DEFINE_string('include_path', None, 'harness tasks: a directory of task YAMLs of your own')
   flags.DEFINE_float('limit', None, 'harness tasks: at most this many examples a task (< 1: a fraction)')
   flags.DEFINE_list('forgetting', [], 'run directories: print their forgetting report instead')
-  flags.DEFINE_string('domain', 'legal', 'forgetting report: the source trained for')
-  flags.DEFINE_list('general', [], 'forgetting report: general sources (default: all but the domain)')
-  flags.DEFINE_enum('metric', 'loss', ['loss', 'bpb'], 'forgetting report: the metric compared')
+  flags.DEFINE_string('domain', 'legal', 'forgetting report: the source (or task) trained for')
+  flags.DEFINE_list('general', [], 'forgetting report: general sources or tasks (default: all but the domain)')
+  flags.DEFINE_string('metric', 'loss', 'forgetting report: the metric compared: loss, bpb, or a task '
+                      'score, harness/<metric> (harness/acc, harness/bits_per_byte, ...) or task/<metric>, '
+                      'with --domain and --general naming tasks')
   flags.DEFINE_string('plot', '', 'forgetting report: PNG path (default <workdir>/forgetting.png)')
   cli.run(main)

@@ -304,10 +304,14 @@ class Block(nnx.Module):
     self.w_down_lfd = _param(rngs, (L, f, d), ('layers', 'mlp', 'embed'), dt, f)
 
 
-def layer_forward(p: dict, x_btd, positions_bt, segment_ids_bt, inv_freq, args: Args):
-  """One decoder layer on its un-stacked weights `p` (the Block's fields without the layer axis)."""
+def layer_forward(p: dict, x_btd, positions_bt, segment_ids_bt, inv_freq, args: Args, mask_btt=None):
+  """One decoder layer on its un-stacked weights `p` (the Block's fields without the layer axis);
+  attention by args.attention, or `masked_attention` by `mask_btt` when one is given."""
   q_bthe, k_btke, v_btke = attention_inputs(p, x_btd, positions_bt, inv_freq, args)
-  attn_bthe = ATTENTION_FNS[args.attention](q_bthe, k_btke, v_btke, segment_ids_bt)
+  if mask_btt is None:
+    attn_bthe = ATTENTION_FNS[args.attention](q_bthe, k_btke, v_btke, segment_ids_bt)
+  else:
+    attn_bthe = masked_attention(q_bthe, k_btke, v_btke, mask_btt)
   return layer_output(p, x_btd, attn_bthe, args)
 
 
@@ -362,15 +366,17 @@ class Transformer(nnx.Module):
       self.head_dv = _param(rngs, (args.d_model, args.vocab_size), ('embed', 'vocab'), dt,
                             args.d_model)
 
-  def hidden(self, tokens_bt, positions_bt, segment_ids_bt) -> jax.Array:
-    """Final normalised hidden states x_btd in compute dtype: what the head and the loss read."""
+  def hidden(self, tokens_bt, positions_bt, segment_ids_bt, mask_btt=None) -> jax.Array:
+    """Final normalised hidden states x_btd in compute dtype: what the head and the loss read.
+    Query t attends to key s by the causal same-segment rule, or iff mask_btt[b, t, s] when a mask
+    [B, T, T] bool is given (a row of several continuations of one context: lmjax/eval/choice.py)."""
     args, cdt = self.args, jnp.dtype(self.args.compute_dtype)
     x_btd = jnp.take(self.embed_vd[...], tokens_bt, axis=0).astype(cdt)
     x_btd = sharding.constrain(x_btd, ('batch', 'length', 'act_embed'))
     inv_freq = rope_frequencies(args)
 
     def body(x, p):
-      return layer_forward(p, x, positions_bt, segment_ids_bt, inv_freq, args), None
+      return layer_forward(p, x, positions_bt, segment_ids_bt, inv_freq, args, mask_btt), None
 
     if args.remat != 'none':
       body = jax.checkpoint(body, policy=REMAT_POLICIES[args.remat], prevent_cse=False)
@@ -417,7 +423,9 @@ def apply(graphdef: nnx.GraphDef, params: dict, batch: dict) -> jax.Array:
   return model(batch['inputs'], batch['positions'], batch['segment_ids'])
 
 
-def hidden_and_head(graphdef: nnx.GraphDef, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
-  """(x_btd, w_dv): the final normalised hidden states and the head weight, the loss seam's inputs."""
+def hidden_and_head(graphdef: nnx.GraphDef, params: dict, batch: dict, mask_btt=None
+                    ) -> tuple[jax.Array, jax.Array]:
+  """(x_btd, w_dv): the final normalised hidden states and the head weight, the loss seam's inputs
+  (`mask_btt`: see Transformer.hidden)."""
   model = nnx.merge(graphdef, params)
-  return model.hidden(batch['inputs'], batch['positions'], batch['segment_ids']), model.head()
+  return model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'], mask_btt), model.head()

@@ -195,10 +195,15 @@ def test_continuation_loglikelihoods_and_greedy_flags_equal_float64_model_apply(
   greedy = []
   for _ in range(4):
     greedy.append(int(np.argmax(next_logp(context + greedy)[-1])))
+  text = sp_tokenizer.encode(''.join(TEXTS) * 2)
+  short = [bos, *sp_tokenizer.encode('x = 1')]
   pairs = [(context, greedy), (context, greedy[:-1] + [(greedy[-1] + 1) % vocab]),
            ([bos], sp_tokenizer.encode('naïve 😀')),
-           ([bos, *sp_tokenizer.encode(''.join(TEXTS) * 2)], sp_tokenizer.encode(' and more'))] * 3
-  got = choice.continuation_loglikelihoods(ev, params, pairs)  # 12 rows: more than one batch of 8
+           ([bos, *text], sp_tokenizer.encode(' and more'))] * 3
+  # one context, continuations of 1 token and ones that fill more than a row together, one cut
+  pairs += [(short, [t]) for t in (5, 6, 7)] + [(short, text[k:k + 20]) for k in range(4)]
+  pairs += [(short, text[:width])]
+  got = choice.continuation_loglikelihoods(ev, params, pairs)  # 20 rows: more than one batch of 8
   assert [g for _, g in got[:2]] == [True, False]
   for (context_ids, ids), (ll, is_greedy) in zip(pairs, got, strict=True):
     seq = [*context_ids, *ids][-(width + 1):]
@@ -206,6 +211,12 @@ def test_continuation_loglikelihoods_and_greedy_flags_equal_float64_model_apply(
     np.testing.assert_allclose(ll, logp[np.arange(len(ids)), ids].sum(), rtol=1e-5)
     assert is_greedy == bool((logp.argmax(-1) == ids).all())
   assert choice.continuation_loglikelihoods(ev, params, []) == []
+  rows = choice.plan_rows(pairs, width)  # what shares a row (each row's scores are checked above)
+  assert sum(len(r.continuations) for r in rows) == len(pairs) and all(len(r) <= width for r in rows)
+  shared = sorted((len(r.context), len(r.continuations)) for r in rows if r.context == short)
+  assert shared == [(6, 1), (6, 6)]  # 6 + 3 x 0 + 3 x 19 = 63 inputs; a fourth 19 starts a row
+  assert [len(r.context) for r in rows if r.continuations[0][1] == text[:width]] == [1]  # cut
+  assert [len(r.continuations) for r in rows if r.context == context] == [6]
   with pytest.raises(ValueError, match=r'pair 1: 1 context and 0 continuation tokens'):
     choice.continuation_loglikelihoods(ev, params, [([bos], [5]), ([bos], [])])
 
@@ -285,6 +296,28 @@ def test_forgetting_table_against_the_step_0_evaluation(tmp_path):
   assert 'r20' in text and '+1.5000' in text
   forgetting.plot_forgetting(rows, str(tmp_path / 'f.png'), 'legal')
   assert (tmp_path / 'f.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_forgetting_on_harness_scores_turns_the_signs_of_scores_better_higher(tmp_path):
+  """A domain task's accuracy up and general accuracies down: a gain and forgetting, both > 0; on
+  bits per byte (lower is better) the signs are a loss's. The hook's metrics.jsonl and evaluate's
+  evaluations.jsonl both count."""
+  acc = lambda step, legal, hella, arc: {'step': step, 'harness/lmjax_legal_cloze/acc': legal,
+                                         'harness/hellaswag/acc': hella, 'harness/arc_easy/acc': arc}
+  bpb = lambda step, legal, en: {'step': step, 'harness/lmjax_heldout_legal/bits_per_byte': legal,
+                                 'harness/lmjax_heldout_en/bits_per_byte': en}
+  run = write_run(tmp_path / 'r', [acc(10, 0.5, 0.3, 0.4), bpb(10, 1.5, 1.25)],
+                  [acc(0, 0.25, 0.5, 0.5), bpb(0, 2.0, 1.0)])
+  rows = forgetting.forgetting([run], 'lmjax_legal_cloze', metric='harness/acc')
+  assert [r['step'] for r in rows] == [0, 10]
+  assert rows[1]['domain'] == 0.5 and rows[1]['domain_gain'] == pytest.approx(0.25)
+  assert rows[1]['general'] == pytest.approx(0.35) and rows[1]['general_change'] == pytest.approx(0.15)
+  assert rows[1]['hellaswag_change'] == pytest.approx(0.2) and rows[1]['arc_easy_change'] == pytest.approx(0.1)
+  rows = forgetting.forgetting([run], 'lmjax_heldout_legal', metric='harness/bits_per_byte')
+  assert rows[1]['domain_gain'] == pytest.approx(0.5) and rows[1]['general_change'] == pytest.approx(0.25)
+  assert '+0.2500' in forgetting.format_forgetting(rows, 'lmjax_heldout_legal', 'harness/bits_per_byte')
+  with pytest.raises(ValueError, match=r"metric='acc': expected loss, bpb, harness/<metric>"):
+    forgetting.forgetting([run], 'legal', metric='acc')
 
 
 def test_records_and_the_forgetting_plot_live_in_a_url_workdir(tmp_path):

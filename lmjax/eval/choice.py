@@ -12,6 +12,8 @@ documents (lmjax/eval/tasks/legal_cloze.jsonl).
 The scoring is in two parts: `choice_pairs` turns examples into (context ids, continuation ids)
 pairs, and `score_pairs` scores any such pairs (`continuation_loglikelihoods`: on a run's params); the
 lm-evaluation-harness adapter (lmjax/eval/harness.py) scores its loglikelihood requests with it too.
+The continuations of one context share a row (`plan_rows`, `scores`): the context is computed once
+for all its choices, not once a choice as the harness's Hugging Face backend computes it.
 """
 from __future__ import annotations
 
@@ -22,10 +24,10 @@ import os
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from lmjax import batch as batch_lib, errors, losses, model, sharding
+from lmjax import errors, losses, model, sharding
 from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.eval import heldout
 
@@ -98,47 +100,103 @@ def choice_pairs(tok: tokenizer_lib.Tokenizer, examples: Sequence[dict], seq_len
 # ----------------------------------------------------------------------------- pairs -> log-likelihoods
 
 
+def bucket(n: int) -> int:
+  """`n` rounded up to a power of two from 16 to 256, then to a multiple of 256: a few compiled
+  shapes, little padding."""
+  return max(16, 1 << (n - 1).bit_length()) if n <= 256 else -(-n // 256) * 256
+
+
 def row_width(tokens: int, seq_len: int) -> int:
-  """The width of a batch whose longest row has `tokens` inputs: a power of two up to 256, then a
-  multiple of 256, at most seq_len; a few compiled shapes per task, little padding."""
-  width = max(16, 1 << (tokens - 1).bit_length()) if tokens <= 256 else -(-tokens // 256) * 256
-  return min(seq_len, width)
+  """The width of a batch whose longest row has `tokens` inputs: `bucket`, at most seq_len."""
+  return min(seq_len, bucket(tokens))
 
 
-def continuation_rows(pairs: Sequence[Pair], seq_len: int, rows: int | None = None
-                      ) -> dict[str, np.ndarray]:
-  """One row per pair, in order, as a batch (lmjax/batch.py) of `rows` (default: one per pair; the
-  rest zero) rows of T tokens (T: `row_width` of the longest): context then continuation, cut from the
-  left to seq_len + 1 tokens, zero-padded on the right; the targets of the continuation's tokens
-  weighted 1, every other weight 0. A pair needs a context token and a continuation of 1..seq_len
-  tokens."""
-  seqs = []
-  for i, (context_ids, ids) in enumerate(pairs):
-    if not context_ids or not 0 < len(ids) <= seq_len:
-      raise errors.DataError(f'pair {i}: {len(context_ids)} context and {len(ids)} continuation tokens; '
+@dataclasses.dataclass
+class Row:
+  """A context and continuations of it, scored in one row: the context's tokens, then each
+  continuation's tokens but its last, each continuation seeing the context and itself only (`scores`
+  masks the rest), its positions following the context's. The first token of every continuation is
+  predicted from the context's last token."""
+  context: list[int]
+  continuations: list[tuple[int, list[int]]]  # (index of the pair, continuation ids)
+
+  def __len__(self) -> int:
+    return len(self.context) + sum(len(ids) - 1 for _, ids in self.continuations)
+
+
+def plan_rows(pairs: Sequence[Pair], seq_len: int) -> list[Row]:
+  """The rows of `pairs`, longest first: the pairs of one context share a row while it holds at
+  most seq_len inputs; a pair longer than seq_len + 1 tokens has a row of its own, cut from the left
+  to seq_len + 1 tokens (as lm-eval-harness's Hugging Face backend cuts it). A pair needs a context
+  token and a continuation of 1..seq_len tokens."""
+  rows, shared = [], {}
+  for i, (context, ids) in enumerate(pairs):
+    if not context or not 0 < len(ids) <= seq_len:
+      raise errors.DataError(f'pair {i}: {len(context)} context and {len(ids)} continuation tokens; '
                              f'expected at least 1 and 1..{seq_len} (the row length)')
-    seqs.append(([*context_ids, *ids][-(seq_len + 1):], len(ids)))
-  width = row_width(max(len(seq) - 1 for seq, _ in seqs), seq_len)
-  out = {k: np.zeros((rows or len(seqs), width), dtype) for k, (dtype, axes) in batch_lib.FIELDS.items()
-         if axes == ('B', 'T')}
-  for r, (seq, n_continuation) in enumerate(seqs):
-    t = len(seq) - 1
-    out['inputs'][r, :t], out['targets'][r, :t] = seq[:-1], seq[1:]
-    out['weights'][r, t - n_continuation:t] = 1.0
-    out['segment_ids'][r, :t] = 1
-    out['positions'][r, :t] = np.arange(t)
-  out['source_id'] = np.zeros(rows or len(seqs), np.int32)
-  return out
+    if len(context) + len(ids) - 1 > seq_len:
+      seq = [*context, *ids][-(seq_len + 1):]
+      rows.append(Row(seq[:-len(ids)], [(i, list(ids))]))
+      continue
+    row = shared.get(tuple(context))
+    if row is None or len(row) + len(ids) - 1 > seq_len:
+      row = shared[tuple(context)] = Row(list(context), [])
+      rows.append(row)
+    row.continuations.append((i, list(ids)))
+  return sorted(rows, key=len, reverse=True)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _row_scores(graphdef, params: dict, batch: dict, loss_args: losses.Args
-                ) -> tuple[jax.Array, jax.Array]:
-  """Per row: the weighted nats [B] f32, and whether every weighted target is the argmax [B] bool."""
-  x_btd, w_dv = model.hidden_and_head(graphdef, params, batch)
-  nats_bt, greedy_bt = losses.target_scores(x_btd, w_dv, batch['targets'], loss_args)
-  scored_bt = batch['weights'] > 0
-  return (nats_bt * batch['weights']).sum(-1), (greedy_bt | ~scored_bt).all(-1)
+def row_batch(rows: Sequence[Row], seq_len: int, batch_size: int
+              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[int]]:
+  """(batch, slots, order) of at most `batch_size` rows (the rest zero: segment 0, no slots).
+
+  batch: 'inputs', 'positions', 'segment_ids' [batch_size, T] (T: `row_width` of the longest row);
+  a row's context is segment 1, its continuations segments 2, 3, ...
+  slots: per scored token [batch_size, S] (S: `bucket` of the most a row scores): 'position' (the
+  row position whose hidden state predicts it), 'target' (the token) and 'request' (which of the
+  batch's continuations it belongs to, in `order`; `bucket(len(order))` for an empty slot).
+  order: the pair index of each of the batch's continuations."""
+  width = row_width(max(map(len, rows)), seq_len)
+  order = [i for row in rows for i, _ in row.continuations]
+  n_slots = bucket(max(sum(len(ids) for _, ids in row.continuations) for row in rows))
+  batch = {name: np.zeros((batch_size, width), np.int32) for name in ('inputs', 'positions', 'segment_ids')}
+  slots = {name: np.zeros((batch_size, n_slots), np.int32) for name in ('position', 'target')}
+  slots['request'] = np.full((batch_size, n_slots), bucket(len(order)), np.int32)
+  request = 0
+  for b, row in enumerate(rows):
+    c = len(row.context)
+    batch['inputs'][b, :c], batch['positions'][b, :c], batch['segment_ids'][b, :c] = row.context, range(c), 1
+    at, s = c, 0
+    for j, (_, ids) in enumerate(row.continuations):
+      m = len(ids) - 1
+      batch['inputs'][b, at:at + m], batch['positions'][b, at:at + m] = ids[:-1], range(c, c + m)
+      batch['segment_ids'][b, at:at + m] = 2 + j
+      slots['position'][b, s:s + m + 1] = [c - 1, *range(at, at + m)]
+      slots['target'][b, s:s + m + 1] = ids
+      slots['request'][b, s:s + m + 1] = request
+      request, at, s = request + 1, at + m, s + m + 1
+  return batch, slots, order
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def scores(graphdef, params: dict, batch: dict, slots: dict, n_requests: int, loss_args: losses.Args
+           ) -> tuple[jax.Array, jax.Array]:
+  """Per continuation of a `row_batch`: the nats of its tokens [n_requests] f32, and whether each of
+  them is the argmax [n_requests] bool, both replicated on the mesh. A query sees the keys before it
+  of its own segment and of the context (segment 1); the head runs on the slots only."""
+  segment_bt = batch['segment_ids']
+  t = segment_bt.shape[1]
+  causal_tt = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+  mask_btt = causal_tt[None] & ((segment_bt[:, :, None] == segment_bt[:, None, :])
+                                | (segment_bt[:, None, :] == 1))
+  x_btd, w_dv = model.hidden_and_head(graphdef, params, batch, mask_btt)
+  x_bsd = jnp.take_along_axis(x_btd, slots['position'][..., None], axis=1)
+  nats_bs, greedy_bs = losses.target_scores(x_bsd, w_dv, slots['target'], loss_args)
+  request_n = slots['request'].reshape(-1)  # an empty slot's id, n_requests, is dropped by segment_sum
+  nats_r = jax.ops.segment_sum(nats_bs.reshape(-1), request_n, num_segments=n_requests)
+  missed_r = jax.ops.segment_sum((~greedy_bs).reshape(-1).astype(jnp.int32), request_n,
+                                 num_segments=n_requests)
+  return sharding.constrain(nats_r, ()), sharding.constrain(missed_r == 0, ())
 
 
 def score_pairs(graphdef, params: dict, mesh: jax.sharding.Mesh, loss_args: losses.Args,
@@ -148,23 +206,27 @@ def score_pairs(graphdef, params: dict, mesh: jax.sharding.Mesh, loss_args: loss
   (lm-eval-harness's loglikelihood and is_greedy). The context is used as given: add BOS to it where
   the model expects one.
 
-  Pairs go `batch_size` at a time (the last batch filled with zero rows) into `continuation_rows` of
-  seq_len (a context too long loses its start; each batch as wide as its longest row needs, so pairs
-  sorted by length pad little) on `mesh`: each process places its share of a batch's rows
-  (`sharding.global_batch`: rows over the data x fsdp axes) and gathers every row's result. The
-  per-token scores are `losses.target_scores` by loss_args (its implementation and vocabulary); the
-  sums are of f32 per-token values."""
+  The pairs go into rows (`plan_rows`: the continuations of one context share its row; a pair too
+  long loses the start of its context), `batch_size` rows at a time (`row_batch`: each batch as wide
+  as its longest row needs) on `mesh`: each process places its share of a batch's rows
+  (`sharding.global_batch`: rows over the data x fsdp axes); every batch is dispatched before any
+  result is read (the scores come back replicated). The per-token scores are `losses.target_scores`
+  by loss_args (its implementation and vocabulary); the sums are of f32 per-token values."""
   local = batch_size // jax.process_count()
   first = jax.process_index() * local
-  out = []
+  rows = plan_rows(pairs, seq_len)
+  pending = []
   with jax.set_mesh(mesh):
-    for start in range(0, len(pairs), batch_size):
-      batch = pairs[start:start + batch_size]
-      rows = continuation_rows(batch, seq_len, rows=batch_size)
-      chunk = {k: v[first:first + local] for k, v in rows.items()}
-      scores = _row_scores(graphdef, params, sharding.global_batch(chunk, mesh), loss_args)
-      nats, greedy = (np.asarray(x) for x in multihost_utils.process_allgather(scores, tiled=True))
-      out += [(-float(nats[r]), bool(greedy[r])) for r in range(len(batch))]
+    for start in range(0, len(rows), batch_size):
+      batch, slots, order = row_batch(rows[start:start + batch_size], seq_len, batch_size)
+      batch, slots = (sharding.global_batch({k: v[first:first + local] for k, v in x.items()}, mesh)
+                      for x in (batch, slots))
+      pending.append((order, scores(graphdef, params, batch, slots, bucket(len(order)), loss_args)))
+  out = [None] * len(pairs)
+  for order, (nats, greedy) in pending:
+    nats, greedy = np.asarray(nats), np.asarray(greedy)
+    for r, i in enumerate(order):
+      out[i] = (-float(nats[r]), bool(greedy[r]))
   return out
 
 

@@ -105,15 +105,19 @@ def evaluator_scorer(ev, params: dict, batch_size: int | None = None) -> Scorer:
                 ev.config.train.seq_len, batch_size or ev.config.train.batch_size)
 
 
-def hf_scorer(directory: str, batch_size: int, max_length: int | None, dtype: str | None) -> Scorer:
+def hf_scorer(directory: str, batch_size: int, max_length: int | None, dtype: str | None,
+              attention: str = 'xla') -> Scorer:
   """The Scorer of a Hugging Face checkpoint directory (safetensors, config.json, tokenizer.json) or
-  Hub id, computing in `dtype` (None: the checkpoint's own, its config.json's dtype or torch_dtype)
-  and scoring over the whole vocabulary, as transformers does."""
+  Hub id, with its parameters in and computing in `dtype` (None: the checkpoint's own, its
+  config.json's dtype or torch_dtype), attention by `attention` (config.model.attention's choices),
+  scoring over the whole vocabulary, as transformers does."""
+  if attention not in model.ATTENTION:
+    raise errors.ConfigError(f'lmjax model_args attention={attention!r}: expected one of {model.ATTENTION}')
   directory = convert.directory(directory)
   cfg = convert.read_config(directory)
   dtype = dtype or cfg.get('dtype') or cfg.get('torch_dtype') or 'float32'
   mesh = sharding.make_mesh(config_lib.base().mesh)
-  args, params = convert.load(directory, mesh, compute_dtype=dtype)
+  args, params = convert.load(directory, mesh, compute_dtype=dtype, param_dtype=dtype, attention=attention)
   length = max_length or cfg.get('max_position_embeddings')
   if not length:
     raise errors.ConfigError(f'{directory}/config.json has no max_position_embeddings: pass max_length=')
@@ -126,14 +130,15 @@ def hf_scorer(directory: str, batch_size: int, max_length: int | None, dtype: st
 
 @register_model('lmjax')
 class LmjaxLM(TemplateLM):
-  """The harness's model type `lmjax`: model_args `workdir=RUN[,checkpoint=STEP]` or `hf=DIR[,dtype=D]`
-  (D: the compute dtype, default the checkpoint's), with `batch_size` (rows per forward pass),
+  """The harness's model type `lmjax`: model_args `workdir=RUN[,checkpoint=STEP]` or
+  `hf=DIR[,dtype=D][,attention=A]` (D: the dtype, default the checkpoint's; A: config.model.attention's
+  choices, default xla), with `batch_size` (rows per forward pass),
   `max_length` (default: the run's seq_len, the checkpoint's max_position_embeddings), `max_gen_toks`
   (default 256) and `seed` (sampled generation)."""
 
   def __init__(self, workdir: str | None = None, checkpoint: int | None = None, hf: str | None = None,
                batch_size: int | str = 16, max_length: int | None = None, max_gen_toks: int = 256,
-               seed: int = 0, dtype: str | None = None, scorer: Scorer | None = None, **unused):
+               seed: int = 0, dtype: str | None = None, attention: str = 'xla', scorer: Scorer | None = None, **unused):
     del unused  # what simple_evaluate passes every model (device, max_batch_size)
     super().__init__()
     if sum(x is not None for x in (workdir, hf, scorer)) != 1:
@@ -141,7 +146,7 @@ class LmjaxLM(TemplateLM):
     batch_size = 16 if batch_size in (None, 'auto') else int(batch_size)
     if scorer is None:
       scorer = (run_scorer(workdir, None if checkpoint is None else int(checkpoint), batch_size)
-                if workdir else hf_scorer(hf, batch_size, max_length and int(max_length), dtype))
+                if workdir else hf_scorer(hf, batch_size, max_length and int(max_length), dtype, attention))
     self.scorer = scorer
     if max_length and workdir:
       self.scorer.max_length = int(max_length)

@@ -1,7 +1,8 @@
 """A run's evaluation records, read and written here only: the record of one checkpoint (`scores`:
-`eval/<source>/loss`, `eval/<source>/bpb`, `task/<name>/acc`, `task/<name>/acc_norm`), appended to
-<run>/evaluations.jsonl under its step (`save_record`), and read back merged with the `eval/` and
-`task/` values the trainer's hooks wrote to <run>/metrics.jsonl (`eval_records`). Files go through
+`eval/<source>/loss`, `eval/<source>/bpb`, `task/<name>/acc`, `task/<name>/acc_norm`, and
+`harness/<task>/<metric>` from lmjax/eval/harness.py), appended to <run>/evaluations.jsonl under its
+step (`save_record`), and read back merged with the `eval/`, `task/` and `harness/` values the
+trainer's hooks wrote to <run>/metrics.jsonl (`eval_records`). Files go through
 lmjax.fs (a gs:// run directory works).
 """
 from __future__ import annotations
@@ -40,8 +41,8 @@ def save_record(workdir: str, step: int, record: Mapping[str, float]) -> None:
 
 
 def eval_records(run_dir: str) -> dict[int, dict[str, float]]:
-  """{step: {'eval/<source>/loss': ..., ...}} of a run: the `eval/` and `task/` values of its
-  metrics.jsonl, then its evaluations.jsonl (a later value for the same step and key wins)."""
+  """{step: {'eval/<source>/loss': ..., ...}} of a run: the `eval/`, `task/` and `harness/` values of
+  its metrics.jsonl, then its evaluations.jsonl (a later value for the same step and key wins)."""
   out: dict[int, dict[str, float]] = {}
   for name in (METRICS, EVALUATIONS):
     path = os.path.join(run_dir, name)
@@ -51,7 +52,7 @@ def eval_records(run_dir: str) -> dict[int, dict[str, float]]:
       for line in f:
         if line.strip():
           r = json.loads(line)
-          values = {k: v for k, v in r.items() if k.startswith(('eval/', 'task/'))}
+          values = {k: v for k, v in r.items() if k.startswith(('eval/', 'task/', 'harness/'))}
           if values:
             out.setdefault(int(r['step']), {}).update(values)
   if not out:
