@@ -5,7 +5,8 @@ state with its shardings, a sharded init, the jitted train step and the jitted e
 `lmjax.aot`, the throughput benchmark and the tests all build their steps here, so what is measured and
 compiled ahead of time is what trains.
 
-State: {'params', 'opt_state', 'step'}; parameters and optimizer state are created directly into their
+State: {'params', 'opt_state', 'step', 'empty_batches'} (steps whose batch had no target to learn:
+they change neither params nor opt_state); parameters and optimizer state are created directly into their
 shards, nothing is materialised whole on one device.
 
 Distillation (config.loss.name='kd'): the loss's alpha and temperature are those of the step's phase
@@ -116,15 +117,21 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, loss_a
              jax.tree.map(jnp.zeros_like, state['params']))
     ((loss_sum, weight_sum, source_loss, source_weight), grads), _ = jax.lax.scan(
         accumulate, zeros, micro)
-    # A batch whose targets are all padding (weight 0) has zero gradients: divide by at least 1, so it
-    # is a step with a zero gradient (AdamW's momentum and decay still apply), not NaN parameters.
+    # A batch whose targets are all padding (weight 0) moves nothing: the parameters and the
+    # optimizer state stay as they were (AdamW's momentum and decay would move them), the step
+    # counts on and `empty_batches` counts it. Dividing by at least 1 keeps the unused update finite.
+    empty = weight_sum == 0
     denominator = jnp.maximum(weight_sum, 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    new_state = dict(state, params=optax.apply_updates(state['params'], updates),
-                     opt_state=opt_state, step=state['step'] + 1)
+    moved = {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state}
+    kept = jax.tree.map(lambda new, old: jnp.where(empty, old, new), moved,
+                        {'params': state['params'], 'opt_state': state['opt_state']})
+    new_state = dict(state, **kept, step=state['step'] + 1,
+                     empty_batches=state['empty_batches'] + empty.astype(jnp.int32))
     metrics = {'loss': loss_sum / denominator, 'grad_norm': optax.global_norm(grads),
                'lr': schedule(state['step']), 'target_tokens': weight_sum,
+               'empty_batches': new_state['empty_batches'],
                'source_loss_sums': source_loss, 'source_weight_sums': source_weight}
     return new_state, metrics
 
@@ -151,11 +158,12 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, vocab_size
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, shapes), param_sh,
                                  transform_non_params=lambda _: replicated)
-  state_sh = {'params': param_sh, 'opt_state': opt_sh, 'step': replicated}
+  state_sh = {'params': param_sh, 'opt_state': opt_sh, 'step': replicated, 'empty_batches': replicated}
 
   def init(seed):
     _, params = model.create(args, seed)
-    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32),
+            'empty_batches': jnp.zeros((), jnp.int32)}
 
   abstract_state = jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),

@@ -124,9 +124,10 @@ def test_loss_is_token_weighted_cross_entropy():
                              (nll * batch['weights']).sum() / batch['weights'].sum(), rtol=1e-5)
 
 
-def test_a_batch_of_only_padding_is_a_zero_gradient_step_not_nan():
-  """Targets all weighted 0: zero gradients (AdamW's momentum still moves the parameters), finite
-  parameters, loss 0 over 0 target tokens (was NaN: the gradients were divided by the weight sum)."""
+def test_a_batch_of_only_padding_leaves_params_and_optimizer_state_bit_identical():
+  """Targets all weighted 0: the parameters and AdamW's state stay bit-identical and finite (were NaN:
+  the gradients were divided by the weight sum; then moved by momentum and decay), loss 0 over 0
+  target tokens, the step counts on and empty_batches counts the batch; the next real batch trains."""
   config = tiny_config()
   config.mesh.update(data=1)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
@@ -135,16 +136,18 @@ def test_a_batch_of_only_padding_is_a_zero_gradient_step_not_nan():
   with jax.set_mesh(mesh):
     real = sharding.global_batch(random_batch(0, 8, 32, built.args.vocab_size), mesh)
     state, _ = built.train_step(state, real)
-    before = [np.asarray(leaf) for leaf in jax.tree.leaves(state['params'])]  # the step donates state
+    before = [np.asarray(leaf) for leaf in jax.tree.leaves((state['params'], state['opt_state']))]
     padding = dict(random_batch(1, 8, 32, built.args.vocab_size))
     padding['weights'] = np.zeros_like(padding['weights'])
     new, metrics = built.train_step(state, sharding.global_batch(padding, mesh))
-  assert float(metrics['target_tokens']) == 0 and float(metrics['loss']) == 0
-  assert float(metrics['grad_norm']) == 0
-  for leaf in jax.tree.leaves(new['params']):
-    assert np.isfinite(np.asarray(leaf)).all()
-  moved = [np.abs(np.asarray(a) - b).max() for a, b in zip(jax.tree.leaves(new['params']), before)]
-  assert max(moved) > 0  # the first step's momentum
+    after = [np.asarray(leaf) for leaf in jax.tree.leaves((new['params'], new['opt_state']))]
+    assert float(metrics['target_tokens']) == 0 and float(metrics['loss']) == 0
+    assert int(metrics['empty_batches']) == 1 and int(new['step']) == 2
+    assert all(np.isfinite(a).all() and np.array_equal(a, b) for a, b in zip(after, before, strict=True))
+    last, metrics = built.train_step(new, sharding.global_batch(random_batch(2, 8, 32, built.args.vocab_size), mesh))
+  assert int(metrics['empty_batches']) == 1 and float(metrics['grad_norm']) > 0
+  moved = [np.abs(np.asarray(a) - b).max() for a, b in zip(jax.tree.leaves(last['params']), after)]
+  assert max(moved) > 0
 
 
 @pytest.mark.slow

@@ -227,7 +227,7 @@ def corpus(name: str) -> Corpus:
   kind, sep, _ = name.partition(':')
   if sep and kind == 'seqio':  # a seqio Task or Mixture (the [seqio] extra)
     from lmjax.data import seqio_tasks  # pylint: disable=import-outside-toplevel
-    return seqio_tasks.corpus(name)
+    return Corpus('', *seqio_tasks.corpus_parts(name))
   if sep and kind in readers.KINDS:
     pattern = readers.parse_spec(name).pattern
     return Corpus('', f'(files matching {pattern!r})', lambda: readers.list_files(name),

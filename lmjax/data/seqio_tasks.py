@@ -38,14 +38,13 @@ import hashlib
 import importlib
 import json
 import os
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import ml_collections
 import numpy as np
 from array_record.python import array_record_module
 
 from lmjax import errors
-from lmjax.data import corpora
 from lmjax.data import readers
 from lmjax.data.records import Doc, Drop
 
@@ -197,16 +196,16 @@ def documents(spec: str, source: str, cfg: ml_collections.ConfigDict) -> Iterato
     yield from file_records(spec, path, source, cfg)
 
 
-def corpus(spec: str) -> corpora.Corpus:
-  """`spec` as a corpora.Corpus (the corpora.corpus hook): its paths are `files(spec)`; its reader
-  gives the texts of the examples of each file (bytes that are not UTF-8 replaced, as the named
-  corpora read theirs)."""
+def corpus_parts(spec: str) -> tuple[str, Callable[[], list[str]], Callable[[list[str]], list[str]]]:
+  """`spec`'s (install line, paths, read), the fields corpora.corpus makes its Corpus of: its paths
+  are `files(spec)`; `read` gives the texts of the examples of each file (bytes that are not UTF-8
+  replaced, as the named corpora read theirs)."""
   parse_spec(spec)
 
   def read(paths: list[str]) -> list[str]:
     return [t if isinstance(t, str) else t.decode('utf-8', 'replace')
             for path in paths for t in shard_texts(spec, path)]
-  return corpora.Corpus('', INSTALL, functools.partial(files, spec), read)
+  return INSTALL, functools.partial(files, spec), read
 
 
 def _feature_reader(spec: str, task, element_spec, feature: str):
