@@ -3,7 +3,7 @@
   python benchmarks/synthetic_index.py --out=/tmp/synth/s0 --docs=10000000 [--seed=0]
 
 Writes what lmjax.prepare writes for one source (stats.json; ArrayRecord train shards of about
-`--shard_mb` MB of token ids, each with its starts file, through prepare.write_shards) for `--docs`
+`--shard_mb` MB of token ids, each with its starts file, through shards.write_shards) for `--docs`
 documents whose lengths are drawn from a log-normal with median 300 and mean ~500 tokens (clipped to
 [1, 32768]), like web text. Every token of document i is the id (i mod 60000) + 3: the pipeline
 never looks at the ids, and constant documents let the shards be zstd-compressed to a few MB per
@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from lmjax.data import prepare
+from lmjax.data import shards
 
 _SYNTHETIC_WRITER = 'group_size:64,zstd:1'  # prepare's chunking, compressed
 
@@ -41,10 +41,10 @@ def write(out: str, num_docs: int, seed: int = 0, shard_mb: int = 256) -> dict:
   os.makedirs(tmp)
   n = lengths(num_docs, seed)
   docs = (np.full(int(m), i % 60000 + 3, np.uint16) for i, m in enumerate(n))
-  shards = prepare.write_shards(docs, tmp, 'train', shard_mb << 20, _SYNTHETIC_WRITER)
+  written = shards.write_shards(docs, tmp, 'train', shard_mb << 20, _SYNTHETIC_WRITER)
   stats = dict(source=f'synthetic-{seed}', corpora='synthetic', missing_corpora={}, dtype='uint16',
                tokenizer='', tokenizer_hash='',
-               train=dict(documents=num_docs, tokens=int(n.sum()), chars=0, shards=shards),
+               train=dict(documents=num_docs, tokens=int(n.sum()), chars=0, shards=written),
                eval=dict(documents=0, tokens=0, chars=0, shards=[]))
   with open(os.path.join(tmp, 'stats.json'), 'w') as f:
     json.dump(stats, f, indent=1)

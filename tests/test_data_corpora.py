@@ -10,7 +10,7 @@ import pytest
 from lmjax import errors, phases
 from lmjax.data import corpora
 from lmjax.data import pipeline
-from lmjax.data import prepare
+from lmjax.data import shards
 
 from conftest import missing_corpora, skip_reason  # tests/conftest.py
 
@@ -109,14 +109,14 @@ def test_split_holds_out_whole_documents_by_content_hash():
   cfg = pipeline.defaults()
   cfg.eval.holdout_chars, cfg.eval.max_holdout_fraction = 50, 0.5
   lengths = np.array([7 * (i + 1) for i in range(10)])
-  n_eval, n_train = prepare.split(lengths, cfg.eval, max_chars=0)
+  n_eval, n_train = shards.split(lengths, cfg.eval, max_chars=0)
   assert n_eval + n_train == 10
   assert lengths[:n_eval - 1].sum() < 50 <= lengths[:n_eval].sum()
-  assert prepare.split(lengths[:-1], cfg.eval, 0)[0] == n_eval  # stable when later docs go
+  assert shards.split(lengths[:-1], cfg.eval, 0)[0] == n_eval  # stable when later docs go
   cfg.eval.holdout_chars = 10 ** 9
-  assert prepare.split(lengths, cfg.eval, 0)[0] == 5  # at most half
+  assert shards.split(lengths, cfg.eval, 0)[0] == 5  # at most half
   cfg.eval.holdout_chars = 0
-  n_eval, n_train = prepare.split(lengths, cfg.eval, max_chars=30)
+  n_eval, n_train = shards.split(lengths, cfg.eval, max_chars=30)
   assert n_eval == 0 and lengths[:n_train - 1].sum() < 30 <= lengths[:n_train].sum()
 
 

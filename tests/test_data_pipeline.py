@@ -13,7 +13,7 @@ import pytest
 from lmjax import batch as batch_lib, phases
 from lmjax.data import corpora
 from lmjax.data import pipeline
-from lmjax.data import prepare
+from lmjax.data import shards
 
 import docstream
 
@@ -274,10 +274,10 @@ def test_source_data_spans_are_the_stream_of_its_shards(tmp_path):
   lengths = np.random.default_rng(0).integers(0, 40, size=700)
   lengths[300] = 2_000  # longer than a window: spans several strides of positions
   docs = [np.full(n, i % 60_000 + 3, np.uint16) for i, n in enumerate(lengths)]
-  shards = prepare.write_shards(iter(docs), str(tmp_path), 'train', shard_bytes=6_000)
-  assert len(shards) > 3 and max(s['records'] for s in shards) > 2 * 64
+  written = shards.write_shards(iter(docs), str(tmp_path), 'train', shard_bytes=6_000)
+  assert len(written) > 3 and max(s['records'] for s in written) > 2 * 64
   (tmp_path / 'stats.json').write_text(json.dumps(dict(
-      dtype='uint16', train=dict(documents=len(docs), tokens=int(lengths.sum()), shards=shards))))
+      dtype='uint16', train=dict(documents=len(docs), tokens=int(lengths.sum()), shards=written))))
   data = pipeline.SourceData(str(tmp_path), 'train', verify=True, max_open=2)
   stream = np.concatenate([np.concatenate([[-1], d.astype(np.int64), [-2]]) for d in docs])
   owner = np.repeat(np.arange(len(docs)), lengths + 2)  # the document of each stream position

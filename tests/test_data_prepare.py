@@ -19,6 +19,7 @@ from lmjax import fs, phases
 from lmjax.data import clean_store
 from lmjax.data import pipeline
 from lmjax.data import prepare
+from lmjax.data import shards
 from lmjax.data import report as report_lib
 from lmjax.data import tokenizer as tokenizer_lib
 
@@ -173,7 +174,7 @@ def test_a_failure_while_writing_shards_leaves_no_scratch_and_a_rerun_prepares(t
   for i in range(20):
     (tmp_path / f'{i}.txt').write_text(_words(rng, 60))
   cfg = _cfg({'web': dict(corpora=f'txt:{tmp_path}/*.txt', max_chars=0)})
-  real = prepare.write_shards
+  real = shards.write_shards
 
   def fails_on_eval(docs, directory, split, shard_bytes):
     written = real(docs, directory, split, shard_bytes)
@@ -181,12 +182,12 @@ def test_a_failure_while_writing_shards_leaves_no_scratch_and_a_rerun_prepares(t
       raise KeyboardInterrupt  # after the train shards are on disk
     return written
 
-  monkeypatch.setattr(prepare, 'write_shards', fails_on_eval)
+  monkeypatch.setattr(shards, 'write_shards', fails_on_eval)
   with pytest.raises(KeyboardInterrupt):
     prepare.prepare(cfg, str(tmp_path / 'run'))
   run = tmp_path / 'run'
   assert not [p for p in run.rglob('*') if '.tmp' in p.name]
-  monkeypatch.setattr(prepare, 'write_shards', real)
+  monkeypatch.setattr(shards, 'write_shards', real)
   done = prepare.prepare(cfg, str(run))
   stats = json.loads((pathlib.Path(done.dirs['web']) / 'stats.json').read_text())
   assert stats['train']['documents'] + stats['eval']['documents'] == 20
@@ -221,8 +222,8 @@ def test_a_source_whose_name_prefixes_another_reads_only_its_own_documents(tmp_p
 
 
 def test_the_split_from_file_sizes_is_the_split_of_the_whole_source():
-  """prepare.split_files (a Beam store: sizes per file, the lengths of a few files read) against
-  prepare.split over all the lengths in memory, for random sources cut into random files."""
+  """shards.split_files (a Beam store: sizes per file, the lengths of a few files read) against
+  shards.split over all the lengths in memory, for random sources cut into random files."""
   rng = np.random.default_rng(3)
   for _ in range(2000):
     lengths = rng.integers(1, 50, int(rng.integers(0, 40)))
@@ -233,9 +234,9 @@ def test_the_split_from_file_sizes_is_the_split_of_the_whole_source():
     parts = np.split(lengths, np.sort(rng.integers(0, len(lengths) + 1, int(rng.integers(0, 6)))))
     files = {3 * i: p for i, p in enumerate(parts) if len(p)}  # file numbers with gaps: empty files
     read = []
-    got = prepare.split_files([(i, len(p), int(p.sum())) for i, p in files.items()],
+    got = shards.split_files([(i, len(p), int(p.sum())) for i, p in files.items()],
                               lambda i: read.append(i) or files[i], eval_cfg, max_chars)
-    assert got == prepare.split(lengths, eval_cfg, max_chars)
+    assert got == shards.split(lengths, eval_cfg, max_chars)
     assert len(read) <= 3
 
 
@@ -245,14 +246,14 @@ def test_a_document_goes_to_the_shard_its_offset_names(tmp_path):
   lengths = np.random.default_rng(4).integers(1, 300, 200)
   lengths[50] = 3_000  # 6,000 bytes: spans shards
   docs = [np.full(n, i + 3, np.uint16) for i, n in enumerate(lengths)]
-  shards = prepare.write_shards(iter(docs), str(tmp_path), 'train', shard_bytes=1_000)
+  written = shards.write_shards(iter(docs), str(tmp_path), 'train', shard_bytes=1_000)
   offsets = np.concatenate([[0], np.cumsum(lengths * 2)[:-1]])
   want = collections.defaultdict(list)
   for i, o in enumerate(offsets):
     want[int(o) // 1_000].append(i)
-  assert [s['file'] for s in shards] == [f'train-{k:05d}.arrayrecord' for k in sorted(want)]
-  assert len(shards) < int(offsets[-1]) // 1_000 + 1  # some numbers unused
-  for s in shards:
+  assert [s['file'] for s in written] == [f'train-{k:05d}.arrayrecord' for k in sorted(want)]
+  assert len(written) < int(offsets[-1]) // 1_000 + 1  # some numbers unused
+  for s in written:
     k = int(s['file'][6:11])
     reader = array_record_module.ArrayRecordReader(str(tmp_path / s['file']))
     got = [np.frombuffer(r, np.uint16) for r in reader.read_all()]

@@ -19,7 +19,7 @@ seqio = pytest.importorskip(
 
 # pylint: disable=wrong-import-position
 from lmjax import batch as batch_lib, errors, phases
-from lmjax.data import clean_store, pipeline, prepare, readers, seqio_tasks
+from lmjax.data import clean_store, pipeline, prepare, readers, seqio_tasks, shards
 from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.data.records import Doc
 
@@ -150,7 +150,7 @@ def test_exported_task_yields_the_prepared_token_ids(world, monkeypatch):
   try:
     # The prepared documents: the clean store's, held out and trained on as prepare splits them.
     index = clean_store.index_source(glob.glob(os.path.join(cfg.cache_dir, 'clean-*'))[0], 'a')
-    n_eval, n_train = prepare.split(index.chars, cfg.eval, 0)
+    n_eval, n_train = shards.split(index.chars, cfg.eval, 0)
     docs = {split: [d['text'] for d in clean_store.read_docs(index, rows)] for split, rows in
             (('train', range(n_eval, n_eval + n_train)), ('validation', range(n_eval)))}
     assert docs['validation']

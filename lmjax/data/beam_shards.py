@@ -2,14 +2,14 @@
 files are ranges of the content-hash order (clean_store.part), and beam-files.json has their sizes,
 so no machine holds a source's documents or an index of them.
 
-  split      on the launching machine: prepare.split_files over the files' sizes (it reads the
+  split      on the launching machine: shards_lib.split_files over the files' sizes (it reads the
              lengths files, 8 bytes a document, of at most three docs files a source)
   tokenizer  one worker reads the sample (each source's first train documents, as far as its share
-             of tokenizer.sample_chars) and trains it (prepare.train_tokenizer)
+             of tokenizer.sample_chars) and trains it (shards_lib.train_tokenizer)
   tokenize   per docs file: its held-out and train documents tokenized into
              <store>/tokens-<tokenizer hash>-<run>/<source>-<file>.ids (the ids, concatenated) and
              .lengths.npy (int64 tokens a document); their counts into counts.json
-  shards     per shard: prepare.shard_of puts a document by the offset of its ids in its split, which
+  shards     per shard: shards_lib.shard_of puts a document by the offset of its ids in its split, which
              the counts give per file, so each shard knows the files it covers; it reads its
              documents' ids from them, writes the shard and its starts on local disk and copies
              them to the source's directory; the entries into shards.json
@@ -33,7 +33,7 @@ import numpy as np
 from lmjax import errors, fs
 from lmjax.data import beam as beam_lib
 from lmjax.data import clean_store
-from lmjax.data import prepare
+from lmjax.data import shards as shards_lib
 from lmjax.data import tokenizer as tokenizer_lib
 
 COUNTS = 'counts.json'  # [[source, file, eval docs, eval tokens, eval chars, train docs, ...], ...]
@@ -51,13 +51,13 @@ def _tokenizer(path: str, tok_hash: str) -> tokenizer_lib.Tokenizer:
 
 def splits(data_cfg, names: list[str], store: str,
            sizes: clean_store.Sizes) -> dict[str, tuple[int, int]]:
-  """{source: (held-out documents, train documents)}, as prepare.split gives them, from the files'
+  """{source: (held-out documents, train documents)}, as shards_lib.split gives them, from the files'
   sizes and the lengths files of at most three docs files a source."""
   def lengths_of(name):
     return functools.lru_cache(maxsize=None)(lambda i: clean_store.read_lengths(
         clean_store.docs_file(store, name, i, sizes.files)))
 
-  return {n: prepare.split_files(sizes.sources.get(n, []), lengths_of(n), data_cfg.eval,
+  return {n: shards_lib.split_files(sizes.sources.get(n, []), lengths_of(n), data_cfg.eval,
                                  int(data_cfg.sources[n].max_chars)) for n in names}
 
 
@@ -75,7 +75,7 @@ def texts(store: str, sizes: clean_store.Sizes, name: str, begin: int, end: int)
 
 
 def _train_tokenizer(path: str, data_cfg, store: str, sizes: clean_store.Sizes, split: dict):
-  prepare.train_tokenizer(data_cfg, path, {n: texts(store, sizes, n, e, e + t)
+  shards_lib.train_tokenizer(data_cfg, path, {n: texts(store, sizes, n, e, e + t)
                                            for n, (e, t) in split.items()})
   yield path
 
@@ -85,7 +85,7 @@ def _tokenize_file(item, store: str, files: int, tok_path: str, tok_hash: str, w
   [source, file, eval docs, eval tokens, eval chars, train docs, train tokens, train chars]."""
   name, i, first, n_eval, end = item
   tok = _tokenizer(tok_path, tok_hash)
-  dtype = prepare.token_dtype(tok.vocab_size)
+  dtype = shards_lib.token_dtype(tok.vocab_size)
   docs = clean_store.file_docs(clean_store.docs_file(store, name, i, files))
   lengths, chars = [], []
   with tempfile.TemporaryDirectory(prefix='lmjax-tokens-') as tmp:
@@ -100,7 +100,7 @@ def _tokenize_file(item, store: str, files: int, tok_path: str, tok_hash: str, w
       for _, doc in zip(range(first, end), docs):
         batch.append(doc['text'])
         chars.append(len(doc['text']))
-        if len(batch) == prepare.ENCODE_BATCH:
+        if len(batch) == shards_lib.ENCODE_BATCH:
           encode(batch)
           batch = []
       encode(batch)
@@ -123,14 +123,14 @@ def _write_shard(item, work: str, itemsize: int):
       with fs.open(os.path.join(work, f'{name}-{i:05d}.lengths.npy'), 'rb') as f:
         nbytes = np.load(f)[lo:hi] * itemsize
       starts = offset + np.concatenate([[0], np.cumsum(nbytes)[:-1]])
-      mine = np.flatnonzero(prepare.shard_of(starts, shard_bytes) == k)
+      mine = np.flatnonzero(shards_lib.shard_of(starts, shard_bytes) == k)
       if not len(mine):
         continue
       a, b = int(mine[0]), int(mine[-1]) + 1
       with fs.open(os.path.join(work, f'{name}-{i:05d}.ids'), 'rb') as f:
         f.seek(byte + int(starts[a] - offset))
         data = f.read(int(nbytes[a:b].sum()))
-      writer = writer or prepare.ShardWriter(tmp, split, k)
+      writer = writer or shards_lib.ShardWriter(tmp, split, k)
       pos = 0
       for n in nbytes[a:b]:
         writer.write(data[pos:pos + n], int(n) // itemsize)
@@ -138,7 +138,7 @@ def _write_shard(item, work: str, itemsize: int):
     if writer is None:  # no document starts in this shard (one before it is longer than a shard)
       return
     entry = writer.close()
-    for path in (writer.path, prepare.starts_file(writer.path)):
+    for path in (writer.path, shards_lib.starts_file(writer.path)):
       fs.upload_file(path, os.path.join(dest, os.path.basename(path)))
   yield [name, split, k, entry]
 
@@ -172,7 +172,7 @@ def _pieces(counts: list[list], split: str, itemsize: int, shard_bytes: int) -> 
       lo, hi, byte, tokens = n_eval, n_eval + n_train, eval_tokens * itemsize, train_tokens
     if hi > lo:  # its documents start in [offset, end], end itself for a last one of no tokens
       end = offset + tokens * itemsize
-      for k in range(prepare.shard_of(offset, shard_bytes), prepare.shard_of(end, shard_bytes) + 1):
+      for k in range(shards_lib.shard_of(offset, shard_bytes), shards_lib.shard_of(end, shard_bytes) + 1):
         shards.setdefault(k, []).append((i, offset, lo, hi, byte))
     offset += tokens * itemsize
   return shards
@@ -192,7 +192,7 @@ def write_sources(data_cfg, dirs: dict[str, str], store: str, sizes: clean_store
         fs.rmtree(d)
       fs.makedirs(d)
     counts = _tokenize(data_cfg, dirs, store, sizes, split, tok, tok_hash, work)
-    entries = _shards(data_cfg, dirs, dest, counts, work, prepare.token_dtype(tok.vocab_size).itemsize)
+    entries = _shards(data_cfg, dirs, dest, counts, work, shards_lib.token_dtype(tok.vocab_size).itemsize)
     for n, final in dirs.items():
       mine = [r for r in counts if r[0] == n]
       parts = {}
@@ -204,7 +204,7 @@ def write_sources(data_cfg, dirs: dict[str, str], store: str, sizes: clean_store
                              f'{sum(e["records"] for e in shards)} documents, not {documents}: '
                              'the Beam pipeline lost some')
         parts[split_name] = (documents, sum(r[chars_at] for r in mine), shards)
-      stats = prepare.source_stats(data_cfg, n, tok, tok_hash, missing[n], parts)
+      stats = shards_lib.source_stats(data_cfg, n, tok, tok_hash, missing[n], parts)
       fs.write_atomic(os.path.join(dest[n], 'stats.json'), json.dumps(stats, indent=1))
       if dest[n] != final:
         try:

@@ -54,6 +54,7 @@ from lmjax import errors
 from lmjax import fs
 from lmjax.data import corpora
 from lmjax.data import prepare as prepare_lib
+from lmjax.data import shards as shards_lib
 
 _NUM_STEPS = 1 << 50  # length of the (unbounded) step-indexed dataset
 
@@ -97,7 +98,7 @@ class SourceData:
   documents in stored order (content-hash order: lmjax/data/prepare.py).
 
   Start-up reads stats.json alone: nothing per shard or per document. A shard is opened when a row
-  first reads from it: its ArrayRecord reader and its starts file (prepare.starts_file, searched a
+  first reads from it: its ArrayRecord reader and its starts file (shards.starts_file, searched a
   few entries at a time), checked then (size, records, tokens and, with
   `verify`, the checksum; once a process). At most `max_open` shards stay open (least recently used
   closed first). `directory` is local or a URL (gs://; lmjax/fs.py): ArrayRecord
@@ -138,12 +139,12 @@ class SourceData:
         return self._open[i]
     shard = self._shards[i]
     path = os.path.join(self._directory, shard['file'])
-    starts_path = os.path.join(self._directory, prepare_lib.starts_file(shard['file']))
+    starts_path = os.path.join(self._directory, shards_lib.starts_file(shard['file']))
     if not fs.is_local(path):
       path, starts_path = _mirror(path, shard['bytes']), _mirror(starts_path, None)
     if i not in self._checked:
       _check_size(path, shard)
-      if self._verify and prepare_lib.file_checksum(path) != shard['checksum']:
+      if self._verify and shards_lib.file_checksum(path) != shard['checksum']:
         raise errors.DataError(f'data shard {path!r} fails its checksum (corrupt); {_hint(path)}')
     opened = _OpenShard(path, starts_path, shard)
     with self._lock:  # an evicted shard closes once no thread is reading it (its last reference)
