@@ -1,9 +1,10 @@
 """Online distillation throughput: tokens/s of one student's train step with a frozen teacher inside
-(config.loss.name='kd', mode='online') against the same student without KD, in one process; plus
+(config.loss.name='kd', mode='online') for each loss implementation (`--loss`: chunked against the fused
+kernel's top-k path, pallas) against the same student without KD, in one process; plus
 one line of top-k store write/read throughput (benchmarks/distill_store.py).
 
   python benchmarks/distill_throughput.py --student=1b --teacher=8b --teacher_layers=8 \
-      --batch=4 --seq=4096 --steps=10 --k=128 --attention=cudnn --remat=none
+      --batch=4 --seq=4096 --steps=10 --k=128 --attention=cudnn --remat=none --loss=chunked,pallas
   python benchmarks/distill_throughput.py --tiny   # CPU: tiny shapes, to check it runs
 
 Both steps are built by lmjax/steps.py (configs/pretrain.py's setup: AdamW, f32 params, bf16
@@ -49,7 +50,8 @@ def main():
   p.add_argument('--seq', type=int, default=4096)
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--k', type=int, default=128)
-  p.add_argument('--loss', default='chunked', help='materialize | chunked')
+  p.add_argument('--loss', default='chunked,pallas',
+                 help="comma-separated: materialize | chunked | pallas (the fused kernel's top-k path)")
   p.add_argument('--attention', default='cudnn', help='xla | cudnn | pallas (the student and teacher)')
   p.add_argument('--remat', default='none', help="configs/pretrain.py's remat policy")
   p.add_argument('--tiny', action='store_true', help='CPU check: tiny student and teacher, short')
@@ -61,7 +63,8 @@ def main():
                            f'seq_len={a.seq},steps={a.steps},attention={a.attention},remat={a.remat}')
   config.unlock()
   config.mesh.update(data=-1, fsdp=1, tensor=1)
-  config.loss.implementation = a.loss
+  implementations = a.loss.split(',')
+  config.loss.implementation = implementations[0]
   if a.tiny:
     config.model.compute_dtype = 'float32'
   mesh = sharding.make_mesh(config.mesh)
@@ -74,11 +77,16 @@ def main():
   plain = measure(config, mesh, vocab, a.batch, a.seq, a.steps)
   config.loss.name = 'kd'
   config.loss.kd.update(mode='online', teacher='lmjax:unused', k=a.k)
-  kd = measure(config, mesh, vocab, a.batch, a.seq, a.steps, teacher_args)
+  kd = {}
+  for implementation in implementations:
+    config.loss.implementation = implementation
+    kd[implementation] = measure(config, mesh, vocab, a.batch, a.seq, a.steps, teacher_args)
   print(f'student {a.student} ({model.param_count(student) / 1e9:.2f}B), teacher {a.teacher} x '
         f'{a.teacher_layers} layers ({model.param_count(teacher_args) / 1e9:.2f}B), B{a.batch} x T{a.seq}, '
-        f'k={a.k}, loss {a.loss}, attention {a.attention}, remat {a.remat}, {jax.devices()[0].device_kind}')
-  print(f'tokens/s: no KD {plain:,.0f}; KD online {kd:,.0f} ({kd / plain:.2f}x)')
+        f'k={a.k}, attention {a.attention}, remat {a.remat}, {jax.devices()[0].device_kind}')
+  print(f'tokens/s: no KD ({implementations[0]} CE) {plain:,.0f}; KD online: ' + '; '.join(
+      f'{name} {v:,.0f} ({v / plain:.2f}x of no KD, {v / kd[implementations[0]]:.2f}x of {implementations[0]})'
+      for name, v in kd.items()))
   r = distill_store.measure(a.k, 'compact', vocab, 16, a.seq)
   print(f"store (compact, k={a.k}): {r['bytes_per_token']:.0f} bytes/token, write "
         f"{r['write_tokens_per_s']:,} tokens/s, read {r['read_tokens_per_s']:,} tokens/s")

@@ -1,8 +1,9 @@
 """Configs as data: the base ConfigDict assembled from each part's defaults, knob parsing, validation.
 
 A config file is `configs/<name>.py` with `get_config(arg=None) -> ConfigDict` (big_vision / flax lm1b
-style). It starts from `base()` -- each part keeps its own defaults next to its code -- and overrides
-fields. The result is locked: a typo such as `--config.optim.lrr=1` is an error, not a silent new key;
+style). It starts from `base()` -- each part keeps its own defaults next to its code; the run layer's
+sections, `train` (lmjax/trainer.py) and `eval` (lmjax/eval/hook.py), are defined here, so that this
+module sits below the modules that read a config -- and overrides fields. The result is locked: a typo such as `--config.optim.lrr=1` is an error, not a silent new key;
 so is one inside the file (`c.train.stpes = 300`): `validate` checks every field against `base()`
 (`unknown_field`).
 """
@@ -15,9 +16,8 @@ import os
 
 import ml_collections
 
-from lmjax import errors, fs, losses, model, optim, phases, trainer
+from lmjax import errors, fs, losses, model, optim, phases
 from lmjax.data import pipeline
-from lmjax.eval import hook
 
 
 def base() -> ml_collections.ConfigDict:
@@ -29,14 +29,76 @@ def base() -> ml_collections.ConfigDict:
       phases=phases.defaults(),  # the one timeline of learning rate and data mixture
       loss=losses.defaults(),
       optim=optim.defaults(),
-      train=trainer.defaults(),
-      eval=hook.defaults(),  # harness tasks during training (lmjax/eval/hook.py)
+      train=train_defaults(),
+      eval=eval_defaults(),  # harness tasks during training (lmjax/eval/hook.py)
       mesh=dict(data=-1, fsdp=1, tensor=1),
       # '' (scratch) | 'lmjax:DIR' (another run's latest params) | 'hf:DIR' (Hugging Face weights);
       # the run inherits the parent's tokenizer (lmjax/init_from.py).
       init_from='',
       init_skip=(),  # regexes of parameter paths that start fresh instead (e.g. a replaced head)
   ))
+
+
+# ----------------------------------------------------------------------------- the run layer's sections
+TRACKERS = ('tensorboard', 'wandb')
+
+
+def train_defaults() -> ml_collections.ConfigDict:
+  """config.train: the training loop's (lmjax/trainer.py)."""
+  return ml_collections.ConfigDict(dict(
+      steps=200,
+      batch_size=8,           # global batch, sequences
+      seq_len=128,
+      microbatches=1,         # gradient accumulation: the batch is split into this many parts
+      log_every=10,
+      eval_every=100,
+      checkpoint_every=100,
+      keep_checkpoints=3,
+      async_checkpoint=True,
+      trackers=('tensorboard',),  # and/or 'wandb' (pip install -e '.[wandb]'; WANDB_MODE=offline works)
+      wandb_project='lmjax',
+  ))
+
+
+def validate_train(cfg: ml_collections.ConfigDict) -> None:
+  for field in ('steps', 'batch_size', 'seq_len', 'microbatches', 'log_every', 'eval_every',
+                'checkpoint_every', 'keep_checkpoints'):
+    if cfg[field] <= 0:
+      raise errors.ConfigError(f'config.train.{field}={cfg[field]}: expected a positive integer')
+  if cfg.batch_size % cfg.microbatches:
+    raise errors.ConfigError(f'config.train.microbatches={cfg.microbatches} must divide '
+                     f'config.train.batch_size={cfg.batch_size}')
+  unknown = sorted(set(cfg.trackers) - set(TRACKERS))
+  if unknown:
+    raise errors.ConfigError(f'config.train.trackers: unknown {unknown}; expected some of {TRACKERS}')
+
+
+def eval_defaults() -> ml_collections.ConfigDict:
+  """config.eval: harness tasks run during training (lmjax/eval/harness.py; the [eval] extra)."""
+  return ml_collections.ConfigDict(dict(
+      harness_tasks=(),         # the harness's task names (or those under harness_include_path)
+      harness_every=0,          # steps between runs (0: config.train.eval_every); also at the end
+      harness_num_fewshot=-1,   # -1: each task's own
+      harness_limit=0.0,        # examples a task (< 1: a fraction; 0: all)
+      harness_include_path='',  # a directory of task YAMLs of your own
+  ))
+
+
+def validate_eval(cfg: ml_collections.ConfigDict) -> None:
+  """config.eval's values; with harness tasks, the [eval] extra must be installed."""
+  if cfg.harness_every < 0 or cfg.harness_limit < 0:
+    raise errors.ConfigError(f'config.eval.harness_every={cfg.harness_every}, harness_limit='
+                             f'{cfg.harness_limit}: expected >= 0 (0: eval_every; all examples)')
+  if harness_task_names(cfg):
+    errors.require('lm_eval', 'eval', 'config.eval.harness_tasks')
+
+
+def harness_task_names(cfg: ml_collections.ConfigDict) -> list[str]:
+  """config.eval.harness_tasks as names: a tuple, or one comma-separated string (as a flag gives it)."""
+  return [t.strip() for item in cfg.harness_tasks for t in item.split(',') if t.strip()]
+
+
+# ----------------------------------------------------------------------------- files and knobs
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -148,7 +210,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if unknown:
     raise errors.ConfigError(unknown)
   if 'eval' in config:  # a run's config.json from before config.eval has none
-    hook.validate(config.eval)
+    validate_eval(config.eval)
   for axis in ('data', 'fsdp', 'tensor'):
     size = config.mesh[axis]
     if size == 0 or size < -1:
@@ -156,7 +218,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if sum(config.mesh[a] == -1 for a in ('data', 'fsdp', 'tensor')) > 1:
     raise errors.ConfigError('config.mesh: at most one axis may be -1')
   model.validate(config.model)
-  trainer.validate(config.train)
+  validate_train(config.train)
   pipeline.validate(config.data)
   losses.validate(config.loss)
   resolved = phases.resolve(config.phases, config.train.steps, list(config.data.sources))

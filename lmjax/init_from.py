@@ -8,7 +8,7 @@
 An lmjax DIR may be a URL (gs://bucket/runs/1b): its provenance.json and tokenizer are read through
 lmjax/fs.py, its checkpoint by orbax.
 
-The run inherits the parent's tokenizer: with `config.data.tokenizer.path` unset it takes the parent's
+The run inherits the parent's tokenizer (`tokenizer_of`): with `config.data.tokenizer.path` unset it takes the parent's
 (an lmjax run records its tokenizer in provenance.json; a Hugging Face directory holds tokenizer.json);
 a different tokenizer is an error naming both, since the parent's weights mean its token ids.
 
@@ -20,17 +20,16 @@ Only the parameters come from the parent: optimizer state and step start fresh.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from lmjax import checkpoint, convert, errors, fs, model, sharding
+from lmjax.data import tokenizer as tokenizer_lib
 
 KINDS = ('lmjax', 'hf')
 # Parameters with a vocabulary axis, and which axis it is: they may grow (see the module docstring).
@@ -68,23 +67,18 @@ def parent_tokenizer(spec: str) -> str | None:
   return path
 
 
-def _digest(path: str) -> str:
-  with fs.open(path, 'rb') as f:
-    return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
-
-
-def inherit_tokenizer(config) -> None:
-  """Sets config.data.tokenizer.path to the parent's, or checks that the one set is the parent's."""
-  parent = parent_tokenizer(config.init_from)
+def tokenizer_of(spec: str, own: str) -> str:
+  """The tokenizer of a run whose parent is `spec` (config.init_from): `own` (config.data.tokenizer.path)
+  when set, which must be the parent's (an error names both), else the parent's; `own` where the
+  parent records none."""
+  parent = parent_tokenizer(spec)
   if parent is None:
-    return
-  own = config.data.tokenizer.path
-  if not own:
-    config.data.tokenizer.path = parent
-  elif _digest(os.path.join(own, 'tokenizer.json') if fs.isdir(own) else own) != _digest(parent):
+    return own
+  if own and tokenizer_lib.digest(own) != tokenizer_lib.digest(parent):
     raise errors.ConfigError(f'config.data.tokenizer.path={own!r} is not the tokenizer of config.init_from='
-                             f'{config.init_from!r} ({parent}): its weights mean that tokenizer\'s ids; '
+                             f'{spec!r} ({parent}): its weights mean that tokenizer\'s ids; '
                              'leave config.data.tokenizer.path empty to inherit it')
+  return own or parent
 
 
 def _path(key_path) -> str:

@@ -7,7 +7,8 @@ The loss, not the model, makes the logits, so an implementation may avoid ever h
   materialize  logits [B, T, V] in f32, then the loss (the reference; 8.4 GB at 1b x B4 x T4096)
   chunked      a scan over chunks of positions, each computing its [B, c, V] block of logits and
                recomputing it in the backward pass (jax.checkpoint): at most one block is live
-  pallas       (ce only) pallas_kernels/linear_cross_entropy: head + loss fused, the gradients made in
+  pallas       pallas_kernels/linear_cross_entropy: head + loss fused (ce; kd with the forward
+               divergence, its top-k path, `kd_pallas`), the gradients made in
                the forward pass (3 matmuls, no recompute, one block of logits live): a Pallas kernel on
                TPU, a fused XLA scan elsewhere. At 1b on an H200: 23.1 ms / 0.88 GB extra for the head
                fwd+bwd against materialize's 40.0 ms / 8.4 GB (benchmarks/RESULTS.md). Its weight
@@ -83,6 +84,9 @@ class Args:
   temperature: float = 1.0
   divergence: str = 'forward'
   tail: str = 'renormalize'
+  # The run's (alpha, temperature) pairs, one a phase (phases.kd_values): kd's pallas implementation
+  # compiles its kernel for each and picks by the traced alpha and temperature of the step.
+  kd_values: tuple = ()
 
 
 def resolve(cfg: ml_collections.ConfigDict, vocab_size: int) -> Args:
@@ -110,6 +114,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       raise errors.ConfigError(f'config.loss.kd.{field}={kd[field]!r}: expected one of {allowed}')
   if not kd.k >= 1:
     raise errors.ConfigError(f'config.loss.kd.k={kd.k!r}: expected a positive integer')
+  if cfg.name == 'kd' and cfg.implementation == 'pallas' and kd.divergence != 'forward':
+    raise errors.ConfigError(f"config.loss.kd.divergence={kd.divergence!r}: the pallas implementation "
+                             "computes the forward KL; use implementation='chunked' or 'materialize'")
   if cfg.name == 'kd' and not kd.teacher:
     raise errors.ConfigError("config.loss.kd.teacher='': loss 'kd' needs a teacher run (lmjax:DIR)")
   if cfg.name == 'kd' and kd.mode == 'offline' and not kd.store:
@@ -311,6 +318,35 @@ def kd_chunked(x_btd, w_dv, batch, args: Args) -> jax.Array:
                   args.chunk_tokens)
 
 
+def kd_pallas(x_btd, w_dv, batch, args: Args) -> jax.Array:
+  """`kd_from_logits` by the fused head + loss kernel's top-k path (pallas_kernels/linear_cross_entropy:
+  the teacher's ids and log-probs, and its `teacher_tail` for tail='bucket'): the same per-token loss and
+  gradients, no [B, T, V] array (forward divergence only; `validate` refuses 'reverse'). The kernel takes
+  alpha and temperature as constants; inside a step they are traced (they change by phase), so it is
+  compiled for each of `args.kd_values` and `lax.switch` picks the one equal to the step's. The kernel's
+  weight gradient holds for a cotangent proportional to the weights (the train step's weighted sum) and
+  is NaN for any other (ce_pallas)."""
+  from pallas_kernels.linear_cross_entropy import linear_cross_entropy  # pylint: disable=import-outside-toplevel
+  b, t, d = x_btd.shape
+  k = batch['teacher_ids'].shape[-1]
+  tail_n = batch['teacher_tail'].reshape(b * t) if args.tail == 'bucket' and 'teacher_tail' in batch else None
+
+  def fused(alpha, temperature):
+    return lambda: linear_cross_entropy(
+        x_btd.reshape(b * t, d), w_dv, batch['targets'].reshape(b * t), weights_n=batch['weights'].reshape(b * t),
+        z_loss=args.z_loss, vocab_size=args.vocab_size, teacher_ids_nk=batch['teacher_ids'].reshape(b * t, k),
+        teacher_logprobs_nk=batch['teacher_logprobs'].reshape(b * t, k), teacher_tail_n=tail_n,
+        tail=args.tail, temperature=temperature, alpha=alpha,
+        implementation='xla' if _mesh_devices(x_btd) > 1 else None).reshape(b, t)
+
+  if all(isinstance(v, (int, float)) for v in (args.alpha, args.temperature)):
+    return fused(float(args.alpha), float(args.temperature))()
+  if not args.kd_values:
+    raise ValueError('kd_pallas with traced alpha and temperature needs Args.kd_values (steps.build sets them)')
+  gap = jnp.asarray([jnp.abs(args.alpha - a) + jnp.abs(args.temperature - tt) for a, tt in args.kd_values])
+  return jax.lax.switch(jnp.argmin(gap), [fused(a, tt) for a, tt in args.kd_values])
+
+
 def teacher_topk(logits_btv: jax.Array, k: int, vocab_size: int) -> dict:
   """The teacher's top-k of its logits [B, T, V]: teacher_ids [B, T, k] int32, teacher_logprobs
   [B, T, k] f32 (log-softmax at temperature 1 over the first `vocab_size` rows; -inf past them) and
@@ -336,7 +372,7 @@ def teacher_topk_chunked(x_btd, w_dv, k: int, vocab_size: int, chunk_tokens: int
 # name -> implementation -> fn(x_btd, w_dv, batch, args) -> loss_bt
 LOSSES: dict[str, dict[str, Callable]] = {
     'ce': {'materialize': ce_materialize, 'chunked': ce_chunked, 'pallas': ce_pallas},
-    'kd': {'materialize': kd_materialize, 'chunked': kd_chunked},
+    'kd': {'materialize': kd_materialize, 'chunked': kd_chunked, 'pallas': kd_pallas},
 }
 
 

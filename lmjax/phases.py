@@ -182,14 +182,20 @@ def _kd(field: str, given: dict, previous: dict) -> dict:
   return {k: previous[k] if given.get(k) is None else float(given[k]) for k in ('alpha', 'temperature')}
 
 
+def kd_values(phases: Sequence[Phase], alpha: float, temperature: float) -> tuple[tuple[float, float], ...]:
+  """(alpha, temperature) of each phase that has steps, in order, None fields taken from
+  config.loss.kd's `alpha` and `temperature`."""
+  return tuple((float(alpha if p.kd['alpha'] is None else p.kd['alpha']),
+                float(temperature if p.kd['temperature'] is None else p.kd['temperature']))
+               for p in phases if p.steps)
+
+
 def kd_schedule(phases: Sequence[Phase], alpha: float, temperature: float):
   """step -> (alpha, temperature) of the phase that step is in (a jnp scalar pair; 0-based steps as
-  the train step reads them), None fields taken from config.loss.kd's `alpha` and `temperature`."""
+  the train step reads them), `kd_values`' of each phase."""
   live = [p for p in phases if p.steps]
   starts = jnp.asarray([p.start for p in live[1:]], jnp.int32)
-  table = jnp.asarray([[alpha if p.kd['alpha'] is None else p.kd['alpha'],
-                        temperature if p.kd['temperature'] is None else p.kd['temperature']]
-                       for p in live], jnp.float32)
+  table = jnp.asarray(kd_values(phases, alpha, temperature), jnp.float32)
 
   def at(step):
     row = table[jnp.searchsorted(starts, step, side='right')]

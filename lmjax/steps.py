@@ -149,8 +149,9 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, vocab_size
   sources = tuple(config.data.sources if sources is None else sources)
   args = model.resolve(config.model)
   check_vocab(args, vocab_size, tokenizer_path)
-  loss_args = losses.resolve(config.loss, vocab_size)
   phases = phases_lib.resolve(config.phases, config.train.steps, list(config.data.sources))
+  loss_args = dataclasses.replace(losses.resolve(config.loss, vocab_size), kd_values=phases_lib.kd_values(
+      phases, config.loss.kd.alpha, config.loss.kd.temperature))
   schedule = optim.make_schedule(phases, config.optim.lr)
   graphdef, shapes, axes = model.abstract(args)
   param_sh = sharding.param_shardings(shapes, axes, mesh)

@@ -3,7 +3,8 @@
     python -m lmjax.train --config=configs/tiny.py --workdir=/tmp/tiny [--config.optim.lr=1e-3 ...]
 
 Re-running the same command resumes from the latest checkpoint in the workdir. The loop itself is
-`lmjax.trainer`; this adds the progress bar and prints evaluations.
+`lmjax.trainer`; this adds the progress bar and prints evaluations. From Python (the experiments,
+the demos, a notebook), `run(config, workdir)` trains with the same hooks, without the printing.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import functools
 import json
 import os
 import sys
+from typing import Callable, Iterable
 
 import jax
 import ml_collections
@@ -18,6 +20,22 @@ from absl import flags
 
 from lmjax import cli, distributed, fs, trainer
 from lmjax.eval import hook
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, extra_hooks: Iterable[trainer.Hook] = (),
+        writer_hooks: Iterable[Callable[[trainer.Run, trainer.MetricsWriter], trainer.Hook]] = ()) -> dict:
+  """Trains `config` in `workdir` (resuming if possible) with the default hooks, config.eval's harness
+  tasks, `extra_hooks` and the hooks `writer_hooks` make from the run and its metrics writer (e.g.
+  lmjax.eval.hook.hook)."""
+  r = trainer.setup(config, workdir)
+  writer = trainer.MetricsWriter(r)
+  try:
+    hooks = (trainer.default_hooks(r, writer) + hook.harness_hooks(r, writer) + list(extra_hooks)
+             + [make(r, writer) for make in writer_hooks])
+    return trainer.train(r, hooks)
+  finally:
+    writer.close()
+    r.checkpointer.close()
 
 
 def main(config: ml_collections.ConfigDict) -> None:

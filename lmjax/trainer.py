@@ -30,6 +30,7 @@ from lmjax import (checkpoint, errors, fs, init_from, model, phases as phases_li
                    steps as steps_lib)
 from lmjax.data import pipeline as data_pipeline
 from lmjax.distill import store as store_lib, teacher as teacher_lib
+from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.eval import heldout
 
 # Dense bf16 peak FLOP/s per chip, for MFU (vendor datasheets).
@@ -39,39 +40,6 @@ PEAK_FLOPS = {
     'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5': 459e12, 'TPU v5p': 459e12,
     'TPU v6 lite': 918e12, 'TPU v6e': 918e12,
 }
-
-
-TRACKERS = ('tensorboard', 'wandb')
-
-
-def defaults() -> ml_collections.ConfigDict:
-  """config.train."""
-  return ml_collections.ConfigDict(dict(
-      steps=200,
-      batch_size=8,           # global batch, sequences
-      seq_len=128,
-      microbatches=1,         # gradient accumulation: the batch is split into this many parts
-      log_every=10,
-      eval_every=100,
-      checkpoint_every=100,
-      keep_checkpoints=3,
-      async_checkpoint=True,
-      trackers=('tensorboard',),  # and/or 'wandb' (pip install -e '.[wandb]'; WANDB_MODE=offline works)
-      wandb_project='lmjax',
-  ))
-
-
-def validate(cfg: ml_collections.ConfigDict) -> None:
-  for field in ('steps', 'batch_size', 'seq_len', 'microbatches', 'log_every', 'eval_every',
-                'checkpoint_every', 'keep_checkpoints'):
-    if cfg[field] <= 0:
-      raise errors.ConfigError(f'config.train.{field}={cfg[field]}: expected a positive integer')
-  if cfg.batch_size % cfg.microbatches:
-    raise errors.ConfigError(f'config.train.microbatches={cfg.microbatches} must divide '
-                     f'config.train.batch_size={cfg.batch_size}')
-  unknown = sorted(set(cfg.trackers) - set(TRACKERS))
-  if unknown:
-    raise errors.ConfigError(f'config.train.trackers: unknown {unknown}; expected some of {TRACKERS}')
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -189,23 +157,34 @@ class Run:
   config_changes: tuple = ()  # resuming: what changed from the run's config.json (resume.check)
 
 
+def run_tokenizer(config: ml_collections.ConfigDict) -> str:
+  """The tokenizer of the run of `config`, chosen here only: config.data.tokenizer.path, else the
+  parent's (config.init_from, init_from.tokenizer_of: a different one set is an error), else, in
+  distillation, the teacher's, which must be the one chosen (an error names both); '' when none is
+  given (prepare trains one)."""
+  path = config.data.tokenizer.path
+  if config.init_from:
+    path = init_from.tokenizer_of(config.init_from, path)
+  if config.loss.name == 'kd':
+    teacher = teacher_lib.tokenizer_path(config)
+    if path:
+      teacher_lib.check_tokenizer(teacher, path)
+    path = path or teacher
+  return path
+
+
 def build_pipeline(config: ml_collections.ConfigDict, workdir: str,
                    whole_batches: bool = False) -> data_pipeline.Pipeline:
   """This process's data pipeline of the run (`whole_batches`: every process makes whole global
-  batches). The parent's tokenizer is inherited first; a distillation run takes its teacher's, and
-  refuses a different one (naming both)."""
-  if config.init_from:
-    init_from.inherit_tokenizer(config)
-  teacher_tokenizer = teacher_lib.inherit_tokenizer(config) if config.loss.name == 'kd' else None
+  batches), with the run's tokenizer (`run_tokenizer`). `config` is left as it is."""
+  data_cfg = config.data.copy_and_resolve_references()
+  data_cfg.tokenizer.path = run_tokenizer(config)
   phases = phases_lib.resolve(config.phases, config.train.steps, list(config.data.sources))
-  pipeline = data_pipeline.build(
-      config.data, phases, seq_len=config.train.seq_len,
+  return data_pipeline.build(
+      data_cfg, phases, seq_len=config.train.seq_len,
       global_batch_size=config.train.batch_size, seed=config.seed, workdir=workdir,
       process_index=0 if whole_batches else jax.process_index(),
       process_count=1 if whole_batches else jax.process_count())
-  if teacher_tokenizer:
-    teacher_lib.check_tokenizer(teacher_tokenizer, pipeline.tokenizer.path)
-  return pipeline
 
 
 def _teacher(config, pipeline) -> tuple[model.Args | None, store_lib.Store | None]:
@@ -220,10 +199,10 @@ def _teacher(config, pipeline) -> tuple[model.Args | None, store_lib.Store | Non
   if store.meta.get('teacher') != kd.teacher:
     raise errors.ConfigError(f'config.loss.kd.store={kd.store!r} holds the top-k of teacher '
                      f'{store.meta.get("teacher")!r}; the run has config.loss.kd.teacher={kd.teacher!r}')
-  if store.k != kd.k or store.tokenizer_digest() != teacher_lib.digest(pipeline.tokenizer.path):
+  if store.k != kd.k or store.tokenizer_digest() != tokenizer_lib.digest(pipeline.tokenizer.path):
     raise errors.ConfigError(f'config.loss.kd.store={kd.store!r} holds k={store.k} for the tokenizer with digest '
                      f'{store.meta["tokenizer_digest"]}; the run has config.loss.kd.k={kd.k} and '
-                     f'{pipeline.tokenizer.path} ({teacher_lib.digest(pipeline.tokenizer.path)})')
+                     f'{pipeline.tokenizer.path} ({tokenizer_lib.digest(pipeline.tokenizer.path)})')
   return None, store
 
 
@@ -410,20 +389,3 @@ def train(run: Run, hooks: Iterable[Hook]) -> dict:
     raise errors.Interrupted(f'interrupted: stopped at step {step} with a checkpoint in '
                              f'{run.checkpointer.directory}; the same command resumes from it')
   return state
-
-
-def run(config: ml_collections.ConfigDict, workdir: str, extra_hooks: Iterable[Hook] = (),
-        writer_hooks: Iterable[Callable[[Run, MetricsWriter], Hook]] = ()) -> dict:
-  """Trains `config` in `workdir` (resuming if possible) with the default hooks, config.eval's harness
-  tasks, `extra_hooks` and the hooks `writer_hooks` make from the run and its metrics writer (e.g.
-  lmjax.eval.hook.hook)."""
-  from lmjax.eval import hook  # pylint: disable=import-outside-toplevel  (it imports this module)
-  r = setup(config, workdir)
-  writer = MetricsWriter(r)
-  try:
-    hooks = (default_hooks(r, writer) + hook.harness_hooks(r, writer) + list(extra_hooks)
-             + [make(r, writer) for make in writer_hooks])
-    return train(r, hooks)
-  finally:
-    writer.close()
-    r.checkpointer.close()

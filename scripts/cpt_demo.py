@@ -26,7 +26,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lmjax import config as config_lib, trainer  # noqa: E402
+from lmjax import config as config_lib, train, trainer  # noqa: E402
 from lmjax.eval import choice, forgetting, records, runs as runs_lib  # noqa: E402
 
 CLOZE = os.path.join(ROOT, 'lmjax', 'eval', 'tasks', 'legal_cloze.jsonl')
@@ -45,7 +45,7 @@ def pretrain(workdir: str, steps: int, cache: str) -> str:
   run_dir = os.path.join(workdir, 'pretrain')
   config = config_lib.load(os.path.join(ROOT, 'configs', 'tiny_mix.py'), f'steps={steps}')
   config.data.cache_dir = cache
-  trainer.run(config, run_dir)
+  train.run(config, run_dir)
   return run_dir
 
 

@@ -33,7 +33,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lmjax import config as config_lib, fs, init_from, trainer  # noqa: E402
+from lmjax import config as config_lib, fs, init_from, train  # noqa: E402
 from lmjax.distill import dump as dump_lib, sequences  # noqa: E402
 
 CONFIG = os.path.join(ROOT, 'configs', 'distill.py')
@@ -113,7 +113,7 @@ def run(workdir: str, setting: str, teacher_steps: int = 0) -> dict:
   runs = run_dirs(workdir, s['seeds'])
   teacher = runs[('teacher', 0)]
   if not _done(teacher, s['teacher_steps']):
-    timed('teacher', trainer.run, _config(cache, role='teacher', **common), teacher)
+    timed('teacher', train.run, _config(cache, role='teacher', **common), teacher)
   tokenizer = init_from.parent_tokenizer(teacher)
   for seed in s['seeds']:
     for kind in ('ce', 'kd'):
@@ -125,7 +125,7 @@ def run(workdir: str, setting: str, teacher_steps: int = 0) -> dict:
         timed('dump', dump_lib.dump, config, run_dir, chunk_steps=10)
       else:
         config = _config(cache, tokenizer, kd=False, seed=seed, **common)
-      timed(kind, trainer.run, config, run_dir)
+      timed(kind, train.run, config, run_dir)
   # Sequence-level distillation: teacher text as a source of the student's mixture.
   seq_dir = runs[('seq', 0)]
   if not _done(seq_dir, s['steps']):
@@ -137,7 +137,7 @@ def run(workdir: str, setting: str, teacher_steps: int = 0) -> dict:
     config.phases.main.weights = {**{k: v * (1 - SEQ_SHARE) / sum(weights.values()) for k, v in weights.items()},
                                   'teacher': SEQ_SHARE}
     config.lock()
-    timed('seq', trainer.run, config, seq_dir)
+    timed('seq', train.run, config, seq_dir)
   return report(workdir, runs, s, seconds)
 
 

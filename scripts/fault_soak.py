@@ -30,7 +30,7 @@ OVERRIDES = dict(batch_size=8, seq_len=32, log_every=1, eval_every=1000, checkpo
 
 CHILD = textwrap.dedent('''
     import json, os, signal, sys
-    from lmjax import config as config_lib, errors, trainer
+    from lmjax import config as config_lib, errors, train, trainer
     workdir, steps, kill_step, cache = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     sig = getattr(signal, f'SIG{sys.argv[6]}')
     config = config_lib.load('configs/tiny.py', f'steps={steps}')
@@ -40,7 +40,7 @@ CHILD = textwrap.dedent('''
       if info.step == kill_step:
         os.kill(os.getpid(), sig)
     try:
-      trainer.run(config, workdir, extra_hooks=[trainer.Hook(1, kill)])
+      train.run(config, workdir, extra_hooks=[trainer.Hook(1, kill)])
     except errors.Interrupted:
       sys.exit(130)
 ''')

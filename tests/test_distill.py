@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from lmjax import config as config_lib, errors, losses, sharding, steps as steps_lib, trainer
+from lmjax import config as config_lib, errors, losses, sharding, steps as steps_lib, train, trainer
 from lmjax.distill import dump as dump_lib, store as store_lib, teacher as teacher_lib
 
 BATCH, SEQ, K = 8, 32, 16
@@ -63,7 +63,7 @@ def setup(tmp_path_factory):
   path = root / 'distill.py'
   path.write_text(CONFIG.format(batch=BATCH, seq=SEQ, k=K, root=root))
   teacher = str(root / 'teacher')
-  trainer.run(config_lib.load(str(path), 'steps=6'), teacher)
+  train.run(config_lib.load(str(path), 'steps=6'), teacher)
   return str(path), teacher, root
 
 
@@ -224,15 +224,15 @@ def test_offline_kd_run_killed_and_resumed_equals_straight(setup, tmp_path):
   store = str(tmp_path / 'store')
   config = _config(setup, mode=mode, store=store)
   dump_lib.dump(config, str(tmp_path / 'straight'))
-  trainer.run(config, str(tmp_path / 'straight'))
+  train.run(config, str(tmp_path / 'straight'))
 
   def crash(info):
     if info.step == 3:
       raise KeyboardInterrupt
   with pytest.raises(KeyboardInterrupt):
-    trainer.run(_config(setup, mode=mode, store=store), str(tmp_path / 'resumed'),
+    train.run(_config(setup, mode=mode, store=store), str(tmp_path / 'resumed'),
                 extra_hooks=[trainer.Hook(1, crash)])
-  trainer.run(_config(setup, mode=mode, store=store), str(tmp_path / 'resumed'))
+  train.run(_config(setup, mode=mode, store=store), str(tmp_path / 'resumed'))
 
   def losses_of(workdir):
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:

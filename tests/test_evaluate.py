@@ -17,7 +17,7 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from lmjax import config as config_lib, model, sample, sharding, steps as steps_lib, trainer
+from lmjax import config as config_lib, decode, model, sharding, steps as steps_lib, trainer
 from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.eval import choice, forgetting, heldout, hook, records as records_lib, runs
 
@@ -442,7 +442,7 @@ def test_sample_cli_prints_the_greedy_continuation_of_the_latest_params(trained)
   ev = runs.build(config, workdir, data=False)
   _, params = runs.load_params(ev, workdir)
   tok = ev.tokenizer
-  new = sample.generate(ev.steps.graphdef, params, [[tok.bos_id] + tok.encode('def f(x')], 12,
+  new = decode.generate(ev.steps.graphdef, params, [[tok.bos_id] + tok.encode('def f(x')], 12,
                         eos_id=tok.eos_id)[0].tolist()
   new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
   assert run.stdout == 'def f(x' + tok.decode(new) + '\n'

@@ -20,7 +20,7 @@ import sentencepiece as spm
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from lmjax import config as config_lib, convert, errors, export, trainer
+from lmjax import config as config_lib, convert, errors, export, train
 from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.eval import runs
 
@@ -82,7 +82,7 @@ def run(tmp_path_factory):
   config.data.sources = {'code': dict(corpora=f'jsonl:{corpus}', max_chars=0)}
   config.data.tokenizer.update(vocab_size=400, character_coverage=0.98)
   workdir = str(root / 'run')
-  trainer.run(config, workdir)
+  train.run(config, workdir)
   return config, workdir
 
 

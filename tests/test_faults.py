@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from lmjax import config as config_lib, errors, trainer
+from lmjax import config as config_lib, errors, train, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
@@ -55,7 +55,7 @@ def test_twenty_kills_lose_nothing(tmp_path):
 @pytest.mark.parametrize('damage', ['truncate', 'no_commit_marker'])
 def test_damaged_latest_checkpoint_restores_the_previous(cache, tmp_path, damage, caplog):
   workdir = str(tmp_path / 'run')
-  trainer.run(tiny(cache), workdir)  # checkpoints at steps 2 and 4
+  train.run(tiny(cache), workdir)  # checkpoints at steps 2 and 4
   latest = os.path.join(workdir, 'checkpoints', '4')
   if damage == 'truncate':
     files = [p for p in glob.glob(os.path.join(latest, 'state', '**', '*'), recursive=True)
@@ -71,7 +71,7 @@ def test_damaged_latest_checkpoint_restores_the_previous(cache, tmp_path, damage
   assert os.path.isdir(os.path.join(workdir, 'checkpoints_corrupt', '4'))  # kept aside, not deleted
   assert 'checkpoint' in caplog.text and 'unreadable' in caplog.text
   # Training on redoes steps 3 and 4; metrics.jsonl reads as one run.
-  trainer.run(tiny(cache), workdir)
+  train.run(tiny(cache), workdir)
   assert train_steps(workdir) == [1, 2, 3, 4]
 
 
@@ -96,7 +96,7 @@ def test_a_full_disk_stops_training_at_the_failed_save_and_the_rerun_resumes(cac
     with pytest.raises(errors.CheckpointSaveError,
                        match=r'training stopped at step 4: checkpoint 4 could not be written to '
                              r'.*/run/checkpoints: No space left on device \(the last good checkpoint: 2\)'):
-      trainer.run(tiny(cache, steps=8, keep_checkpoints=3), workdir)
+      train.run(tiny(cache, steps=8, keep_checkpoints=3), workdir)
     assert train_steps(workdir) == [1, 2, 3, 4]
     assert not glob.glob(os.path.join(workdir, 'checkpoints', '*.orbax-checkpoint-tmp*'))
     moved = str(tmp_path / 'moved')
@@ -106,8 +106,8 @@ def test_a_full_disk_stops_training_at_the_failed_save_and_the_rerun_resumes(cac
   run = trainer.setup(tiny(cache, steps=8), moved)
   run.checkpointer.close()
   assert run.start_step == 2
-  trainer.run(tiny(cache, steps=8), moved)
-  trainer.run(tiny(cache, steps=8), str(tmp_path / 'straight'))
+  train.run(tiny(cache, steps=8), moved)
+  train.run(tiny(cache, steps=8), str(tmp_path / 'straight'))
   assert _losses(moved) == _losses(str(tmp_path / 'straight'))
 
 
@@ -137,7 +137,7 @@ def test_a_full_disk_is_one_line_from_the_command(cache, tmp_path):
 
 def test_damaged_data_shard_and_tokenizer_are_errors_naming_them(tmp_path):
   cache = str(tmp_path / 'data')
-  trainer.run(tiny(cache, steps=1), str(tmp_path / 'first'))
+  train.run(tiny(cache, steps=1), str(tmp_path / 'first'))
   (shard,) = glob.glob(os.path.join(cache, 'code-*', 'train-00000.arrayrecord'))
   with open(shard, 'r+b') as f:
     f.seek(100)
@@ -225,7 +225,7 @@ def test_a_finished_run_says_so_and_what_changed(cache, tmp_path):
 
 def test_resume_with_a_changed_config_is_refused_then_recorded(cache, tmp_path):
   workdir = str(tmp_path / 'run')
-  trainer.run(tiny(cache), workdir)
+  train.run(tiny(cache), workdir)
   changed = tiny(cache, steps=6)  # extending the run: allowed and recorded
   changed.optim.lr = 1e-2         # a new LR: changes the optimizer's path
   with pytest.raises(ValueError, match=r'resuming at step 4 with a changed config \(config\.optim\.lr: '
@@ -251,9 +251,9 @@ def test_metrics_after_a_resume_read_as_one_run(cache, tmp_path):
     if info.step == 3:
       raise KeyboardInterrupt  # dies without the final hooks, as a killed run would
   with pytest.raises(KeyboardInterrupt):
-    trainer.run(tiny(cache), workdir, extra_hooks=[trainer.Hook(1, stop_at_3)])
+    train.run(tiny(cache), workdir, extra_hooks=[trainer.Hook(1, stop_at_3)])
   assert train_steps(workdir) == [1, 2, 3]
-  trainer.run(tiny(cache), workdir)
+  train.run(tiny(cache), workdir)
   assert train_steps(workdir) == [1, 2, 3, 4]
 
 

@@ -16,7 +16,7 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from lmjax import config as config_lib, fs, init_from, resume, trainer
+from lmjax import config as config_lib, fs, init_from, resume, train, trainer
 from lmjax.data import tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,8 +178,7 @@ def test_tokenizers_load_from_an_object_store(tmp_path):
   fs.write_atomic(os.path.join(store, 'parent', 'provenance.json'), json.dumps({'tokenizer': sp.path}))
   config = ml_collections.ConfigDict(dict(init_from=os.path.join(store, 'parent'),
                                           data=dict(tokenizer=dict(path=''))))
-  init_from.inherit_tokenizer(config)
-  assert config.data.tokenizer.path == sp.path
+  assert init_from.tokenizer_of(config.init_from, config.data.tokenizer.path) == sp.path
   fs.rmtree(store)
 
 
@@ -191,7 +190,7 @@ def test_a_run_on_a_url_workdir_writes_and_resumes_through_the_layer(tmp_path):
   config.train.update(batch_size=8, seq_len=32, log_every=1, eval_every=1000, checkpoint_every=2,
                       async_checkpoint=False)
   config.data.cache_dir = str(tmp_path / 'data')
-  trainer.run(config, workdir)
+  train.run(config, workdir)
   local = str(tmp_path / 'run')
   assert sorted(os.listdir(local)) == ['checkpoints', 'config.json', 'data_report.json', 'data_report.png',
                                        'metrics.jsonl', 'provenance.json', 'tb']
@@ -199,7 +198,7 @@ def test_a_run_on_a_url_workdir_writes_and_resumes_through_the_layer(tmp_path):
   assert json.loads(fs.read_text(os.path.join(workdir, 'provenance.json')))['tokenizer'].startswith(
       str(tmp_path / 'data'))
   config.train.steps = 3  # extended: resumes from step 2, recorded as a change
-  trainer.run(config, workdir)
+  train.run(config, workdir)
   records = [json.loads(l) for l in fs.read_text(os.path.join(workdir, 'metrics.jsonl')).splitlines()]
   assert [r['step'] for r in records if 'loss' in r] == [1, 2, 3]
   changes = [json.loads(l) for l in fs.read_text(os.path.join(workdir, 'config_changes.jsonl')).splitlines()]

@@ -96,13 +96,13 @@ def run_dir(tmp_path_factory):
   """A tiny lmjax run of 4 steps (tests/test_evaluate.py's, rows of 256 tokens)."""
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import test_evaluate  # pylint: disable=import-outside-toplevel
-  from lmjax import trainer  # pylint: disable=import-outside-toplevel
+  from lmjax import train  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp('run')
   corpus = test_evaluate.write_jsonl(root / 'docs.jsonl', test_evaluate.documents(30, 2))
   workdir = str(root / 'run')
   config = test_evaluate.tiny_config(corpus)
   config.train.seq_len = 256  # the parity tasks' choices run to ~80 tokens of its tokenizer
-  trainer.run(config, workdir)
+  train.run(config, workdir)
   return workdir
 
 
@@ -203,10 +203,9 @@ def test_two_processes_give_the_one_device_results(lmjax_out, tmp_path):
 
 def test_config_eval_is_checked_before_training():
   from lmjax import config as config_lib, errors  # pylint: disable=import-outside-toplevel
-  from lmjax.eval import hook  # pylint: disable=import-outside-toplevel
   config = config_lib.load(os.path.join(ROOT, 'configs', 'tiny.py'))
   config.eval.harness_tasks = ('hellaswag,arc_easy', 'piqa')  # a flag gives one comma-separated string
-  assert hook.task_names(config.eval) == ['hellaswag', 'arc_easy', 'piqa']
+  assert config_lib.harness_task_names(config.eval) == ['hellaswag', 'arc_easy', 'piqa']
   config.eval.harness_every = -1
   with pytest.raises(errors.ConfigError, match=r'config.eval.harness_every=-1'):
     config_lib.validate(config)

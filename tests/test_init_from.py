@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from lmjax import config as config_lib, errors, trainer
+from lmjax import config as config_lib, errors, train, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF = os.path.join(ROOT, 'tests', 'assets', 'hf')
@@ -24,7 +24,7 @@ def tiny(tmp, steps=2, **model):
 def parent(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('parent')
   config = tiny(tmp)
-  trainer.run(config, str(tmp / 'run'))
+  train.run(config, str(tmp / 'run'))
   run = trainer.setup(config, str(tmp / 'run'))
   run.checkpointer.close()
   return tmp, run
@@ -40,8 +40,10 @@ def test_child_inherits_tokenizer_and_grows_the_vocabulary(parent, tmp_path):
   tmp, p = parent
   child = tiny(tmp_path, vocab_size=2048 + 128)  # 128 new rows; the tokenizer stays the parent's
   child.init_from = f'lmjax:{tmp / "run"}'
+  given = child.to_dict()
   run = _setup(child, tmp_path / 'child')
-  assert child.data.tokenizer.path == p.pipeline.tokenizer.path
+  assert run.pipeline.tokenizer.path == p.pipeline.tokenizer.path
+  assert child.to_dict() == given  # the run's tokenizer is chosen (trainer.run_tokenizer), not written in
   assert run.pipeline.tokenizer.vocab_size == 2048 and run.start_step == 0
   old = np.asarray(p.state['params']['embed_vd'])
   new = np.asarray(run.state['params']['embed_vd'])
@@ -56,7 +58,7 @@ def test_init_skip_starts_parameters_fresh_and_rerun_resumes_its_own_checkpoint(
   child = tiny(tmp_path)
   child.init_from = str(tmp / 'run')  # a bare directory is an lmjax run
   child.init_skip = ('layers/w_down_lfd',)
-  trainer.run(child, str(tmp_path / 'child'))
+  train.run(child, str(tmp_path / 'child'))
   scratch = _setup(tiny(tmp_path), tmp_path / 'scratch')
   first = _setup(tiny(tmp_path / 'fresh'), tmp_path / 'fresh_run')  # noqa: F841  (a different cache)
   resumed = _setup(child, tmp_path / 'child')

@@ -21,23 +21,31 @@ def _np_logsumexp(a, axis=-1):
   return (m + np.log(np.exp(a - m).sum(axis, keepdims=True))).squeeze(axis)
 
 
-def _np_loss(x, w, t, wt, z_loss, ids, lp, tail, temp, alpha):
-  """Per-token loss in float64 numpy, from the formulas of api.py's docstring."""
+def _np_loss(x, w, t, wt, z_loss, ids, lp, tail, temp, alpha, teacher_tail=None):
+  """Per-token loss in float64 numpy, from the formulas of api.py's docstring: the soft term is the KL
+  from the teacher over its valid slots (log-prob > -inf) and, for 'bucket', the tail."""
   z = np.asarray(x, np.float64) @ np.asarray(w, np.float64)[:, :VOCAB]
   lse = _np_logsumexp(z)
   hard = lse - z[np.arange(N), t]
   loss = hard
   if ids is not None:
     lp = np.asarray(lp, np.float64)
-    u = z[np.arange(N)[:, None], ids] / temp
-    if tail == 'renormalize':
-      p = np.exp(lp / temp - _np_logsumexp(lp / temp)[:, None])
-      soft = -(p * (u - _np_logsumexp(u)[:, None])).sum(-1)
-    else:
-      a = np.concatenate([lp, np.log(1 - np.exp(lp).sum(-1, keepdims=True))], -1) / temp
-      p = np.exp(a - _np_logsumexp(a)[:, None])
-      logq = u - _np_logsumexp(z / temp)[:, None]
-      soft = -(p[:, :-1] * logq).sum(-1) - p[:, -1] * np.log(1 - np.exp(logq).sum(-1))
+    soft = np.zeros(N)
+    for n in range(N):
+      valid = np.isfinite(lp[n])
+      if not valid.any() and tail == 'renormalize':
+        continue
+      u = z[n, ids[n][valid]] / temp
+      a = lp[n][valid]
+      if tail == 'renormalize':
+        log_q = u - _np_logsumexp(u)
+      else:
+        mass = 1 - np.exp(a).sum() if teacher_tail is None else float(teacher_tail[n])
+        a = np.append(a, np.log(max(mass, 1e-9)))
+        log_q = u - _np_logsumexp(z[n] / temp)
+        log_q = np.append(log_q, np.log(1 - np.exp(log_q).sum()))
+      log_p = a / temp - _np_logsumexp(a / temp)
+      soft[n] = (np.exp(log_p) * (log_p - log_q)).sum()
     loss = alpha * temp ** 2 * soft + (1 - alpha) * hard
   return np.where(wt != 0, loss + z_loss * lse ** 2, 0.0)
 
@@ -61,11 +69,22 @@ CASES = {
     'mixed_bucket_T1.5_zloss': dict(soft=True, tail='bucket', temperature=1.5, alpha=0.6, z_loss=1e-3),
     'mixed_renormalize_T1': dict(soft=True, tail='renormalize', temperature=1.0, alpha=0.3),
     'soft_bucket_T1': dict(soft=True, tail='bucket', temperature=1.0, alpha=1.0),
+    # slots without mass (-inf; a row with none), and the teacher's own tail mass
+    'renormalize_empty_slots_T2': dict(soft=True, tail='renormalize', temperature=2.0, alpha=0.7, holes=True),
+    'bucket_empty_slots_given_tail': dict(soft=True, tail='bucket', temperature=1.5, alpha=0.8, holes=True,
+                                          given_tail=True),
 }
 
 
 def _kwargs(case, ids, lp):
   kw = dict(CASES[case])
+  holes, given_tail = kw.pop('holes', False), kw.pop('given_tail', False)
+  if holes:  # the last 3 slots of every third row have no mass; row 1 has none at all
+    cut = (np.arange(N)[:, None] % 3 == 0) & (np.arange(K)[None] >= K - 3)
+    cut[1] = True
+    lp = jnp.where(cut, -jnp.inf, lp)
+  if given_tail:  # the teacher's tail, not 1 - its top-k (as a compact store's rounding would leave it)
+    kw['teacher_tail_n'] = 0.9 * jnp.clip(1 - jnp.where(lp > -jnp.inf, jnp.exp(lp), 0).sum(-1), 0, 1)
   if kw.pop('soft', False):
     kw.update(teacher_ids_nk=ids, teacher_logprobs_nk=lp)
   return kw
@@ -93,12 +112,14 @@ def test_value_and_grads_match_float64(case, impl):
   per_token = api.linear_cross_entropy(x, w, t, weights_n=wt, vocab_size=VOCAB, **kw, **IMPLS[impl])
   soft = kw.get('teacher_ids_nk') is not None
   oracle = _np_loss(x, w, np.asarray(t), np.asarray(wt), kw.get('z_loss', 0.0), np.asarray(ids) if soft else None,
-                    lp if soft else None, kw.get('tail'), kw.get('temperature', 1.0), kw.get('alpha', 1.0))
+                    kw.get('teacher_logprobs_nk'), kw.get('tail'), kw.get('temperature', 1.0),
+                    kw.get('alpha', 1.0), kw.get('teacher_tail_n'))
   assert _rel(per_token, oracle) < 1e-5
   assert np.all(np.asarray(per_token)[np.asarray(wt) == 0] == 0)
   dx, dw = jax.grad(_weighted_sum, argnums=(0, 1))(x, w, t, wt, kw, **IMPLS[impl])
   with jax.enable_x64(True):
-    kw64 = {k: (v.astype(jnp.float64) if k == 'teacher_logprobs_nk' else v) for k, v in kw.items()}
+    kw64 = {k: (v.astype(jnp.float64) if k in ('teacher_logprobs_nk', 'teacher_tail_n') else v)
+            for k, v in kw.items()}
     dx64, dw64 = jax.grad(_weighted_sum, argnums=(0, 1))(
         jnp.asarray(x, jnp.float64), jnp.asarray(w, jnp.float64), t, wt.astype(jnp.float64), kw64,
         implementation='reference')
@@ -162,6 +183,8 @@ def test_xla_backend_never_holds_the_logits():
     (dict(vocab_size=301), r'vocab_size=301: expected 1..300'),
     (dict(implementation='triton'), r"implementation must be None or one of .*'triton'"),
     (dict(implementation='mosaic_tpu'), r"mosaic_tpu needs a TPU, the target platform is 'cpu'"),
+    (dict(teacher_tail_n=jnp.ones(N)), r"teacher_tail_n: a \[40\] array with tail='bucket', got \(40,\) with "
+                                        r"tail='renormalize'"),
 ])
 def test_bad_arguments_name_the_field(kwargs, match):
   x, w, t, _, _, _ = _inputs(seed=1)

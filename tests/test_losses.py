@@ -202,6 +202,64 @@ def test_kd_matches_float64_reference_values_and_gradients(divergence, tail, imp
   assert np.all(np.asarray(dx)[1, -4:] == 0) and np.all(np.asarray(dw)[:, VALID:] == 0)
 
 
+@pytest.mark.parametrize('tied', [False, True])
+@pytest.mark.parametrize('tail', losses.TAILS)
+def test_kd_pallas_equals_chunked_in_value_and_gradients(tail, tied):
+  """The fused kernel's top-k path (implementation='pallas') against chunked, f32: the weighted loss
+  and its gradients, with slots without mass, padded positions, padded head rows, the teacher's own
+  tail mass (bucket), and a tied head whose embedding also makes the hidden states."""
+  x, w, batch, weights = _kd_inputs(3)
+  batch = {**batch, 'weights': weights}
+  tokens = batch['targets']
+
+  def loss(params, implementation):
+    args = losses.Args('kd', implementation, 1e-3, 24, VALID, 0.7, 1.5, 'forward', tail)
+    if tied:
+      emb_vd = params
+      x_btd, w_dv = jnp.tanh(emb_vd[tokens] @ jnp.ones((D, D)) / D * 3.0), emb_vd.T
+    else:
+      x_btd, w_dv = params
+    return jnp.sum(losses.per_token(x_btd, w_dv, batch, args) * weights)
+
+  params = jnp.asarray(w.T) if tied else (jnp.asarray(x), jnp.asarray(w))
+  want, want_g = jax.value_and_grad(loss)(params, 'chunked')
+  got, got_g = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, 'pallas')
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  for g, h in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-5, atol=1e-5 * np.abs(np.asarray(h)).max())
+  if not tied:
+    assert np.all(np.asarray(got_g[1])[:, VALID:] == 0)  # padded head rows are never predicted
+
+
+def test_kd_pallas_follows_the_phase_values_of_a_traced_alpha_and_temperature():
+  """In a step alpha and temperature are traced (they change by phase): the kernel compiled for each
+  of Args.kd_values, the one the step's values name runs."""
+  x, w, batch, weights = _kd_inputs(4)
+  batch = {**batch, 'weights': weights}
+  values = ((0.7, 2.0), (0.3, 1.0), (1.0, 1.0))
+  base = losses.Args('kd', 'pallas', 0.0, 24, VALID, tail='bucket', kd_values=values)
+
+  @jax.jit
+  def traced(alpha, temperature):
+    args = dataclasses.replace(base, alpha=alpha, temperature=temperature)
+    return jnp.sum(losses.per_token(jnp.asarray(x), jnp.asarray(w), batch, args) * weights)
+
+  for alpha, temperature in values:
+    args = dataclasses.replace(base, implementation='chunked', alpha=alpha, temperature=temperature)
+    want = jnp.sum(losses.per_token(jnp.asarray(x), jnp.asarray(w), batch, args) * weights)
+    np.testing.assert_allclose(float(traced(jnp.float32(alpha), jnp.float32(temperature))), float(want),
+                               rtol=1e-5)
+
+
+def test_kd_pallas_refuses_the_reverse_divergence():
+  from lmjax import config as config_lib  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.base().loss
+  cfg.update(name='kd', implementation='pallas')
+  cfg.kd.update(teacher='lmjax:/t', store='/s', divergence='reverse')
+  with pytest.raises(ValueError, match=r"config\.loss\.kd\.divergence='reverse': the pallas implementation"):
+    losses.validate(cfg)
+
+
 def test_kd_alpha_zero_is_ce_and_teacher_equal_to_student_has_zero_kd():
   x, w, batch, _ = _kd_inputs(2)
   ce = losses.per_token(x, w, batch, _args('materialize'))

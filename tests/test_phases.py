@@ -11,7 +11,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from lmjax import config as config_lib, errors, phases, trainer
+from lmjax import config as config_lib, errors, phases, train, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK, BATCH, SWITCH, STEPS = 1e-2, 8, 6, 12
@@ -41,12 +41,12 @@ CONFIG = textwrap.dedent('''
 
 KILL = textwrap.dedent('''
     import os, signal, sys
-    from lmjax import config as config_lib, trainer
+    from lmjax import config as config_lib, train, trainer
     config_path, workdir, kill_step = sys.argv[1], sys.argv[2], int(sys.argv[3])
     def kill(info):
       if info.step == kill_step:
         os.kill(os.getpid(), signal.SIGKILL)
-    trainer.run(config_lib.load(config_path), workdir, extra_hooks=[trainer.Hook(1, kill)])
+    train.run(config_lib.load(config_path), workdir, extra_hooks=[trainer.Hook(1, kill)])
 ''')
 
 
@@ -90,7 +90,7 @@ def rows_closed_form(step):
 def test_one_phase_switches_lr_and_mixture_and_resumes_exactly(config_path, tmp_path):
   straight = str(tmp_path / 'straight')
   config = config_lib.load(config_path)
-  trainer.run(config, straight)
+  train.run(config, straight)
   got = records(straight)
   assert sorted(got) == list(range(1, STEPS + 1))
   run = trainer.setup(config, str(tmp_path / 'inspect'))  # the same pipeline, to count epoch rows
@@ -117,7 +117,7 @@ def test_one_phase_switches_lr_and_mixture_and_resumes_exactly(config_path, tmp_
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == -9, proc.stderr[-2000:]
   assert max(records(killed)) == 9
-  trainer.run(config_lib.load(config_path), killed)
+  train.run(config_lib.load(config_path), killed)
   assert records(killed) == got
 
 

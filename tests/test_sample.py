@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax import convert, model, sample
+from lmjax import convert, decode, model
 
 ASSETS = os.path.join(os.path.dirname(__file__), 'assets', 'hf')
 GOLDEN = sorted(d for d in os.listdir(ASSETS) if os.path.isfile(os.path.join(ASSETS, d, 'golden.npz'))
@@ -59,7 +59,7 @@ def greedy_by_full_forward(graphdef, params, prompt_bp, n, width=24):
 def test_greedy_with_cache_equals_argmax_of_full_forward(overrides):
   args, graphdef, params = tiny(**overrides)
   prompt = np.random.default_rng(0).integers(0, args.vocab_size, (2, 7))
-  out = sample.generate(graphdef, params, prompt, 10)
+  out = decode.generate(graphdef, params, prompt, 10)
   assert out.shape == (2, 10) and out.dtype == np.int32
   np.testing.assert_array_equal(out, greedy_by_full_forward(graphdef, params, prompt, 10))
 
@@ -68,7 +68,7 @@ def test_padded_prompts_equal_each_prompt_alone():
   args, graphdef, params = tiny()
   rng = np.random.default_rng(1)
   prompts = [rng.integers(0, args.vocab_size, n) for n in (9, 3, 6)]
-  together = sample.generate(args, params, prompts, 8)
+  together = decode.generate(args, params, prompts, 8)
   for row, prompt in zip(together, prompts):
     np.testing.assert_array_equal(row, greedy_by_full_forward(graphdef, params, prompt[None], 8)[0])
 
@@ -76,9 +76,9 @@ def test_padded_prompts_equal_each_prompt_alone():
 def test_eos_stops_a_row_and_fills_it():
   args, graphdef, params = tiny()
   prompt = np.random.default_rng(2).integers(0, args.vocab_size, (2, 5))
-  free = sample.generate(graphdef, params, prompt, 8)
+  free = decode.generate(graphdef, params, prompt, 8)
   eos = int(free[0, 2])
-  stopped = sample.generate(graphdef, params, prompt, 8, eos_id=eos)
+  stopped = decode.generate(graphdef, params, prompt, 8, eos_id=eos)
   first = int(np.argmax(free[0] == eos))
   np.testing.assert_array_equal(stopped[0, :first + 1], free[0, :first + 1])
   assert np.all(stopped[0, first:] == eos)
@@ -97,7 +97,7 @@ def test_sampling_follows_softmax_within_the_top_p_nucleus():
   probs /= probs.sum()
 
   def draw(**kwargs):  # one compiled shape for every draw
-    return sample.generate(graphdef, params, [prompt] * rows, 1, temperature=temperature, **kwargs)[:, 0]
+    return decode.generate(graphdef, params, [prompt] * rows, 1, temperature=temperature, **kwargs)[:, 0]
 
   drawn = draw(seed=0)
   freq = np.bincount(drawn, minlength=args.vocab_size) / rows
@@ -115,11 +115,11 @@ def test_sampling_follows_softmax_within_the_top_p_nucleus():
 def test_bad_prompts_are_errors():
   args, _, params = tiny()
   with pytest.raises(ValueError, match='prompt_ids'):
-    sample.generate(args, params, [[1, 2], []], 4)
+    decode.generate(args, params, [[1, 2], []], 4)
   with pytest.raises(ValueError, match='got one sequence'):
-    sample.generate(args, params, [1, 2, 3], 4)
+    decode.generate(args, params, [1, 2, 3], 4)
   with pytest.raises(ValueError, match='max_new_tokens=0'):
-    sample.generate(args, params, [[1, 2]], 0)
+    decode.generate(args, params, [[1, 2]], 0)
 
 
 @pytest.mark.parametrize('family', GOLDEN or [NO_GOLDEN])
@@ -129,8 +129,8 @@ def test_greedy_matches_transformers_generate(family):
   args, params = convert.load(directory, compute_dtype='float32')
   n = golden['generated'].shape[1]
   hint = f'(smallest top-2 logit gap in transformers\' steps: {float(golden["margin"]):.1e})'
-  np.testing.assert_array_equal(sample.generate(args, params, golden['prompt'], n), golden['generated'],
+  np.testing.assert_array_equal(decode.generate(args, params, golden['prompt'], n), golden['generated'],
                                 err_msg=hint)
   ragged = [row[mask == 1] for row, mask in zip(golden['ragged_prompt'], golden['ragged_mask'])]
-  np.testing.assert_array_equal(sample.generate(args, params, ragged, n), golden['ragged_generated'],
+  np.testing.assert_array_equal(decode.generate(args, params, ragged, n), golden['ragged_generated'],
                                 err_msg=hint)

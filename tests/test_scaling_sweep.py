@@ -39,7 +39,7 @@ def _config(**sweep_overrides):
 
 
 class FakeTrain:
-  """Stands in for lmjax.trainer.run: appends eval records whose losses follow DOMAIN/GENERAL at the
+  """Stands in for lmjax.train.run: appends eval records whose losses follow DOMAIN/GENERAL at the
   run's N, tokens and mixture (en and code both follow GENERAL, so their weighted mean does too).
   A pretraining run (general data only) logs the laws at r_d = 0. As the trainer does, it also
   evaluates before the first step (step 0, D = 0: not a point of the law), and like the lmjax.eval.hook

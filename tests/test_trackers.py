@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from lmjax import config as config_lib, trainer
+from lmjax import config as config_lib, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,13 +19,13 @@ def test_wandb_offline_run_is_written_and_continued_on_resume(tmp_path, monkeypa
                       trackers=('tensorboard', 'wandb'))
   config.data.cache_dir = str(tmp_path / 'data')
   workdir = str(tmp_path / 'run')
-  trainer.run(config, workdir)
+  train.run(config, workdir)
   run_id = open(os.path.join(workdir, 'wandb_id')).read().strip()
   runs = glob.glob(os.path.join(workdir, 'wandb', f'offline-run-*-{run_id}', f'run-{run_id}.wandb'))
   assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
   assert glob.glob(os.path.join(workdir, 'tb', 'events.out.tfevents.*'))
   config.train.steps = 3  # extended: the same W&B run goes on
-  trainer.run(config, workdir)
+  train.run(config, workdir)
   assert open(os.path.join(workdir, 'wandb_id')).read().strip() == run_id
 
 

@@ -37,7 +37,7 @@ def losses_by_step(workdir):
 
 KILL_AT_STEP = textwrap.dedent('''
     import os, signal, sys
-    from lmjax import config as config_lib, trainer
+    from lmjax import config as config_lib, train, trainer
     workdir, kill_step, flags = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     config = config_lib.load('configs/tiny.py', 'steps=10')
     config.unlock()
@@ -48,7 +48,7 @@ KILL_AT_STEP = textwrap.dedent('''
     def kill(info):
       if info.step == kill_step:
         os.kill(os.getpid(), signal.SIGKILL)
-    trainer.run(config, workdir, extra_hooks=[trainer.Hook(1, kill)])
+    train.run(config, workdir, extra_hooks=[trainer.Hook(1, kill)])
 ''')
 
 
@@ -146,10 +146,10 @@ def test_init_from_starts_from_another_runs_params(tmp_path):
   step start fresh, and the run's own checkpoint still wins on a re-run."""
   import jax
   import numpy as np
-  from lmjax import trainer
+  from lmjax import train, trainer
   base = config_lib.load('configs/tiny.py', 'steps=3')
   base.train.update(batch_size=8, seq_len=64, checkpoint_every=3)
-  trainer.run(base, str(tmp_path / 'base'))
+  train.run(base, str(tmp_path / 'base'))
   finished = trainer.setup(base, str(tmp_path / 'base'))
   assert finished.start_step == 3
   cpt = config_lib.load('configs/tiny.py', 'steps=3')

@@ -12,6 +12,7 @@ because training sentences are lines, so the trainer itself never sees them.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -209,3 +210,10 @@ def _train(sentences, model, vocab_size, model_type, character_coverage, num_thr
       max_sentence_length=1 << 16, input_sentence_size=0, shuffle_input_sentence=False,
       unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1, num_threads=num_threads,
       minloglevel=2)
+
+
+def digest(path: str) -> str:
+  """Content hash of a tokenizer file (a directory: its tokenizer.json): two runs whose digests agree
+  mean the same token ids."""
+  with fs.open(os.path.join(path, 'tokenizer.json') if fs.isdir(path) else path, 'rb') as f:
+    return hashlib.blake2b(f.read(), digest_size=16).hexdigest()

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from lmjax import errors, losses, model, sharding, trainer
+from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.distill import store as store_lib, teacher as teacher_lib
 
 
@@ -45,7 +46,7 @@ def dump(config, workdir: str, steps: int | None = None, chunk_steps: int = 1,
   store = store_lib.Store.create(
       kd.store, k=kd.k, encoding=kd.encoding, vocab_size=vocab, stream=store_lib.stream(config, pipeline),
       rows=steps * batch_rows, chunk_rows=chunk_steps * batch_rows, teacher=kd.teacher,
-      tokenizer_digest=teacher_lib.digest(pipeline.tokenizer.path))
+      tokenizer_digest=tokenizer_lib.digest(pipeline.tokenizer.path))
   todo = store.missing()
   if not todo:
     return store

@@ -6,7 +6,7 @@ sampled continuations of prompts become training text, a `jsonl:` source a phase
 
 Prompts are the first `prompt_tokens` tokens of the run's own training rows (lmjax/data/pipeline.py)
 that come from `source`, in stream order; the teacher (config.loss.kd.teacher) continues each with
-`new_tokens` tokens sampled at `temperature` (lmjax/sample.py), and each prompt + continuation is one
+`new_tokens` tokens sampled at `temperature` (lmjax/decode.py), and each prompt + continuation is one
 line {"text": ...} of `out` (written atomically). Then add it to the student's sources, e.g.
 `c.data.sources['teacher'] = dict(corpora='jsonl:/tmp/teacher_en.jsonl', max_chars=0)` and give it a
 weight in a phase.
@@ -18,7 +18,7 @@ import json
 import jax
 import numpy as np
 
-from lmjax import errors, fs, model, sample, sharding, trainer
+from lmjax import decode, errors, fs, model, sharding, trainer
 from lmjax.distill import teacher as teacher_lib
 
 
@@ -50,7 +50,7 @@ def write(config, workdir: str, out: str, source: str, n: int = 256, prompt_toke
   ids = prompts(pipeline, source, n, prompt_tokens, int(config.train.steps))
   lines = []
   for i in range(0, n, batch):
-    new = sample.generate(graphdef, params, ids[i:i + batch], new_tokens, temperature=temperature,
+    new = decode.generate(graphdef, params, ids[i:i + batch], new_tokens, temperature=temperature,
                           seed=seed + i, eos_id=tok.eos_id)
     for p, c in zip(ids[i:i + batch], new):
       c = c.tolist()

@@ -5,7 +5,6 @@ the same token ids, so a different tokenizer file or vocabulary is an error nami
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -40,24 +39,16 @@ def load_params(teacher_dir: str, args: model.Args, mesh) -> dict:
   return init_from.lmjax_params(teacher_dir, abstract, mesh)
 
 
-def digest(path: str) -> str:
-  """Content hash of a tokenizer file (a directory: its tokenizer.json)."""
-  with fs.open(os.path.join(path, 'tokenizer.json') if fs.isdir(path) else path, 'rb') as f:
-    return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
-
-
-def inherit_tokenizer(config) -> str:
-  """Sets config.data.tokenizer.path to the teacher's when unset; returns the teacher's tokenizer."""
-  path = init_from.parent_tokenizer('lmjax:' + directory(config))
-  if not config.data.tokenizer.path:
-    config.data.tokenizer.path = path
-  return path
+def tokenizer_path(config) -> str:
+  """The teacher's tokenizer file (its run's provenance.json names it)."""
+  return init_from.parent_tokenizer('lmjax:' + directory(config))
 
 
 def check_tokenizer(teacher_tokenizer: str, student_tokenizer: str) -> None:
   """Raises ValueError naming both when the files or the vocabularies differ."""
   teacher, student = tokenizer_lib.load(teacher_tokenizer), tokenizer_lib.load(student_tokenizer)
-  if teacher.vocab_size != student.vocab_size or digest(teacher_tokenizer) != digest(student_tokenizer):
+  if (teacher.vocab_size != student.vocab_size
+      or tokenizer_lib.digest(teacher_tokenizer) != tokenizer_lib.digest(student_tokenizer)):
     raise errors.ConfigError(
         f'distillation needs the teacher\'s tokenizer: the teacher has {teacher_tokenizer} '
         f'({teacher.vocab_size} tokens), the student {student_tokenizer} ({student.vocab_size} tokens); '

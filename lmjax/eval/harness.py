@@ -16,7 +16,7 @@ and continuation; this module scores token ids the way the harness's own Hugging
   row needs (`choice.row_width`: a few compiled shapes per task).
 - loglikelihood_rolling: a document's tokens in disjoint windows of max_length (`get_rolling_token_
   windows`, context 1), each scored as a loglikelihood request, summed.
-- generate_until: `lmjax/sample.py`'s KV-cache decoding (greedy, or sampled with `temperature`),
+- generate_until: `lmjax/decode.py`'s KV-cache decoding (greedy, or sampled with `temperature`),
   `max_gen_toks` new tokens after the context cut from the left to max_length - max_gen_toks, stopped
   at EOS, the text cut at the first stop string.
 
@@ -45,7 +45,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, \
     postprocess_generated_text
 
-from lmjax import config as config_lib, convert, losses, model, sample, sharding
+from lmjax import config as config_lib, convert, decode, losses, model, sharding
 from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.eval import choice
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -76,15 +76,15 @@ class Scorer:
     """Up to `max_new_tokens` new tokens after each prompt, cut at EOS or at a padding row of the
     model's vocabulary (past the tokenizer's: no text, as `python -m lmjax.sample` stops there).
 
-    sample.generate compiles per prompt shape, so the batch always has batch_size + 1 rows: filler
+    decode.generate compiles per prompt shape, so the batch always has batch_size + 1 rows: filler
     rows of BOS fill it, the last as long as `choice.row_width` of the longest prompt (a few widths
     per task); a row's tokens do not depend on the others (sample.py)."""
     width = choice.row_width(max(map(len, prompts)), self.max_length - max_new_tokens)
     filler = [self.tokenizer.bos_id] * width
     rows = list(prompts) + [filler] * (self.batch_size + 1 - len(prompts))
-    new = sample.generate(self.graphdef, self.params, rows, max_new_tokens, temperature=temperature,
+    new = decode.generate(self.graphdef, self.params, rows, max_new_tokens, temperature=temperature,
                           seed=seed, eos_id=self.tokenizer.eos_id)[:len(prompts)]
-    return [sample.text_tokens(row, self.tokenizer.eos_id, self.tokenizer.vocab_size)
+    return [decode.text_tokens(row, self.tokenizer.eos_id, self.tokenizer.vocab_size)
             for row in np.asarray(new).tolist()]
 
 
@@ -116,7 +116,7 @@ def hf_scorer(directory: str, batch_size: int, max_length: int | None, dtype: st
   directory = convert.directory(directory)
   cfg = convert.read_config(directory)
   dtype = dtype or cfg.get('dtype') or cfg.get('torch_dtype') or 'float32'
-  mesh = sharding.make_mesh(config_lib.base().mesh)
+  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})  # data parallel over every device
   args, params = convert.load(directory, mesh, compute_dtype=dtype, param_dtype=dtype, attention=attention)
   length = max_length or cfg.get('max_position_embeddings')
   if not length:

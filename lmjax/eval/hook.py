@@ -5,22 +5,8 @@ metrics.jsonl, TensorBoard and W&B by the run's MetricsWriter.
 """
 from __future__ import annotations
 
-
-import ml_collections
-
-from lmjax import errors, trainer
+from lmjax import config as config_lib, trainer
 from lmjax.eval import heldout, runs
-
-
-def defaults() -> ml_collections.ConfigDict:
-  """config.eval: harness tasks run during training (lmjax/eval/harness.py; the [eval] extra)."""
-  return ml_collections.ConfigDict(dict(
-      harness_tasks=(),         # the harness's task names (or those under harness_include_path)
-      harness_every=0,          # steps between runs (0: config.train.eval_every); also at the end
-      harness_num_fewshot=-1,   # -1: each task's own
-      harness_limit=0.0,        # examples a task (< 1: a fraction; 0: all)
-      harness_include_path='',  # a directory of task YAMLs of your own
-  ))
 
 
 def hook(run: trainer.Run, writer: trainer.MetricsWriter, every: int | None = None) -> trainer.Hook:
@@ -40,25 +26,11 @@ def hook(run: trainer.Run, writer: trainer.MetricsWriter, every: int | None = No
   return trainer.Hook(every or run.config.train.eval_every, record, at_start=True)
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
-  """config.eval's values; with harness tasks, the [eval] extra must be installed."""
-  if cfg.harness_every < 0 or cfg.harness_limit < 0:
-    raise errors.ConfigError(f'config.eval.harness_every={cfg.harness_every}, harness_limit='
-                             f'{cfg.harness_limit}: expected >= 0 (0: eval_every; all examples)')
-  if task_names(cfg):
-    errors.require('lm_eval', 'eval', 'config.eval.harness_tasks')
-
-
-def task_names(cfg: ml_collections.ConfigDict) -> list[str]:
-  """config.eval.harness_tasks as names: a tuple, or one comma-separated string (as a flag gives it)."""
-  return [t.strip() for item in cfg.harness_tasks for t in item.split(',') if t.strip()]
-
-
 def harness_hooks(run: trainer.Run, writer: trainer.MetricsWriter) -> list[trainer.Hook]:
   """A hook that scores config.eval.harness_tasks on the run's params every harness_every steps and at
   the last step ([] without tasks), logging `harness/<task>/<metric>`. The task names are checked
   before training starts; a run stopped by a signal skips them (its checkpoint comes first)."""
-  cfg, tasks = run.config.eval, task_names(run.config.eval)
+  cfg, tasks = run.config.eval, config_lib.harness_task_names(run.config.eval)
   if not tasks:
     return []
   from lmjax.eval import harness  # pylint: disable=import-outside-toplevel  (the [eval] extra)

@@ -57,9 +57,9 @@ def load(path: str = TINY, arg: str | None = None, overrides: Mapping[str, objec
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Trains (resuming) with the default hooks and the bits-per-byte hook (lmjax.eval.hook)."""
-  from lmjax import trainer  # pylint: disable=import-outside-toplevel
+  from lmjax import train as train_lib  # pylint: disable=import-outside-toplevel
   from lmjax.eval import hook  # pylint: disable=import-outside-toplevel
-  trainer.run(config, workdir, writer_hooks=[hook.hook])
+  train_lib.run(config, workdir, writer_hooks=[hook.hook])
 
 
 def run_all(runs: Sequence[Run], workdir: str, run_fn: Callable = train) -> list[str]:

@@ -183,10 +183,10 @@ def run_local(specs: Sequence[RunSpec], sweep_dir: str,
               run_fn: Callable[[ml_collections.ConfigDict, str], object] | None = None,
               on_start: Callable[[RunSpec], None] | None = None) -> list[str]:
   """Runs the unfinished runs one after another with run_fn(config, workdir) (default:
-  lmjax.trainer.run); returns the names of the runs it started."""
+  lmjax.train.run); returns the names of the runs it started."""
   if run_fn is None:
-    from lmjax import trainer
-    run_fn = trainer.run
+    from lmjax import train  # pylint: disable=import-outside-toplevel  (the run layer)
+    run_fn = train.run
   started = []
   for spec in specs:
     if finished(spec, sweep_dir):
@@ -442,9 +442,9 @@ def main(config: ml_collections.ConfigDict) -> None:
     return
   if mode == 'run':
     run_config(config, flags.FLAGS.run, sweep_dir)  # an unknown name is an error naming the runs
-    from lmjax import trainer  # pylint: disable=import-outside-toplevel
+    from lmjax import train  # pylint: disable=import-outside-toplevel
     spec = next(s for s in specs if s.name == flags.FLAGS.run)
-    if run_local([spec], sweep_dir, run_fn=trainer.run):
+    if run_local([spec], sweep_dir, run_fn=train.run):
       print(f'{spec.name}: finished {spec.steps} steps in {run_dir(sweep_dir, spec.name)}')
     else:
       print(f'{spec.name}: already finished')

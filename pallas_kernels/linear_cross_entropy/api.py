@@ -8,14 +8,17 @@ s = softmax(z), lse = logsumexp(z), weight w_n (0 = ignored: loss 0, no gradient
   z-loss  + z_loss * lse^2                             (PaLM, section 5; never scaled by alpha)
   soft (teacher top-k ids id_ni and log-probs l_ni, i < k; temperature T; alpha):
     loss_n = alpha * T^2 * soft_n + (1 - alpha) * CE_n (+ z-loss)
-    'renormalize' (MaxText's top-k distillation): p = softmax_i(l_ni / T); the student restricted to
-        the same ids, r = softmax_i(z[id_ni] / T); soft_n = -sum_i p_i log r_i.
-    'bucket': the k ids plus one tail bucket. Teacher: the k + 1 log-probs (l_n1..l_nk,
-        log(1 - sum_i exp l_ni)) re-tempered, p = softmax(. / T); student: q_i = softmax(z / T)[id_ni]
-        over the full vocabulary, q_tail = 1 - sum_i q_i (floored at 1e-30);
-        soft_n = -sum_i p_i log q_i - p_tail log q_tail.
-    At T = 1 both are the soft cross-entropy against the teacher's top-k (its forward KL up to the
-    teacher's entropy, a constant); T^2 keeps the gradient's scale independent of T (Hinton et al. 2015).
+    A slot whose log-prob is -inf is no outcome (a teacher with fewer than k tokens of mass; padding).
+    'renormalize' (MaxText's top-k distillation): p = softmax_i(l_ni / T) over the valid slots; the
+        student restricted to the same ids, r = softmax_i(z[id_ni] / T); soft_n = sum_i p_i log(p_i / r_i)
+        (0 for a row without a valid slot).
+    'bucket': the valid ids plus one tail bucket. Teacher: their log-probs and the log of the tail's mass
+        (teacher_tail_n, else 1 - sum_i exp l_ni; floored at 1e-9) re-tempered, p = softmax(. / T);
+        student: q_i = softmax(z / T)[id_ni] over the full vocabulary, q_tail = 1 - sum_i q_i (floored at
+        1e-30); soft_n = sum_i p_i log(p_i / q_i) + p_tail log(p_tail / q_tail).
+    soft_n is the forward KL from the teacher's distribution over the outcomes (its gradient that of the
+    soft cross-entropy, the teacher's entropy being constant), as lmjax/losses.py's kd_from_logits
+    computes it; T^2 keeps the gradient's scale independent of T (Hinton et al. 2015).
 
 Gradients. The backends make the gradients of sum_n weights_n loss_n in the forward pass (fwd rule of
 the custom_vjp; the loss is the last op of a train step, so no logits are recomputed). The backward
@@ -100,8 +103,8 @@ _FUSED = {name: _fused(name) for name in _BACKENDS}
 
 
 def linear_cross_entropy(x_nd, w_dv, targets_n, *, weights_n=None, z_loss=0.0, vocab_size=None,
-                         teacher_ids_nk=None, teacher_logprobs_nk=None, tail="renormalize", temperature=1.0,
-                         alpha=1.0, implementation=None, block_tokens=None, interpret=False):
+                         teacher_ids_nk=None, teacher_logprobs_nk=None, teacher_tail_n=None, tail="renormalize",
+                         temperature=1.0, alpha=1.0, implementation=None, block_tokens=None, interpret=False):
   """Per-token loss [N] f32 of the head x_nd @ w_dv (module docstring for the math), differentiable in
   x_nd and w_dv.
 
@@ -113,7 +116,9 @@ def linear_cross_entropy(x_nd, w_dv, targets_n, *, weights_n=None, z_loss=0.0, v
     weights_n: f32 [N], 0 at ignored positions; None = all 1.
     z_loss: coefficient of lse^2.
     vocab_size: columns of w_dv that can be predicted (the rest are padding); None = all.
-    teacher_ids_nk, teacher_logprobs_nk: int [N, k] and f32 [N, k], the teacher's top-k (soft labels).
+    teacher_ids_nk, teacher_logprobs_nk: int [N, k] and f32 [N, k], the teacher's top-k (soft labels;
+      -inf: a slot without mass).
+    teacher_tail_n: f32 [N], the teacher's mass outside its top-k ('bucket'; None: 1 - the top-k's).
     tail: 'renormalize' | 'bucket'; temperature: T > 0; alpha: weight of the soft loss in [0, 1].
     implementation: None, 'mosaic_tpu', 'xla' or 'reference'.
     block_tokens: tokens per block of the fused backends (None: the backend's default).
@@ -122,6 +127,9 @@ def linear_cross_entropy(x_nd, w_dv, targets_n, *, weights_n=None, z_loss=0.0, v
   vocab_size = w_dv.shape[1] if vocab_size is None else int(vocab_size)
   reference.check_inputs(x_nd, w_dv, targets_n, weights_n, teacher_ids_nk, teacher_logprobs_nk, tail,
                          temperature, alpha, vocab_size)
+  if teacher_tail_n is not None and (tail != "bucket" or teacher_tail_n.shape != targets_n.shape):
+    raise ValueError(f"teacher_tail_n: a [{targets_n.shape[0]}] array with tail='bucket', got "
+                     f"{teacher_tail_n.shape} with tail={tail!r}")
   if implementation is None:
     implementation = "mosaic_tpu" if _target_platform(x_nd) == "tpu" or interpret else "xla"
   if implementation not in IMPLEMENTATIONS:
@@ -133,7 +141,7 @@ def linear_cross_entropy(x_nd, w_dv, targets_n, *, weights_n=None, z_loss=0.0, v
   targets_n = targets_n.astype(jnp.int32)
   if teacher_ids_nk is not None:
     teacher_ids_nk = teacher_ids_nk.astype(jnp.int32)
-    teacher_logprobs_nk = teacher_logprobs_nk.astype(jnp.float32)
+    teacher_logprobs_nk = reference.with_tail(teacher_logprobs_nk, tail, teacher_tail_n)
   if implementation == "reference":
     return reference.linear_cross_entropy(x_nd, w_dv, targets_n, weights_n, float(z_loss), vocab_size,
                                           teacher_ids_nk, teacher_logprobs_nk, tail, float(temperature),

@@ -7,6 +7,9 @@ TAILS = ("renormalize", "bucket")
 # Floor of the student's tail mass 1 - sum_i q_i in the bucket loss (it is exactly 0 only when rounding
 # puts all the mass on the k ids); the same floor in terms.py.
 TAIL_FLOOR = 1e-30
+# The teacher's tail mass is at least this in the bucket loss (lmjax/losses.py's TAIL_FLOOR: the same
+# value, so the fused loss equals lmjax's chunked one).
+TEACHER_TAIL_FLOOR = 1e-9
 
 
 def check_inputs(x_nd, w_dv, targets_n, weights_n, teacher_ids_nk, teacher_logprobs_nk, tail, temperature,
@@ -34,32 +37,61 @@ def check_inputs(x_nd, w_dv, targets_n, weights_n, teacher_ids_nk, teacher_logpr
     raise ValueError(f"vocab_size={vocab_size!r}: expected 1..{w_dv.shape[1]} (the rows of w_dv)")
 
 
-def teacher_probs(teacher_logprobs_nk, tail, temperature):
-  """The teacher's target distribution: [N, k] for 'renormalize', [N, k + 1] (the tail bucket last)
-  for 'bucket', each re-tempered as softmax(log p / T)."""
+def with_tail(teacher_logprobs_nk, tail, teacher_tail_n=None):
+  """The teacher's log-probs as the backends read them: [N, k] for 'renormalize'; for 'bucket' [N, k + 1],
+  the log of the tail's mass last: `teacher_tail_n` when given, else 1 - the valid slots' mass, floored
+  at TEACHER_TAIL_FLOOR."""
   lp = teacher_logprobs_nk.astype(jnp.float32)
-  if tail == "bucket":
-    tail_mass = jnp.maximum(1.0 - jnp.exp(lp).sum(-1, keepdims=True), 0.0)
-    lp = jnp.concatenate([lp, jnp.log(tail_mass)], axis=-1)
-  return jax.nn.softmax(lp / temperature, axis=-1)
+  if tail != "bucket":
+    return lp
+  if teacher_tail_n is None:
+    teacher_tail_n = jnp.clip(1.0 - jnp.where(lp > -jnp.inf, jnp.exp(lp), 0.0).sum(-1), 0.0, 1.0)
+  log_tail = jnp.log(jnp.maximum(teacher_tail_n.astype(jnp.float32), TEACHER_TAIL_FLOOR))
+  return jnp.concatenate([lp, log_tail[:, None]], axis=-1)
 
 
-def loss_from_logits(z_nv, targets_n, weights_n, z_loss, teacher_ids_nk, teacher_logprobs_nk, tail,
+def teacher_log_probs(lps_nk):
+  """log p: the teacher's target distribution over the valid outcomes of `with_tail`'s log-probs
+  (log-prob > -inf), re-tempered by the caller (lps / T); -inf where a slot is not valid, all -inf in a
+  row without one."""
+  valid = lps_nk > -jnp.inf
+  lse = jax.nn.logsumexp(jnp.where(valid, lps_nk, -jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(valid, lps_nk - jnp.where(jnp.isfinite(lse), lse, 0.0), -jnp.inf)
+
+
+def soft_term(z_ids_nk, lse_t_n, lps_nk, tail, temperature):
+  """The soft term per row [N]: KL(teacher || student) over the outcomes (api.py's docstring), from the
+  student's logits at the teacher's ids, its logsumexp of z / T over the vocabulary, and `with_tail`'s
+  log-probs. Autodiff of this is the oracle of terms.py's gradient."""
+  t = temperature
+  log_p = teacher_log_probs(lps_nk / t)
+  k = z_ids_nk.shape[-1]
+  valid = lps_nk[:, :k] > -jnp.inf
+  u = z_ids_nk / t
+  if tail == "renormalize":
+    u = jnp.where(valid, u, -jnp.inf)
+    lse_u = jax.nn.logsumexp(u, axis=-1, keepdims=True)
+    log_q = u - jnp.where(jnp.isfinite(lse_u), lse_u, 0.0)
+    terms = jnp.exp(log_p) * (log_p - log_q)
+    return jnp.where(valid, terms, 0.0).sum(-1)
+  log_q = u - lse_t_n[:, None]
+  mass = jnp.where(valid, jnp.exp(log_q), 0.0).sum(-1)
+  log_q_tail = jnp.log(jnp.maximum(1.0 - mass, TAIL_FLOOR))
+  top = jnp.where(valid, jnp.exp(log_p[:, :k]) * (log_p[:, :k] - log_q), 0.0).sum(-1)
+  return top + jnp.exp(log_p[:, k]) * (log_p[:, k] - log_q_tail)
+
+
+def loss_from_logits(z_nv, targets_n, weights_n, z_loss, teacher_ids_nk, teacher_lps_nk, tail,
                      temperature, alpha):
-  """Per-token loss [N] from f32 logits z_nv (padded vocabulary already at -inf); 0 where weights_n == 0."""
+  """Per-token loss [N] from f32 logits z_nv (padded vocabulary already at -inf) and `with_tail`'s
+  teacher log-probs; 0 where weights_n == 0."""
   lse = jax.nn.logsumexp(z_nv, axis=-1)
   hard = lse - jnp.take_along_axis(z_nv, targets_n[:, None], axis=-1)[:, 0]
   loss = hard
   if teacher_ids_nk is not None:
     t = temperature
-    u_nk = jnp.take_along_axis(z_nv, teacher_ids_nk, axis=-1) / t
-    p = teacher_probs(teacher_logprobs_nk, tail, t)
-    if tail == "renormalize":
-      soft = -(p * jax.nn.log_softmax(u_nk, axis=-1)).sum(-1)
-    else:
-      logq_nk = u_nk - jax.nn.logsumexp(z_nv / t, axis=-1)[:, None]
-      log_tail = jnp.log(jnp.maximum(1.0 - jnp.exp(logq_nk).sum(-1), TAIL_FLOOR))
-      soft = -(p[:, :-1] * logq_nk).sum(-1) - p[:, -1] * log_tail
+    z_ids = jnp.take_along_axis(z_nv, teacher_ids_nk, axis=-1)
+    soft = soft_term(z_ids, jax.nn.logsumexp(z_nv / t, axis=-1), teacher_lps_nk, tail, t)
     loss = alpha * t * t * soft + (1 - alpha) * hard
   loss = loss + z_loss * jnp.square(lse)
   return jnp.where(weights_n != 0, loss, 0.0)
@@ -74,7 +106,8 @@ def logits(x_nd, w_dv, vocab_size):
 
 
 def linear_cross_entropy(x_nd, w_dv, targets_n, weights_n, z_loss, vocab_size, teacher_ids_nk,
-                         teacher_logprobs_nk, tail, temperature, alpha):
-  """Same contract as api.linear_cross_entropy (all arguments given): logits [N, V] in f32, then the loss."""
+                         teacher_lps_nk, tail, temperature, alpha):
+  """Same contract as api.linear_cross_entropy (all arguments given; the teacher's log-probs as
+  `with_tail` makes them): logits [N, V] in f32, then the loss."""
   return loss_from_logits(logits(x_nd, w_dv, vocab_size), targets_n, weights_n, z_loss, teacher_ids_nk,
-                          teacher_logprobs_nk, tail, temperature, alpha)
+                          teacher_lps_nk, tail, temperature, alpha)

@@ -6,10 +6,13 @@ With q = softmax(z / T) and s = softmax(z) (valid vocabulary), the gradient of w
   dz_nv = a_n s_nv + b_n q_nv + ct_n [v == target_n] + sum_i c_ni [v == id_ni]
 
 (b_n = 0 without a bucket tail; with T == 1 the caller folds b into a, q == s). Derivation, per row,
-u = z / T, p the teacher's re-tempered probabilities (reference.teacher_probs):
+u = z / T, p the teacher's re-tempered probabilities over the valid slots (reference.teacher_log_probs);
+the soft term is KL(p || student), whose gradient is that of the soft cross-entropy (p is constant):
   hard CE:        d(lse - z_t)/dz = s - onehot(t);  z-loss: d(zl lse^2)/dz = 2 zl lse s
-  renormalize:    r = softmax_k(u_ids), soft = -sum p log r: d soft/du_ids = r - p (p sums to 1)
-  bucket:         log q_i = u_i - lseT, S = sum_i q_i, soft = -sum_i p_i log q_i - p_tail log(1 - S):
+  renormalize:    r = softmax over the valid ids of u_ids, soft = sum p (log p - log r): d soft/du_ids =
+                  r - p (p sums to 1; both 0 off the valid ids)
+  bucket:         log q_i = u_i - lseT over the valid ids, S = sum_i q_i,
+                  soft = sum_i p_i (log p_i - log q_i) + p_tail (log p_tail - log(1 - S)):
                   d soft/du_v = q_v (P - S) / (1 - S) off the ids and q_v - p_v on them (P = sum_i p_i
                   = 1 - p_tail), i.e. c q_v everywhere plus ((1 - c) q_v - p_v) on the ids,
                   c = 1 - p_tail / (1 - S)
@@ -21,9 +24,11 @@ import jax.numpy as jnp
 from pallas_kernels.linear_cross_entropy import reference
 
 
-def row_terms(lse_n, lse_t_n, z_target_n, z_ids_nk, weights_n, teacher_logprobs_nk, *, z_loss, tail,
+def row_terms(lse_n, lse_t_n, z_target_n, z_ids_nk, weights_n, teacher_lps_nk, *, z_loss, tail,
               temperature, alpha):
-  """(loss_n, a_n, b_n or None, ct_n, c_nk or None); all f32, the gradient of sum_n weights_n loss_n."""
+  """(loss_n, a_n, b_n or None, ct_n, c_nk or None); all f32, the gradient of sum_n weights_n loss_n.
+  `teacher_lps_nk`: reference.with_tail's (a slot whose log-prob is -inf is no outcome: c_nk = 0 there,
+  and in 'bucket' its id belongs to the tail like any other)."""
   hard_weight = 1.0 - alpha if z_ids_nk is not None else 1.0
   hard = lse_n - z_target_n
   loss = hard
@@ -32,21 +37,23 @@ def row_terms(lse_n, lse_t_n, z_target_n, z_ids_nk, weights_n, teacher_logprobs_
   b = c_nk = None
   if z_ids_nk is not None:
     t = temperature
-    u_nk = z_ids_nk / t
-    p = reference.teacher_probs(teacher_logprobs_nk, tail, t)
+    k = z_ids_nk.shape[-1]
+    valid = teacher_lps_nk[:, :k] > -jnp.inf
+    log_p = reference.teacher_log_probs(teacher_lps_nk / t)
+    p = jnp.exp(log_p)
+    soft = reference.soft_term(z_ids_nk, lse_t_n, teacher_lps_nk, tail, t)
     scale = (weights_n * alpha * t)[:, None]
     if tail == "renormalize":
-      log_r = jax.nn.log_softmax(u_nk, axis=-1)
-      soft = -(p * log_r).sum(-1)
-      c_nk = scale * (jnp.exp(log_r) - p)
+      u = jnp.where(valid, z_ids_nk / t, -jnp.inf)
+      lse_u = jax.nn.logsumexp(u, axis=-1, keepdims=True)
+      r = jnp.where(valid, jnp.exp(u - jnp.where(jnp.isfinite(lse_u), lse_u, 0.0)), 0.0)
+      c_nk = scale * (r - p)
     else:
-      log_q = u_nk - lse_t_n[:, None]
-      q = jnp.exp(log_q)
+      q = jnp.where(valid, jnp.exp(z_ids_nk / t - lse_t_n[:, None]), 0.0)
       q_tail = jnp.maximum(1.0 - q.sum(-1), reference.TAIL_FLOOR)
-      soft = -(p[:, :-1] * log_q).sum(-1) - p[:, -1] * jnp.log(q_tail)
-      c = 1.0 - p[:, -1] / q_tail
+      c = 1.0 - p[:, k] / q_tail
       b = scale[:, 0] * c
-      c_nk = scale * ((1.0 - c)[:, None] * q - p[:, :-1])
+      c_nk = jnp.where(valid, scale * ((1.0 - c)[:, None] * q - p[:, :k]), 0.0)
     loss = alpha * t * t * soft + (1.0 - alpha) * hard
   loss = jnp.where(weights_n != 0, loss + z_loss * jnp.square(lse_n), 0.0)
   if b is not None and temperature == 1.0:
