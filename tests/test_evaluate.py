@@ -196,14 +196,15 @@ def test_continuation_loglikelihoods_and_greedy_flags_equal_float64_model_apply(
   for _ in range(4):
     greedy.append(int(np.argmax(next_logp(context + greedy)[-1])))
   text = sp_tokenizer.encode(''.join(TEXTS) * 2)
-  short = [bos, *sp_tokenizer.encode('x = 1')]
+  short = [bos, *text[:24]]
   pairs = [(context, greedy), (context, greedy[:-1] + [(greedy[-1] + 1) % vocab]),
            ([bos], sp_tokenizer.encode('naïve 😀')),
            ([bos, *text], sp_tokenizer.encode(' and more'))] * 3
   # one context, continuations of 1 token and ones that fill more than a row together, one cut
   pairs += [(short, [t]) for t in (5, 6, 7)] + [(short, text[k:k + 20]) for k in range(4)]
+  pairs += [(short, text[:30])]  # a continuation longer than its context: a row of its own
   pairs += [(short, text[:width])]
-  got = choice.continuation_loglikelihoods(ev, params, pairs)  # 20 rows: more than one batch of 8
+  got = choice.continuation_loglikelihoods(ev, params, pairs)  # 21 pairs: more than one batch of 8 rows
   assert [g for _, g in got[:2]] == [True, False]
   for (context_ids, ids), (ll, is_greedy) in zip(pairs, got, strict=True):
     seq = [*context_ids, *ids][-(width + 1):]
@@ -214,7 +215,7 @@ def test_continuation_loglikelihoods_and_greedy_flags_equal_float64_model_apply(
   rows = choice.plan_rows(pairs, width)  # what shares a row (each row's scores are checked above)
   assert sum(len(r.continuations) for r in rows) == len(pairs) and all(len(r) <= width for r in rows)
   shared = sorted((len(r.context), len(r.continuations)) for r in rows if r.context == short)
-  assert shared == [(6, 1), (6, 6)]  # 6 + 3 x 0 + 3 x 19 = 63 inputs; a fourth 19 starts a row
+  assert shared == [(25, 1), (25, 2), (25, 5)]  # 25 + 3 x 0 + 2 x 19 = 63 inputs; the next 19 starts a row
   assert [len(r.context) for r in rows if r.continuations[0][1] == text[:width]] == [1]  # cut
   assert [len(r.continuations) for r in rows if r.context == context] == [6]
   with pytest.raises(ValueError, match=r'pair 1: 1 context and 0 continuation tokens'):

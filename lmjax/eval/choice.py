@@ -126,9 +126,10 @@ class Row:
 
 def plan_rows(pairs: Sequence[Pair], seq_len: int) -> list[Row]:
   """The rows of `pairs`, longest first: the pairs of one context share a row while it holds at
-  most seq_len inputs; a pair longer than seq_len + 1 tokens has a row of its own, cut from the left
-  to seq_len + 1 tokens (as lm-eval-harness's Hugging Face backend cuts it). A pair needs a context
-  token and a continuation of 1..seq_len tokens."""
+  most seq_len inputs, where the context is at least as long as the continuation (the choices of a
+  question; a rolling window, one token of context, gains nothing); a pair longer than seq_len + 1
+  tokens has a row of its own, cut from the left to seq_len + 1 tokens (as lm-eval-harness's Hugging
+  Face backend cuts it). A pair needs a context token and a continuation of 1..seq_len tokens."""
   rows, shared = [], {}
   for i, (context, ids) in enumerate(pairs):
     if not context or not 0 < len(ids) <= seq_len:
@@ -137,6 +138,9 @@ def plan_rows(pairs: Sequence[Pair], seq_len: int) -> list[Row]:
     if len(context) + len(ids) - 1 > seq_len:
       seq = [*context, *ids][-(seq_len + 1):]
       rows.append(Row(seq[:-len(ids)], [(i, list(ids))]))
+      continue
+    if len(context) < len(ids):
+      rows.append(Row(list(context), [(i, list(ids))]))
       continue
     row = shared.get(tuple(context))
     if row is None or len(row) + len(ids) - 1 > seq_len:
@@ -147,11 +151,12 @@ def plan_rows(pairs: Sequence[Pair], seq_len: int) -> list[Row]:
 
 
 def row_batch(rows: Sequence[Row], seq_len: int, batch_size: int
-              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[int]]:
-  """(batch, slots, order) of at most `batch_size` rows (the rest zero: segment 0, no slots).
+              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[int], bool]:
+  """(batch, slots, order, shared) of at most `batch_size` rows (the rest zero: segment 0, no slots).
 
   batch: 'inputs', 'positions', 'segment_ids' [batch_size, T] (T: `row_width` of the longest row);
-  a row's context is segment 1, its continuations segments 2, 3, ...
+  shared (some row holds several continuations): a row's context is segment 1, its continuations
+  segments 2, 3, ...; else every row is one segment, 1 (the model's own attention applies).
   slots: per scored token [batch_size, S] (S: `bucket` of the most a row scores): 'position' (the
   row position whose hidden state predicts it), 'target' (the token) and 'request' (which of the
   batch's continuations it belongs to, in `order`; `bucket(len(order))` for an empty slot).
@@ -162,7 +167,7 @@ def row_batch(rows: Sequence[Row], seq_len: int, batch_size: int
   batch = {name: np.zeros((batch_size, width), np.int32) for name in ('inputs', 'positions', 'segment_ids')}
   slots = {name: np.zeros((batch_size, n_slots), np.int32) for name in ('position', 'target')}
   slots['request'] = np.full((batch_size, n_slots), bucket(len(order)), np.int32)
-  request = 0
+  request, shared = 0, any(len(row.continuations) > 1 for row in rows)
   for b, row in enumerate(rows):
     c = len(row.context)
     batch['inputs'][b, :c], batch['positions'][b, :c], batch['segment_ids'][b, :c] = row.context, range(c), 1
@@ -170,25 +175,29 @@ def row_batch(rows: Sequence[Row], seq_len: int, batch_size: int
     for j, (_, ids) in enumerate(row.continuations):
       m = len(ids) - 1
       batch['inputs'][b, at:at + m], batch['positions'][b, at:at + m] = ids[:-1], range(c, c + m)
-      batch['segment_ids'][b, at:at + m] = 2 + j
+      batch['segment_ids'][b, at:at + m] = 2 + j if shared else 1
       slots['position'][b, s:s + m + 1] = [c - 1, *range(at, at + m)]
       slots['target'][b, s:s + m + 1] = ids
       slots['request'][b, s:s + m + 1] = request
       request, at, s = request + 1, at + m, s + m + 1
-  return batch, slots, order
+  return batch, slots, order, shared
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def scores(graphdef, params: dict, batch: dict, slots: dict, n_requests: int, loss_args: losses.Args
-           ) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
+def scores(graphdef, params: dict, batch: dict, slots: dict, n_requests: int, loss_args: losses.Args,
+           shared: bool) -> tuple[jax.Array, jax.Array]:
   """Per continuation of a `row_batch`: the nats of its tokens [n_requests] f32, and whether each of
-  them is the argmax [n_requests] bool, both replicated on the mesh. A query sees the keys before it
-  of its own segment and of the context (segment 1); the head runs on the slots only."""
-  segment_bt = batch['segment_ids']
-  t = segment_bt.shape[1]
-  causal_tt = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-  mask_btt = causal_tt[None] & ((segment_bt[:, :, None] == segment_bt[:, None, :])
-                                | (segment_bt[:, None, :] == 1))
+  them is the argmax [n_requests] bool, both replicated on the mesh. Shared rows: a query sees the
+  keys before it of its own segment and of the context (segment 1), by an explicit mask (plain-jnp
+  attention, [rows, heads, T, T] f32 a layer: lower the batch size for long few-shot contexts);
+  otherwise the model's attention (config.model.attention). The head runs on the slots only."""
+  mask_btt = None
+  if shared:
+    segment_bt = batch['segment_ids']
+    t = segment_bt.shape[1]
+    causal_tt = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+    mask_btt = causal_tt[None] & ((segment_bt[:, :, None] == segment_bt[:, None, :])
+                                  | (segment_bt[:, None, :] == 1))
   x_btd, w_dv = model.hidden_and_head(graphdef, params, batch, mask_btt)
   x_bsd = jnp.take_along_axis(x_btd, slots['position'][..., None], axis=1)
   nats_bs, greedy_bs = losses.target_scores(x_bsd, w_dv, slots['target'], loss_args)
@@ -218,10 +227,10 @@ def score_pairs(graphdef, params: dict, mesh: jax.sharding.Mesh, loss_args: loss
   pending = []
   with jax.set_mesh(mesh):
     for start in range(0, len(rows), batch_size):
-      batch, slots, order = row_batch(rows[start:start + batch_size], seq_len, batch_size)
+      batch, slots, order, shared = row_batch(rows[start:start + batch_size], seq_len, batch_size)
       batch, slots = (sharding.global_batch({k: v[first:first + local] for k, v in x.items()}, mesh)
                       for x in (batch, slots))
-      pending.append((order, scores(graphdef, params, batch, slots, bucket(len(order)), loss_args)))
+      pending.append((order, scores(graphdef, params, batch, slots, bucket(len(order)), loss_args, shared)))
   out = [None] * len(pairs)
   for order, (nats, greedy) in pending:
     nats, greedy = np.asarray(nats), np.asarray(greedy)
