@@ -78,7 +78,7 @@ class Scorer:
 
     decode.generate compiles per prompt shape, so the batch always has batch_size + 1 rows: filler
     rows of BOS fill it, the last as long as `choice.row_width` of the longest prompt (a few widths
-    per task); a row's tokens do not depend on the others (sample.py)."""
+    per task); a row's tokens do not depend on the others (decode.py)."""
     width = choice.row_width(max(map(len, prompts)), self.max_length - max_new_tokens)
     filler = [self.tokenizer.bos_id] * width
     rows = list(prompts) + [filler] * (self.batch_size + 1 - len(prompts))
