@@ -1,11 +1,11 @@
 """Configs as data: the base ConfigDict assembled from each part's defaults, knob parsing, validation.
 
 A config file is `configs/<name>.py` with `get_config(arg=None) -> ConfigDict` (big_vision / flax lm1b
-style). It starts from `base()` -- each part keeps its own defaults next to its code; the run layer's
-sections, `train` (lmjax/trainer.py) and `eval` (lmjax/eval/hook.py), are defined here, so that this
-module sits below the modules that read a config -- and overrides fields. The result is locked: a typo such as `--config.optim.lrr=1` is an error, not a silent new key;
-so is one inside the file (`c.train.stpes = 300`): `validate` checks every field against `base()`
-(`unknown_field`).
+style). It starts from `base()` and overrides fields. Each part keeps its own defaults next to its
+code; the run layer's sections, `train` (lmjax/trainer.py) and `eval` (lmjax/eval/hook.py), are
+defined here, so that this module sits below the modules that read a config. The result is locked: a
+typo such as `--config.optim.lrr=1` is an error, not a silent new key; so is one inside the file
+(`c.train.stpes = 300`): `validate` checks every field against `base()` (`unknown_field`).
 """
 from __future__ import annotations
 

@@ -48,8 +48,8 @@ def main(config: ml_collections.ConfigDict) -> None:
   table = ''
   if f.harness_tasks:
     from lmjax.eval import harness  # pylint: disable=import-outside-toplevel  (the [eval] extra)
-    found, table = harness.evaluate(harness.evaluator_scorer(ev, params), f.harness_tasks, f.num_fewshot, f.include_path, f.limit,
-                                    run=(ev.config, workdir))
+    found, table = harness.evaluate(harness.evaluator_scorer(ev, params), f.harness_tasks, f.num_fewshot,
+                                    f.include_path, f.limit, run=(ev.config, workdir))
     record.update(found)
   print(f'step {step}' + (' (the starting params)' if step == 0 else ''))
   print(f'{"source":10s} {"loss":>8s} {"bpb":>8s}')

@@ -323,7 +323,7 @@ def kd_pallas(x_btd, w_dv, batch, args: Args) -> jax.Array:
   the teacher's ids and log-probs, and its `teacher_tail` for tail='bucket'): the same per-token loss and
   gradients, no [B, T, V] array (forward divergence only; `validate` refuses 'reverse'). The kernel takes
   alpha and temperature as constants; inside a step they are traced (they change by phase), so it is
-  compiled for each of `args.kd_values` and `lax.switch` picks the one equal to the step's. The kernel's
+  compiled for each distinct pair of `args.kd_values` and `lax.switch` picks the one equal to the step's. The kernel's
   weight gradient holds for a cotangent proportional to the weights (the train step's weighted sum) and
   is NaN for any other (ce_pallas)."""
   from pallas_kernels.linear_cross_entropy import linear_cross_entropy  # pylint: disable=import-outside-toplevel
@@ -343,8 +343,9 @@ def kd_pallas(x_btd, w_dv, batch, args: Args) -> jax.Array:
     return fused(float(args.alpha), float(args.temperature))()
   if not args.kd_values:
     raise ValueError('kd_pallas with traced alpha and temperature needs Args.kd_values (steps.build sets them)')
-  gap = jnp.asarray([jnp.abs(args.alpha - a) + jnp.abs(args.temperature - tt) for a, tt in args.kd_values])
-  return jax.lax.switch(jnp.argmin(gap), [fused(a, tt) for a, tt in args.kd_values])
+  values = tuple(dict.fromkeys(args.kd_values))  # phases with the same values share a kernel
+  gap = jnp.asarray([jnp.abs(args.alpha - a) + jnp.abs(args.temperature - tt) for a, tt in values])
+  return jax.lax.switch(jnp.argmin(gap), [fused(a, tt) for a, tt in values])
 
 
 def teacher_topk(logits_btv: jax.Array, k: int, vocab_size: int) -> dict:

@@ -22,6 +22,11 @@ from lmjax import cli, distributed, fs, trainer
 from lmjax.eval import hook
 
 
+def hooks(r: trainer.Run, writer: trainer.MetricsWriter) -> list[trainer.Hook]:
+  """The hooks of every training run: the trainer's defaults and config.eval's harness tasks."""
+  return trainer.default_hooks(r, writer) + hook.harness_hooks(r, writer)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, extra_hooks: Iterable[trainer.Hook] = (),
         writer_hooks: Iterable[Callable[[trainer.Run, trainer.MetricsWriter], trainer.Hook]] = ()) -> dict:
   """Trains `config` in `workdir` (resuming if possible) with the default hooks, config.eval's harness
@@ -30,9 +35,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, extra_hooks: Iterable[t
   r = trainer.setup(config, workdir)
   writer = trainer.MetricsWriter(r)
   try:
-    hooks = (trainer.default_hooks(r, writer) + hook.harness_hooks(r, writer) + list(extra_hooks)
-             + [make(r, writer) for make in writer_hooks])
-    return trainer.train(r, hooks)
+    return trainer.train(r, hooks(r, writer) + list(extra_hooks)
+                         + [make(r, writer) for make in writer_hooks])
   finally:
     writer.close()
     r.checkpointer.close()
@@ -73,8 +77,7 @@ def main(config: ml_collections.ConfigDict) -> None:
 
   writer = trainer.MetricsWriter(r, echo=print_eval)
   try:
-    trainer.train(r, trainer.default_hooks(r, writer) + hook.harness_hooks(r, writer)
-                  + [trainer.Hook(1, progress)])
+    trainer.train(r, hooks(r, writer) + [trainer.Hook(1, progress)])
   finally:
     bar.close()
     writer.close()

@@ -29,8 +29,8 @@ import numpy as np
 from lmjax import (checkpoint, errors, fs, init_from, model, phases as phases_lib, resume, sharding,
                    steps as steps_lib)
 from lmjax.data import pipeline as data_pipeline
-from lmjax.distill import store as store_lib, teacher as teacher_lib
 from lmjax.data import tokenizer as tokenizer_lib
+from lmjax.distill import store as store_lib, teacher as teacher_lib
 from lmjax.eval import heldout
 
 # Dense bf16 peak FLOP/s per chip, for MFU (vendor datasheets).

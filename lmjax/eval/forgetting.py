@@ -3,7 +3,8 @@
 its gain over the starting model (step 0: `python -m lmjax.evaluate --checkpoint=0`, or the trainer's
 evaluation before its first step), and the general sources' mean loss and its change (> 0:
 forgetting); or the same of lm-evaluation-harness task scores (a domain task against general
-benchmarks: `metric='harness/acc'`, and so on); as a table (`forgetting`), its text (`format_forgetting`) and a plot (`plot_forgetting`).
+benchmarks: `metric='harness/acc'`, and so on); as a table (`forgetting`), its text
+(`format_forgetting`) and a plot (`plot_forgetting`).
 """
 from __future__ import annotations
 

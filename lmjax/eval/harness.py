@@ -116,7 +116,7 @@ def hf_scorer(directory: str, batch_size: int, max_length: int | None, dtype: st
   directory = convert.directory(directory)
   cfg = convert.read_config(directory)
   dtype = dtype or cfg.get('dtype') or cfg.get('torch_dtype') or 'float32'
-  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})  # data parallel over every device
+  mesh = sharding.make_mesh(config_lib.base().mesh)  # data parallel over every device
   args, params = convert.load(directory, mesh, compute_dtype=dtype, param_dtype=dtype, attention=attention)
   length = max_length or cfg.get('max_position_embeddings')
   if not length:
@@ -138,7 +138,8 @@ class LmjaxLM(TemplateLM):
 
   def __init__(self, workdir: str | None = None, checkpoint: int | None = None, hf: str | None = None,
                batch_size: int | str = 16, max_length: int | None = None, max_gen_toks: int = 256,
-               seed: int = 0, dtype: str | None = None, attention: str = 'xla', scorer: Scorer | None = None, **unused):
+               seed: int = 0, dtype: str | None = None, attention: str = 'xla',
+               scorer: Scorer | None = None, **unused):
     del unused  # what simple_evaluate passes every model (device, max_batch_size)
     super().__init__()
     if sum(x is not None for x in (workdir, hf, scorer)) != 1:
@@ -261,14 +262,15 @@ def task_manager(tasks: list, include_path: str | None):
 
 def evaluate(scorer: Scorer, tasks: list[str], num_fewshot: int | None = None,
              include_path: str | None = None, limit: float | None = None,
-             run: tuple | None = None) -> tuple[dict[str, float], str]:
+             run: tuple | None = None, manager=None) -> tuple[dict[str, float], str]:
   """The harness's `tasks` (its own names, lmjax's local tasks in lmjax/eval/tasks/, those of task
   YAMLs under `include_path`, or `lmjax_heldout`: the held-out documents of `run` = (config,
   workdir), `heldout_tasks`) on `scorer`'s model: ({'harness/<task>/<metric>': value}, the
   harness's results table). Task data comes from the Hugging Face Hub unless it is local
-  (HF_DATASETS_OFFLINE=1 for the cache only)."""
+  (HF_DATASETS_OFFLINE=1 for the cache only). `manager`: `task_manager(tasks, include_path)`'s, when
+  the caller keeps one (its index of the harness's task library takes seconds to build)."""
   import lm_eval  # pylint: disable=import-outside-toplevel
-  manager = task_manager(tasks, include_path)
+  manager = manager or task_manager(tasks, include_path)
   if HELDOUT in tasks:
     if run is None:
       raise errors.ConfigError(f'harness task {HELDOUT}: a run\'s held-out documents; evaluate a run')

@@ -34,16 +34,16 @@ def harness_hooks(run: trainer.Run, writer: trainer.MetricsWriter) -> list[train
   if not tasks:
     return []
   from lmjax.eval import harness  # pylint: disable=import-outside-toplevel  (the [eval] extra)
-  harness.task_manager(tasks, cfg.harness_include_path or None)
+  manager = harness.task_manager(tasks, cfg.harness_include_path or None)  # checked before training
   ev = runs.of_run(run)
 
   def record(info: trainer.StepInfo):
     if info.final and info.step != run.config.train.steps:  # SIGTERM or Ctrl-C: stop quickly
       return
     scorer = harness.evaluator_scorer(ev, info.state['params'])
-    metrics, _ = harness.evaluate(scorer, tasks, None if cfg.harness_num_fewshot < 0 else cfg.harness_num_fewshot,
-                                  cfg.harness_include_path or None, cfg.harness_limit or None,
-                                  run=(run.config, run.workdir))
+    fewshot = None if cfg.harness_num_fewshot < 0 else cfg.harness_num_fewshot
+    metrics, _ = harness.evaluate(scorer, tasks, fewshot, cfg.harness_include_path or None, cfg.harness_limit or None,
+                                  run=(run.config, run.workdir), manager=manager)
     writer.write(info.step, metrics)
 
   return [trainer.Hook(cfg.harness_every or run.config.train.eval_every, record)]

@@ -50,13 +50,13 @@ def with_tail(teacher_logprobs_nk, tail, teacher_tail_n=None):
   return jnp.concatenate([lp, log_tail[:, None]], axis=-1)
 
 
-def teacher_log_probs(lps_nk):
-  """log p: the teacher's target distribution over the valid outcomes of `with_tail`'s log-probs
-  (log-prob > -inf), re-tempered by the caller (lps / T); -inf where a slot is not valid, all -inf in a
-  row without one."""
-  valid = lps_nk > -jnp.inf
-  lse = jax.nn.logsumexp(jnp.where(valid, lps_nk, -jnp.inf), axis=-1, keepdims=True)
-  return jnp.where(valid, lps_nk - jnp.where(jnp.isfinite(lse), lse, 0.0), -jnp.inf)
+def masked_log_softmax(a_nk):
+  """log-softmax over a row's entries above -inf (the others stay -inf; a row with none stays all
+  -inf): the teacher's distribution over its valid outcomes (`with_tail`'s log-probs / T), and the
+  student's over the valid ids ('renormalize')."""
+  valid = a_nk > -jnp.inf
+  lse = jax.nn.logsumexp(a_nk, axis=-1, keepdims=True)
+  return jnp.where(valid, a_nk - jnp.where(jnp.isfinite(lse), lse, 0.0), -jnp.inf)
 
 
 def soft_term(z_ids_nk, lse_t_n, lps_nk, tail, temperature):
@@ -64,14 +64,12 @@ def soft_term(z_ids_nk, lse_t_n, lps_nk, tail, temperature):
   student's logits at the teacher's ids, its logsumexp of z / T over the vocabulary, and `with_tail`'s
   log-probs. Autodiff of this is the oracle of terms.py's gradient."""
   t = temperature
-  log_p = teacher_log_probs(lps_nk / t)
+  log_p = masked_log_softmax(lps_nk / t)
   k = z_ids_nk.shape[-1]
   valid = lps_nk[:, :k] > -jnp.inf
   u = z_ids_nk / t
   if tail == "renormalize":
-    u = jnp.where(valid, u, -jnp.inf)
-    lse_u = jax.nn.logsumexp(u, axis=-1, keepdims=True)
-    log_q = u - jnp.where(jnp.isfinite(lse_u), lse_u, 0.0)
+    log_q = masked_log_softmax(jnp.where(valid, u, -jnp.inf))
     terms = jnp.exp(log_p) * (log_p - log_q)
     return jnp.where(valid, terms, 0.0).sum(-1)
   log_q = u - lse_t_n[:, None]

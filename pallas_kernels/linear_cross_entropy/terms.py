@@ -6,7 +6,7 @@ With q = softmax(z / T) and s = softmax(z) (valid vocabulary), the gradient of w
   dz_nv = a_n s_nv + b_n q_nv + ct_n [v == target_n] + sum_i c_ni [v == id_ni]
 
 (b_n = 0 without a bucket tail; with T == 1 the caller folds b into a, q == s). Derivation, per row,
-u = z / T, p the teacher's re-tempered probabilities over the valid slots (reference.teacher_log_probs);
+u = z / T, p the teacher's re-tempered probabilities over the valid slots (reference.masked_log_softmax);
 the soft term is KL(p || student), whose gradient is that of the soft cross-entropy (p is constant):
   hard CE:        d(lse - z_t)/dz = s - onehot(t);  z-loss: d(zl lse^2)/dz = 2 zl lse s
   renormalize:    r = softmax over the valid ids of u_ids, soft = sum p (log p - log r): d soft/du_ids =
@@ -18,7 +18,6 @@ the soft term is KL(p || student), whose gradient is that of the soft cross-entr
                   c = 1 - p_tail / (1 - S)
 and the soft term's T^2 scale times dz = du / T gives the factor alpha * T.
 """
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels.linear_cross_entropy import reference
@@ -39,14 +38,12 @@ def row_terms(lse_n, lse_t_n, z_target_n, z_ids_nk, weights_n, teacher_lps_nk, *
     t = temperature
     k = z_ids_nk.shape[-1]
     valid = teacher_lps_nk[:, :k] > -jnp.inf
-    log_p = reference.teacher_log_probs(teacher_lps_nk / t)
+    log_p = reference.masked_log_softmax(teacher_lps_nk / t)
     p = jnp.exp(log_p)
     soft = reference.soft_term(z_ids_nk, lse_t_n, teacher_lps_nk, tail, t)
     scale = (weights_n * alpha * t)[:, None]
     if tail == "renormalize":
-      u = jnp.where(valid, z_ids_nk / t, -jnp.inf)
-      lse_u = jax.nn.logsumexp(u, axis=-1, keepdims=True)
-      r = jnp.where(valid, jnp.exp(u - jnp.where(jnp.isfinite(lse_u), lse_u, 0.0)), 0.0)
+      r = jnp.exp(reference.masked_log_softmax(jnp.where(valid, z_ids_nk / t, -jnp.inf)))
       c_nk = scale * (r - p)
     else:
       q = jnp.where(valid, jnp.exp(z_ids_nk / t - lse_t_n[:, None]), 0.0)
