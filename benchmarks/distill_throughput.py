@@ -13,6 +13,9 @@ compute) on random tokens (lmjax.batch.synthetic); the teacher has `teacher`'s s
 after the first two steps is reported.
 """
 import argparse
+import json
+import os
+import tempfile
 import time
 
 import jax
@@ -23,12 +26,12 @@ from lmjax import batch as batch_lib, config as config_lib, model, sharding, ste
 
 
 def measure(config, mesh, vocab, batch, seq, steps, teacher_args=None):
-  built = steps_lib.build(config, mesh, vocab, teacher_args=teacher_args)
+  built = steps_lib.build(config, mesh, vocab)
   state = built.init(0)
   extra = ()
-  if teacher_args is not None:
+  if teacher_args is not None:  # random weights of the teacher's shapes, sharded as the step takes them
     _, t_params = model.create(teacher_args, 1)
-    extra = (jax.device_put(t_params, jax.tree.map(lambda a: a.sharding, built.teacher_abstract)),)
+    extra = (jax.device_put(t_params, jax.tree.map(lambda a: a.sharding, built.needs.step_arg)),)
   host = batch_lib.synthetic(batch, seq, vocab)
   times = []
   with jax.set_mesh(mesh):
@@ -76,7 +79,10 @@ def main():
   teacher_args = model.resolve(teacher_cfg)
   plain = measure(config, mesh, vocab, a.batch, a.seq, a.steps)
   config.loss.name = 'kd'
-  config.loss.kd.update(mode='online', teacher='lmjax:unused', k=a.k)
+  teacher_dir = tempfile.mkdtemp(prefix='lmjax_teacher_')  # a run directory with the teacher's model only
+  with open(os.path.join(teacher_dir, 'config.json'), 'w') as f:
+    json.dump({'model': teacher_cfg.to_dict()}, f)
+  config.loss.kd.update(mode='online', teacher=f'lmjax:{teacher_dir}', k=a.k)
   kd = {}
   for implementation in implementations:
     config.loss.implementation = implementation

@@ -43,7 +43,7 @@ def main():
   jax.block_until_ready(state)
   times = {}
   start = time.perf_counter()
-  state['params'] = init_from.load(config, built.args, state['params'], built.abstract_state['params'], mesh)
+  state['params'] = init_from.load(config.init_from, config.init_skip, built.args, state['params'], built.abstract_state['params'], mesh)
   jax.block_until_ready(state['params'])
   times['import_s'] = time.perf_counter() - start
   embed_in = np.asarray(state['params']['embed_vd'][:4, :8])

@@ -47,16 +47,12 @@ GPUS = {
 def lower_train_step(config: ml_collections.ConfigDict, devices):
   """The train step lowered for a mesh over `devices`, and the Steps it came from."""
   mesh = sharding.make_mesh(config.mesh, devices)
-  kd = config.loss.kd if config.loss.name == 'kd' else None
-  teacher_args = None
-  if kd is not None and kd.mode == 'online':  # the teacher's shapes from its run's config.json
-    from lmjax.distill import teacher as teacher_lib  # pylint: disable=import-outside-toplevel
-    teacher_args = teacher_lib.model_args(teacher_lib.directory(config))
-  steps = steps_lib.build(config, mesh, model.resolve(config.model).vocab_size, teacher_args=teacher_args)
-  k = kd.k if kd is not None and kd.mode == 'offline' else 0  # offline: the store's fields in the batch
+  # The loss's fields join the batch (offline distillation's top-k) or come as an extra argument
+  # (online: the teacher's params, its shapes from its run's config.json): lmjax.losses.Needs.
+  steps = steps_lib.build(config, mesh, model.resolve(config.model).vocab_size)
   batch = batch_lib.abstract(config.train.batch_size, config.train.seq_len, sharding.batch_sharding(mesh),
-                             k=k)
-  extra = (steps.teacher_abstract,) if teacher_args is not None else ()
+                             extra=steps.needs.batch_fields)
+  extra = (steps.needs.step_arg,) if steps.needs.step_arg is not None else ()
   with jax.set_mesh(mesh):
     return steps.train_step.lower(steps.abstract_state, batch, *extra), steps
 

@@ -11,12 +11,9 @@ every field has a leading batch axis B; 'T' is the sequence length.
   positions    [B, T] int32    position within the piece (restarts at 0 at each piece; RoPE reads it)
   source_id    [B]    int32    index of the mixture source the row came from (per-source train loss)
 
-Offline distillation (config.loss.name='kd', lmjax/distill/store.py) adds the teacher's top-k
-(TEACHER_FIELDS; 'K' is config.loss.kd.k):
-
-  teacher_ids       [B, T, K] int32    the teacher's k most likely next tokens, most likely first
-  teacher_logprobs  [B, T, K] float32  their log-probabilities (-inf: no mass; padding)
-  teacher_tail      [B, T]    float32  the teacher's probability of every other token
+A loss may add fields of its own (its record's `Needs.batch_fields`, lmjax/losses.py: distillation's
+teacher top-k, lmjax/distill/kd.py): the functions below take them as `extra`, name -> (dtype, per-row
+axes), an axis 'B', 'T' or a size.
 """
 from __future__ import annotations
 
@@ -32,36 +29,33 @@ FIELDS: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
     'source_id': (np.dtype(np.int32), ('B',)),
 }
 
-TEACHER_FIELDS: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
-    'teacher_ids': (np.dtype(np.int32), ('B', 'T', 'K')),
-    'teacher_logprobs': (np.dtype(np.float32), ('B', 'T', 'K')),
-    'teacher_tail': (np.dtype(np.float32), ('B', 'T')),
-}
+Spec = dict[str, tuple[np.dtype, tuple]]
 
 
-def fields(k: int = 0) -> dict[str, tuple[np.dtype, tuple[str, ...]]]:
-  """The batch's fields: FIELDS, plus TEACHER_FIELDS with k > 0 (offline distillation)."""
-  return {**FIELDS, **(TEACHER_FIELDS if k else {})}
+def fields(extra: Spec | None = None) -> Spec:
+  """The batch's fields: FIELDS and a loss's `extra` ones."""
+  return {**FIELDS, **(extra or {})}
 
 
-def shape(field: str, batch_size: int, seq_len: int, k: int = 0) -> tuple[int, ...]:
-  sizes = {'B': batch_size, 'T': seq_len, 'K': k}
-  return tuple(sizes[a] for a in {**FIELDS, **TEACHER_FIELDS}[field][1])
+def shape(field: str, batch_size: int, seq_len: int, extra: Spec | None = None) -> tuple[int, ...]:
+  sizes = {'B': batch_size, 'T': seq_len}
+  return tuple(sizes.get(a, a) for a in fields(extra)[field][1])
 
 
-def abstract(batch_size: int, seq_len: int, sharding=None, k: int = 0) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract(batch_size: int, seq_len: int, sharding=None, extra: Spec | None = None
+             ) -> dict[str, jax.ShapeDtypeStruct]:
   """ShapeDtypeStructs of a global batch (for ahead-of-time compilation)."""
-  return {name: jax.ShapeDtypeStruct(shape(name, batch_size, seq_len, k), dtype, sharding=sharding)
-          for name, (dtype, _) in fields(k).items()}
+  return {name: jax.ShapeDtypeStruct(shape(name, batch_size, seq_len, extra), dtype, sharding=sharding)
+          for name, (dtype, _) in fields(extra).items()}
 
 
-def check(batch: dict, batch_size: int, seq_len: int, k: int = 0) -> None:
+def check(batch: dict, batch_size: int, seq_len: int, extra: Spec | None = None) -> None:
   """Raises ValueError naming the first field whose name, dtype or shape is not the spec's."""
-  spec = fields(k)
+  spec = fields(extra)
   if set(batch) != set(spec):
     raise ValueError(f'batch fields {sorted(batch)}: expected {sorted(spec)}')
   for name, (dtype, _) in spec.items():
-    want = shape(name, batch_size, seq_len, k)
+    want = shape(name, batch_size, seq_len, extra)
     got = batch[name]
     if got.dtype != dtype or tuple(got.shape) != want:
       raise ValueError(f'batch field {name!r}: {got.dtype}{list(got.shape)}, expected {dtype}{list(want)}')

@@ -168,11 +168,13 @@ def _grow_vocab(name: str, value, target, where: str):
   return jnp.concatenate([value, jnp.repeat(mean, extra, axis=axis)], axis=axis)
 
 
-def load(config, args: model.Args, fresh_params: dict, abstract_params: dict, mesh) -> dict:
-  """The run's starting params from `config.init_from` (see the module docstring)."""
-  kind, directory = parse(config.init_from)
+def load(spec: str, skip: tuple[str, ...], args: model.Args, fresh_params: dict, abstract_params: dict,
+         mesh) -> dict:
+  """The run's starting params from its parent `spec` (config.init_from), the parameters matching
+  `skip` (config.init_skip) left fresh (see the module docstring)."""
+  kind, directory = parse(spec)
   if kind == 'hf':
     parent = _hf_params(directory, args, mesh)
   else:
     parent = lmjax_params(directory, abstract_params, mesh)
-  return adapt(parent, fresh_params, tuple(config.init_skip), f'config.init_from={config.init_from!r}')
+  return adapt(parent, fresh_params, tuple(skip), f'config.init_from={spec!r}')

@@ -18,7 +18,7 @@ in `config.phases.order` (a ConfigDict does not keep the order of its keys). Eac
   - `freeze`: regexes (re.fullmatch on '/'-joined parameter paths) of parameters that get no update
     during the phase: progressive unfreezing is phases that freeze less and less (ULMFiT). Parameters
     frozen for the whole run belong in `config.optim.freeze` instead (they then hold no Adam state).
-  - `kd`: `alpha` and `temperature` of the distillation loss (config.loss.name='kd', lmjax/losses.py)
+  - `kd`: `alpha` and `temperature` of the distillation loss (config.loss.name='kd', lmjax/distill/kd.py)
     during the phase; None = the previous phase's (the first phase: config.loss.kd's).
 The anneal of the playbook is one phase: the LR decays while the high-quality sources are upsampled,
 both from the same step, with nothing kept aligned by hand.
@@ -28,11 +28,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lmjax import errors, losses
+from lmjax import errors
 
 DECAY_FORMS = ('linear', 'cosine', 'exponential', '1-sqrt')
 SHAPES = ('constant', 'wsd') + DECAY_FORMS
@@ -178,29 +177,16 @@ def _kd(field: str, given: dict, previous: dict) -> dict:
   if unknown:
     raise errors.ConfigError(f'{field}: unknown keys {unknown}; expected alpha, temperature')
   given = {k: v.get() if isinstance(v, ml_collections.FieldReference) else v for k, v in given.items()}
-  losses.check_kd_scalars(field, given.get('alpha'), given.get('temperature'))
+  check_kd_scalars(field, given.get('alpha'), given.get('temperature'))
   return {k: previous[k] if given.get(k) is None else float(given[k]) for k in ('alpha', 'temperature')}
 
 
-def kd_values(phases: Sequence[Phase], alpha: float, temperature: float) -> tuple[tuple[float, float], ...]:
-  """(alpha, temperature) of each phase that has steps, in order, None fields taken from
-  config.loss.kd's `alpha` and `temperature`."""
-  return tuple((float(alpha if p.kd['alpha'] is None else p.kd['alpha']),
-                float(temperature if p.kd['temperature'] is None else p.kd['temperature']))
-               for p in phases if p.steps)
-
-
-def kd_schedule(phases: Sequence[Phase], alpha: float, temperature: float):
-  """step -> (alpha, temperature) of the phase that step is in (a jnp scalar pair; 0-based steps as
-  the train step reads them), `kd_values`' of each phase."""
-  live = [p for p in phases if p.steps]
-  starts = jnp.asarray([p.start for p in live[1:]], jnp.int32)
-  table = jnp.asarray(kd_values(phases, alpha, temperature), jnp.float32)
-
-  def at(step):
-    row = table[jnp.searchsorted(starts, step, side='right')]
-    return row[0], row[1]
-  return at
+def check_kd_scalars(field: str, alpha, temperature) -> None:
+  """A distillation alpha (a weight in [0, 1]) and temperature (> 0); None = not given."""
+  if alpha is not None and not 0 <= alpha <= 1:
+    raise errors.ConfigError(f'{field}.alpha={alpha!r}: expected a weight in [0, 1]')
+  if temperature is not None and not temperature > 0:
+    raise errors.ConfigError(f'{field}.temperature={temperature!r}: expected a number > 0')
 
 
 def _weights(field: str, weights: dict, sources: Sequence[str]) -> dict[str, float]:

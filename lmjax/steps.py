@@ -9,12 +9,11 @@ State: {'params', 'opt_state', 'step', 'empty_batches'} (steps whose batch had n
 they change neither params nor opt_state); parameters and optimizer state are created directly into their
 shards, nothing is materialised whole on one device.
 
-Distillation (config.loss.name='kd'): the loss's alpha and temperature are those of the step's phase
-(lmjax.phases.kd_schedule). Offline, the batch carries the teacher's top-k (lmjax/batch.py). Online
-(config.loss.kd.mode='online'), `build` takes the teacher's model args and the train step is
-(state, batch, teacher_params) -> (state, metrics): the frozen teacher, sharded like the student by
-the same logical axes (`teacher_abstract`), runs inside the step on each micro-batch and feeds the
-same loss; its params are an argument, neither donated, returned nor differentiated.
+The loss is its record's (lmjax/losses.py): its args may change by phase (`Record.at_step`: distillation's
+alpha and temperature), and what it takes from the run (`Needs`, its record's `attach`) is built here:
+fields computed inside the step from an extra train-step argument (online distillation's frozen
+teacher: (state, batch, teacher_params) -> (state, metrics); the argument is neither donated, returned
+nor differentiated) and the batch fields the data iterator adds (offline: the teacher's stored top-k).
 """
 from __future__ import annotations
 
@@ -43,7 +42,7 @@ class Steps:
   init: Callable[[int], dict]       # seed -> state (sharded)
   train_step: Callable              # (state, batch[, teacher_params]) -> (state, metrics); donates state
   eval_step: Callable               # (params, batch) -> (loss sum, weight sum), plain CE
-  teacher_abstract: dict | None = None  # online KD: the teacher's params (ShapeDtypeStructs, shardings)
+  needs: losses.Needs               # what the loss takes from the run (its record's `attach`)
 
 
 def check_vocab(args: model.Args, vocab_size: int, tokenizer_path: str = '') -> None:
@@ -56,27 +55,13 @@ def check_vocab(args: model.Args, vocab_size: int, tokenizer_path: str = '') -> 
                              'tokenizer: config.data.tokenizer.vocab_size)')
 
 
-@dataclasses.dataclass(frozen=True)
-class Teacher:
-  """Online distillation: the frozen teacher's graph and how many of its tokens to keep."""
-  graphdef: object
-  k: int
-
-
-def teacher_fields(teacher: Teacher, teacher_params, batch, loss_args: losses.Args) -> dict:
-  """The teacher's top-k of `batch` (lmjax/batch.py's TEACHER_FIELDS), no gradient."""
-  x_btd, w_dv = model.hidden_and_head(teacher.graphdef, jax.lax.stop_gradient(teacher_params), batch)
-  return losses.teacher_topk_chunked(x_btd, w_dv, teacher.k, loss_args.vocab_size,
-                                     loss_args.chunk_tokens)
-
-
 def loss_sums(graphdef, params, batch, loss_args: losses.Args, num_sources: int,
-              teacher: Teacher | None = None, teacher_params=None):
+              in_step: Callable | None = None, step_arg=None):
   """(sum of weighted per-token losses, sum of weights, per-source loss sums [S], per-source
-  weight sums [S]) for one (micro-)batch, S = num_sources (0: the two totals alone); an online
-  `teacher` adds its top-k to the batch first."""
-  if teacher is not None:
-    batch = {**batch, **teacher_fields(teacher, teacher_params, batch, loss_args)}
+  weight sums [S]) for one (micro-)batch, S = num_sources (0: the two totals alone); `in_step`
+  (Needs.in_step) adds the loss's fields from `step_arg` to the batch first."""
+  if in_step is not None:
+    batch = {**batch, **in_step(step_arg, batch, loss_args)}
   x_btd, w_dv = model.hidden_and_head(graphdef, params, batch)
   weighted_bt = losses.per_token(x_btd, w_dv, batch, loss_args) * batch['weights']
   row_loss_b, row_weight_b = weighted_bt.sum(-1), batch['weights'].sum(-1)
@@ -87,30 +72,26 @@ def loss_sums(graphdef, params, batch, loss_args: losses.Args, num_sources: int,
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, loss_args: losses.Args,
-                    microbatches: int, num_sources: int, kd_at: Callable | None = None,
-                    teacher: Teacher | None = None) -> Callable:
-  """state, batch[, teacher_params] -> state, metrics. The batch [B, T] is split into
-  `microbatches` parts whose gradients are summed in a scan; dividing by the total target count
-  makes the result equal to one step on the whole batch. `kd_at`: step -> (alpha, temperature) of
-  the distillation loss (lmjax.phases.kd_schedule); `teacher`: online distillation."""
+                    microbatches: int, num_sources: int, at_step: Callable | None = None,
+                    in_step: Callable | None = None) -> Callable:
+  """state, batch[, step_arg] -> state, metrics. The batch [B, T] is split into `microbatches` parts
+  whose gradients are summed in a scan; dividing by the total target count makes the result equal
+  to one step on the whole batch: the weighting contract (lmjax/losses.py). `at_step`: (args, step) ->
+  the loss's args of the step (Record.at_step); `in_step`: the loss's in-step fields (Needs.in_step)."""
 
-  def sums(params, mb, args, teacher_params):
-    loss_sum, weight_sum, *by_source = loss_sums(graphdef, params, mb, args, num_sources, teacher,
-                                                 teacher_params)
+  def sums(params, mb, args, step_arg):
+    loss_sum, weight_sum, *by_source = loss_sums(graphdef, params, mb, args, num_sources, in_step, step_arg)
     return loss_sum, (weight_sum, *by_source)
 
   grad_fn = jax.value_and_grad(sums, has_aux=True)
 
-  def step(state, batch, teacher_params=None):
+  def step(state, batch, step_arg=None):
     micro = jax.tree.map(lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:]),
                          batch)
-    args = loss_args
-    if kd_at is not None:
-      alpha, temperature = kd_at(state['step'])
-      args = dataclasses.replace(loss_args, alpha=alpha, temperature=temperature)
+    args = loss_args if at_step is None else at_step(loss_args, state['step'])
 
     def accumulate(carry, mb):
-      (loss_sum, aux), grads = grad_fn(state['params'], mb, args, teacher_params)
+      (loss_sum, aux), grads = grad_fn(state['params'], mb, args, step_arg)
       return jax.tree.map(jnp.add, carry, ((loss_sum, *aux), grads)), None
 
     zeros = ((jnp.zeros(()), jnp.zeros(()), jnp.zeros(num_sources), jnp.zeros(num_sources)),
@@ -140,18 +121,19 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, loss_a
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, vocab_size: int,
           sources: Sequence[str] | None = None, tokenizer_path: str = '',
-          teacher_args: model.Args | None = None) -> Steps:
-  """Builds the steps of `config` on `mesh` for a tokenizer of `vocab_size` tokens.
+          phases: Sequence[phases_lib.Phase] | None = None) -> Steps:
+  """Builds the steps of `config` on `mesh` for a tokenizer of `vocab_size` tokens (at `tokenizer_path`).
 
   `sources`: the mixture's source names in source_id order (default: config.data.sources).
-  `teacher_args`: the teacher's model (online distillation; lmjax.distill.teacher.model_args).
+  `phases`: the run's resolved phases (default: resolved here from config.phases).
   """
   sources = tuple(config.data.sources if sources is None else sources)
   args = model.resolve(config.model)
   check_vocab(args, vocab_size, tokenizer_path)
-  phases = phases_lib.resolve(config.phases, config.train.steps, list(config.data.sources))
-  loss_args = dataclasses.replace(losses.resolve(config.loss, vocab_size), kd_values=phases_lib.kd_values(
-      phases, config.loss.kd.alpha, config.loss.kd.temperature))
+  if phases is None:
+    phases = phases_lib.resolve(config.phases, config.train.steps, list(config.data.sources))
+  loss_args = losses.resolve(config.loss, vocab_size, phases)
+  needs = losses.attach(config, mesh, vocab_size, tokenizer_path)
   schedule = optim.make_schedule(phases, config.optim.lr)
   graphdef, shapes, axes = model.abstract(args)
   param_sh = sharding.param_shardings(shapes, axes, mesh)
@@ -169,24 +151,13 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, vocab_size
   abstract_state = jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
       jax.eval_shape(lambda: init(0)), state_sh)
-  kd = config.loss.kd
-  kd_at = (phases_lib.kd_schedule(phases, kd.alpha, kd.temperature) if loss_args.name == 'kd'
-           else None)
-  teacher, teacher_abstract = None, None
-  if loss_args.name == 'kd' and kd.mode == 'online':
-    if teacher_args is None:
-      raise ValueError("config.loss.kd.mode='online' needs the teacher's model: build(..., teacher_args=)")
-    check_vocab(teacher_args, vocab_size, tokenizer_path)
-    teacher_graphdef, t_shapes, t_axes = model.abstract(teacher_args)
-    t_sh = sharding.param_shardings(t_shapes, t_axes, mesh)
-    teacher = Teacher(teacher_graphdef, int(kd.k))
-    teacher_abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                    t_shapes, t_sh)
   train_step = make_train_step(graphdef, tx, schedule, loss_args, config.train.microbatches,
-                               len(sources), kd_at, teacher)
-  eval_args = dataclasses.replace(loss_args, name='ce', z_loss=0.0)
+                               len(sources), losses.record(config.loss.name).at_step, needs.in_step)
+  eval_args = losses.Args('ce', loss_args.implementation if loss_args.implementation in
+                          losses.RECORD.implementations else 'chunked', 0.0, loss_args.chunk_tokens,
+                          vocab_size)
   eval_step = lambda params, batch: loss_sums(graphdef, params, batch, eval_args, 0)
-  return Steps(args, loss_args, phases, sources, graphdef, schedule, tx, abstract_state, state_sh,
+  return Steps(args, loss_args, list(phases), sources, graphdef, schedule, tx, abstract_state, state_sh,
                jax.jit(init, static_argnums=0, out_shardings=state_sh),
                jax.jit(train_step, out_shardings=(state_sh, None), donate_argnums=0),
-               jax.jit(eval_step), teacher_abstract)
+               jax.jit(eval_step), needs)

@@ -3,10 +3,11 @@
 `setup` builds a run from a config (written once, big_vision style, the resume order: a checkpoint in
 the workdir, else `config.init_from` (another run's params), else scratch); `train` runs its steps.
 Checkpointing, evaluation and metric logging are hooks with intervals (Levanter style); they all run
-once more at the end. Distillation (config.loss.name='kd') is the same loop: offline, the data
-iterator adds the teacher's top-k from the store; online, the frozen teacher's params are an extra
-argument of the train step (`Run.step_args`), never donated, updated or checkpointed. This is a library: the CLI (`python -m lmjax.train`, lmjax/train.py) adds the
-progress bar and printing.
+once more at the end. Every loss is the same loop: what a loss takes from the run (its record's
+`Needs`, lmjax/losses.py) wraps the data iterator (offline distillation adds the teacher's stored top-k)
+or is an extra argument of the train step (`Run.step_args`: online distillation's frozen teacher),
+never donated, updated or checkpointed. The trainer knows the record's interface only. This is a
+library: the CLI (`python -m lmjax.train`, lmjax/train.py) adds the progress bar and printing.
 """
 from __future__ import annotations
 
@@ -26,11 +27,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from lmjax import (checkpoint, errors, fs, init_from, model, phases as phases_lib, resume, sharding,
+from lmjax import (checkpoint, errors, fs, init_from, losses, model, phases as phases_lib, resume, sharding,
                    steps as steps_lib)
 from lmjax.data import pipeline as data_pipeline
-from lmjax.data import tokenizer as tokenizer_lib
-from lmjax.distill import store as store_lib, teacher as teacher_lib
 from lmjax.eval import heldout
 
 # Dense bf16 peak FLOP/s per chip, for MFU (vendor datasheets).
@@ -153,57 +152,36 @@ class Run:
   checkpointer: checkpoint.Checkpointer
   data_iter: object
   start_step: int
-  step_args: tuple = ()  # extra train-step arguments: (teacher params,) in online distillation
+  step_args: tuple = ()  # extra train-step arguments: the loss's (Needs.load: online distillation's teacher)
   config_changes: tuple = ()  # resuming: what changed from the run's config.json (resume.check)
 
 
 def run_tokenizer(config: ml_collections.ConfigDict) -> str:
   """The tokenizer of the run of `config`, chosen here only: config.data.tokenizer.path, else the
-  parent's (config.init_from, init_from.tokenizer_of: a different one set is an error), else, in
-  distillation, the teacher's, which must be the one chosen (an error names both); '' when none is
-  given (prepare trains one)."""
+  parent's (config.init_from, init_from.tokenizer_of: a different one set is an error), then the
+  loss's say (Record.tokenizer: distillation takes the teacher's, which must be the one chosen, an
+  error naming both); '' when none is given (prepare trains one)."""
   path = config.data.tokenizer.path
   if config.init_from:
     path = init_from.tokenizer_of(config.init_from, path)
-  if config.loss.name == 'kd':
-    teacher = teacher_lib.tokenizer_path(config)
-    if path:
-      teacher_lib.check_tokenizer(teacher, path)
-    path = path or teacher
-  return path
+  own = losses.record(config.loss.name).tokenizer
+  return own(config.loss, path) if own is not None else path
 
 
-def build_pipeline(config: ml_collections.ConfigDict, workdir: str,
-                   whole_batches: bool = False) -> data_pipeline.Pipeline:
+def build_pipeline(config: ml_collections.ConfigDict, workdir: str, whole_batches: bool = False,
+                   phases: list[phases_lib.Phase] | None = None) -> data_pipeline.Pipeline:
   """This process's data pipeline of the run (`whole_batches`: every process makes whole global
-  batches), with the run's tokenizer (`run_tokenizer`). `config` is left as it is."""
+  batches), with the run's tokenizer (`run_tokenizer`) and phases (resolved here when not given).
+  `config` is left as it is."""
   data_cfg = config.data.copy_and_resolve_references()
   data_cfg.tokenizer.path = run_tokenizer(config)
-  phases = phases_lib.resolve(config.phases, config.train.steps, list(config.data.sources))
+  if phases is None:
+    phases = phases_lib.resolve(config.phases, config.train.steps, list(config.data.sources))
   return data_pipeline.build(
       data_cfg, phases, seq_len=config.train.seq_len,
       global_batch_size=config.train.batch_size, seed=config.seed, workdir=workdir,
       process_index=0 if whole_batches else jax.process_index(),
       process_count=1 if whole_batches else jax.process_count())
-
-
-def _teacher(config, pipeline) -> tuple[model.Args | None, store_lib.Store | None]:
-  """Distillation: (the teacher's model args, online) or (its top-k store, offline)."""
-  if config.loss.name != 'kd':
-    return None, None
-  kd = config.loss.kd
-  if kd.mode == 'online':
-    return teacher_lib.model_args(teacher_lib.directory(config)), None
-  store = store_lib.Store.open(kd.store)
-  store_lib.check_stream(store, config, pipeline)
-  if store.meta.get('teacher') != kd.teacher:
-    raise errors.ConfigError(f'config.loss.kd.store={kd.store!r} holds the top-k of teacher '
-                     f'{store.meta.get("teacher")!r}; the run has config.loss.kd.teacher={kd.teacher!r}')
-  if store.k != kd.k or store.tokenizer_digest() != tokenizer_lib.digest(pipeline.tokenizer.path):
-    raise errors.ConfigError(f'config.loss.kd.store={kd.store!r} holds k={store.k} for the tokenizer with digest '
-                     f'{store.meta["tokenizer_digest"]}; the run has config.loss.kd.k={kd.k} and '
-                     f'{pipeline.tokenizer.path} ({tokenizer_lib.digest(pipeline.tokenizer.path)})')
-  return None, store
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str, accept_changes: bool = False) -> Run:
@@ -220,10 +198,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str, accept_changes: bool 
     raise errors.ConfigError(f'config.train.batch_size={config.train.batch_size} must be divisible by '
                      f'data x fsdp = {batch_shards} devices times microbatches='
                      f'{config.train.microbatches}')
-  pipeline = build_pipeline(config, workdir)
-  teacher_args, store = _teacher(config, pipeline)
+  phases = phases_lib.resolve(config.phases, config.train.steps, list(config.data.sources))
+  pipeline = build_pipeline(config, workdir, phases=phases)
   steps = steps_lib.build(config, mesh, pipeline.tokenizer.vocab_size, pipeline.sources,
-                          pipeline.tokenizer.path, teacher_args)
+                          pipeline.tokenizer.path, phases)
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                          keep=config.train.keep_checkpoints,
                                          async_save=config.train.async_checkpoint)
@@ -240,17 +218,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str, accept_changes: bool 
     changes = []
     state = steps.init(config.seed)
     if config.init_from:
-      state['params'] = init_from.load(config, steps.args, state['params'],
+      state['params'] = init_from.load(config.init_from, config.init_skip, steps.args, state['params'],
                                        steps.abstract_state['params'], mesh)
   if jax.process_index() == 0:
     fs.write_atomic(config_path, config.to_json_best_effort(indent=1))
     _save_provenance(workdir, pipeline)
-  start_step, step_args = int(state['step']), ()
-  if store is not None:
-    data_iter = store_lib.WithTeacher(data_iter, store, config.train.batch_size, pipeline.row_offset,
-                                      start_step)
-  if teacher_args is not None:
-    step_args = (teacher_lib.load_params(teacher_lib.directory(config), teacher_args, mesh),)
+  start_step, needs = int(state['step']), steps.needs
+  if needs.wrap is not None:
+    data_iter = needs.wrap(data_iter, pipeline, start_step)
+  step_args = (needs.load(),) if needs.load is not None else ()
   return Run(config, workdir, mesh, pipeline, steps, state, checkpointer, data_iter, start_step,
              step_args, tuple(changes))
 

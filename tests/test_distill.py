@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from lmjax import config as config_lib, errors, losses, sharding, steps as steps_lib, train, trainer
-from lmjax.distill import dump as dump_lib, store as store_lib, teacher as teacher_lib
+from lmjax import config as config_lib, errors, sharding, steps as steps_lib, train, trainer
+from lmjax.distill import dump as dump_lib, store as store_lib
 
 BATCH, SEQ, K = 8, 32, 16
 
@@ -155,19 +155,15 @@ def test_offline_and_online_kd_give_the_same_loss_and_gradients(setup, tmp_path)
   online_cfg = _config(setup, mode='online')
   mesh = sharding.make_mesh(online_cfg.mesh)
   pipeline = trainer.build_pipeline(online_cfg, workdir, whole_batches=True)
-  teacher_dir = teacher_lib.directory(online_cfg)
-  t_args = teacher_lib.model_args(teacher_dir)
-  online = steps_lib.build(online_cfg, mesh, pipeline.tokenizer.vocab_size, pipeline.sources,
-                           teacher_args=t_args)
+  online = steps_lib.build(online_cfg, mesh, pipeline.tokenizer.vocab_size, pipeline.sources)
   params = online.init(0)['params']
-  t_params = teacher_lib.load_params(teacher_dir, t_args, mesh)
+  t_params = online.needs.load()  # the teacher's params (kd.attach)
   step = 3
   batch = pipeline.batch(step)
-  teacher = steps_lib.Teacher(steps_lib.model.abstract(t_args)[0], K)
 
   def loss_fn(p, b, tp):
     loss, weight, *_ = steps_lib.loss_sums(online.graphdef, p, b, online.loss, 2,
-                                           teacher if tp is not None else None, tp)
+                                           online.needs.in_step if tp is not None else None, tp)
     return loss / weight
   grad = jax.jit(jax.value_and_grad(loss_fn))
   with jax.set_mesh(mesh):
@@ -201,11 +197,8 @@ def test_alpha_and_temperature_follow_the_phase_inside_the_train_step(setup, tmp
   config = _config(setup, mode='online')
   mesh = sharding.make_mesh(config.mesh)
   pipeline = trainer.build_pipeline(config, str(tmp_path / 'run'), whole_batches=True)
-  t_args = teacher_lib.model_args(teacher_lib.directory(config))
-  built = steps_lib.build(config, mesh, pipeline.tokenizer.vocab_size, pipeline.sources,
-                          teacher_args=t_args)
-  t_params = teacher_lib.load_params(teacher_lib.directory(config), t_args, mesh)
-  teacher = steps_lib.Teacher(steps_lib.model.abstract(t_args)[0], K)
+  built = steps_lib.build(config, mesh, pipeline.tokenizer.vocab_size, pipeline.sources)
+  t_params = built.needs.load()
   batch = pipeline.batch(2)
   with jax.set_mesh(mesh):
     for step, alpha, temperature in ((1, 0.5, 1.0), (2, 1.0, 2.0)):  # phase first, then second
@@ -213,8 +206,10 @@ def test_alpha_and_temperature_follow_the_phase_inside_the_train_step(setup, tmp
       params = jax.device_get(state['params'])
       state['step'] = jnp.asarray(step, jnp.int32)
       _, metrics = built.train_step(state, sharding.global_batch(batch, mesh), t_params)
-      args = dataclasses.replace(built.loss, alpha=alpha, temperature=temperature)
-      loss, weight, *_ = steps_lib.loss_sums(built.graphdef, params, batch, args, 2, teacher, t_params)
+      args = dataclasses.replace(built.loss, options=dataclasses.replace(
+          built.loss.options, alpha=alpha, temperature=temperature))
+      loss, weight, *_ = steps_lib.loss_sums(built.graphdef, params, batch, args, 2, built.needs.in_step,
+                                             t_params)
       np.testing.assert_allclose(float(metrics['loss']), float(loss / weight), rtol=1e-5)
 
 

@@ -57,7 +57,7 @@ def test_quick_demo_dumps_the_students_rows_and_trains_both_on_equal_tokens(dist
   kd_config.data.cache_dir = str(workdir / 'data')
   store = store_lib.Store.open(str(kd_dir / 'topk'))
   pipeline = trainer.build_pipeline(kd_config, str(kd_dir), whole_batches=True)
-  store_lib.check_stream(store, kd_config, pipeline)
+  store_lib.check_stream(store, pipeline)
   assert store.rows == steps * config.train.batch_size and store.missing() == []
   aligned, shifted = _target_hits(store, pipeline, steps, 0), _target_hits(store, pipeline, steps, 1)
   assert aligned > 1.5 * shifted, (aligned, shifted)  # quick run: about 0.43 against 0.19

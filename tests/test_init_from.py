@@ -114,7 +114,7 @@ def test_hugging_face_parent_loads_its_weights(tmp_path):
   child.mesh.update(data=1, fsdp=4, tensor=2)
   mesh = sharding.make_mesh(child.mesh)
   built = steps.build(child, mesh, fields['vocab_size'])
-  params = init_from.load(child, built.args, built.init(0)['params'], built.abstract_state['params'], mesh)
+  params = init_from.load(child.init_from, child.init_skip, built.args, built.init(0)['params'], built.abstract_state['params'], mesh)
   _, want = convert.load(directory)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

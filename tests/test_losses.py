@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lmjax import losses
+from lmjax.distill import kd
 
 B, T, D, V, VALID = 3, 37, 16, 200, 190  # T not a multiple of the chunk; 10 padded head rows
 
@@ -98,7 +99,8 @@ def test_bad_loss_config_names_the_field():
   with pytest.raises(ValueError, match=r"config\.loss\.name='dpo'"):
     losses.validate(cfg)
   cfg = losses.defaults()
-  cfg.kd.tail = 'spline'
+  cfg.name = 'kd'
+  cfg.kd.update(teacher='lmjax:/t', store='/s', tail='spline')
   with pytest.raises(ValueError, match=r"config\.loss\.kd\.tail='spline': expected one of"):
     losses.validate(cfg)
   cfg = losses.defaults()
@@ -154,20 +156,20 @@ def _numpy_kd_from_logits(z, batch, alpha, temperature, divergence, tail_mode, z
         rest = np.ones(VALID, bool)
         rest[ids[b, t, valid]] = False
         q = np.append(q, s[rest].sum())
-        a = np.append(a, np.log(max(tail[b, t], losses.TAIL_FLOOR)) / temperature)
+        a = np.append(a, np.log(max(tail[b, t], kd.TAIL_FLOOR)) / temperature)
       if len(q) == 0:
-        kd = 0.0
+        kd_term = 0.0
       else:
         q = q / q.sum()  # bucket: sums to 1 already
         p = np.exp(a - a.max())
         p /= p.sum()
-        kd = np.sum(p * (np.log(p) - np.log(q))) if divergence == 'forward' else \
+        kd_term = np.sum(p * (np.log(p) - np.log(q))) if divergence == 'forward' else \
             np.sum(q * (np.log(q) - np.log(p)))
-      out[b, t] = alpha * temperature ** 2 * kd + (1 - alpha) * ce + z_loss * lse ** 2
+      out[b, t] = alpha * temperature ** 2 * kd_term + (1 - alpha) * ce + z_loss * lse ** 2
   return out
 
 
-KD_VARIANTS = [(d, tail) for d in losses.DIVERGENCES for tail in losses.TAILS]
+KD_VARIANTS = [(d, tail) for d in kd.DIVERGENCES for tail in kd.TAILS]
 
 
 @pytest.mark.parametrize('implementation', ['materialize', 'chunked'])
@@ -175,7 +177,7 @@ KD_VARIANTS = [(d, tail) for d in losses.DIVERGENCES for tail in losses.TAILS]
 def test_kd_matches_float64_reference_values_and_gradients(divergence, tail, implementation):
   x, w, batch, weights = _kd_inputs()
   alpha, temperature, z_loss = 0.7, 2.0 if divergence == 'forward' else 0.5, 1e-3
-  args = losses.Args('kd', implementation, z_loss, 24, VALID, alpha, temperature, divergence, tail)
+  args = losses.Args('kd', implementation, z_loss, 24, VALID, kd.Options(alpha, temperature, divergence, tail))
   ref = lambda z: _numpy_kd_from_logits(z, batch, alpha, temperature, divergence, tail, z_loss)
   z64 = np.einsum('btd,dv->btv', x.astype(np.float64), w.astype(np.float64))
   want = ref(z64)
@@ -203,7 +205,7 @@ def test_kd_matches_float64_reference_values_and_gradients(divergence, tail, imp
 
 
 @pytest.mark.parametrize('tied', [False, True])
-@pytest.mark.parametrize('tail', losses.TAILS)
+@pytest.mark.parametrize('tail', kd.TAILS)
 def test_kd_pallas_equals_chunked_in_value_and_gradients(tail, tied):
   """The fused kernel's top-k path (implementation='pallas') against chunked, f32: the weighted loss
   and its gradients, with slots without mass, padded positions, padded head rows, the teacher's own
@@ -213,7 +215,7 @@ def test_kd_pallas_equals_chunked_in_value_and_gradients(tail, tied):
   tokens = batch['targets']
 
   def loss(params, implementation):
-    args = losses.Args('kd', implementation, 1e-3, 24, VALID, 0.7, 1.5, 'forward', tail)
+    args = losses.Args('kd', implementation, 1e-3, 24, VALID, kd.Options(0.7, 1.5, 'forward', tail))
     if tied:
       emb_vd = params
       x_btd, w_dv = jnp.tanh(emb_vd[tokens] @ jnp.ones((D, D)) / D * 3.0), emb_vd.T
@@ -232,23 +234,25 @@ def test_kd_pallas_equals_chunked_in_value_and_gradients(tail, tied):
 
 
 def test_kd_pallas_follows_the_phase_values_of_a_traced_alpha_and_temperature():
-  """In a step alpha and temperature are traced (they change by phase): the kernel compiled for each
-  of Args.kd_values, the one the step's values name runs."""
+  """In a step alpha and temperature are traced (they change by phase): the kernel is compiled for
+  each of the run's pairs (Options.pairs) and the step's (the traced Options.pair) runs; a phase
+  timeline maps each step to its phase's pair (kd.at_step)."""
   x, w, batch, weights = _kd_inputs(4)
   batch = {**batch, 'weights': weights}
   values = ((0.7, 2.0), (0.3, 1.0), (1.0, 1.0))
-  base = losses.Args('kd', 'pallas', 0.0, 24, VALID, tail='bucket', kd_values=values)
+  options = kd.Options(tail='bucket', pairs=values, phase_pairs=(0, 1, 2, 1), phase_starts=(0, 3, 5, 9))
+  base = losses.Args('kd', 'pallas', 0.0, 24, VALID, options)
 
   @jax.jit
-  def traced(alpha, temperature):
-    args = dataclasses.replace(base, alpha=alpha, temperature=temperature)
+  def traced(step):
+    args = kd.at_step(base, step)
     return jnp.sum(losses.per_token(jnp.asarray(x), jnp.asarray(w), batch, args) * weights)
 
-  for alpha, temperature in values:
-    args = dataclasses.replace(base, implementation='chunked', alpha=alpha, temperature=temperature)
+  for step, pair in ((0, 0), (2, 0), (3, 1), (4, 1), (5, 2), (9, 1), (20, 1)):
+    alpha, temperature = values[pair]
+    args = losses.Args('kd', 'chunked', 0.0, 24, VALID, kd.Options(alpha, temperature, tail='bucket'))
     want = jnp.sum(losses.per_token(jnp.asarray(x), jnp.asarray(w), batch, args) * weights)
-    np.testing.assert_allclose(float(traced(jnp.float32(alpha), jnp.float32(temperature))), float(want),
-                               rtol=1e-5)
+    np.testing.assert_allclose(float(traced(jnp.int32(step))), float(want), rtol=1e-5)
 
 
 def test_kd_pallas_refuses_the_reverse_divergence():
@@ -263,13 +267,13 @@ def test_kd_pallas_refuses_the_reverse_divergence():
 def test_kd_alpha_zero_is_ce_and_teacher_equal_to_student_has_zero_kd():
   x, w, batch, _ = _kd_inputs(2)
   ce = losses.per_token(x, w, batch, _args('materialize'))
-  kd0 = losses.per_token(x, w, batch, losses.Args('kd', 'materialize', 1e-3, 24, VALID, 0.0))
+  kd0 = losses.per_token(x, w, batch, losses.Args('kd', 'materialize', 1e-3, 24, VALID, kd.Options(0.0)))
   np.testing.assert_allclose(np.asarray(kd0), np.asarray(ce), rtol=1e-6)
   # The student's own full distribution as the teacher (k = VALID): every KD variant is 0.
   z = np.asarray(losses.logits(jnp.asarray(x), jnp.asarray(w)))[..., :VALID]
-  teacher = losses.teacher_topk(jnp.asarray(z), VALID, VALID)
+  teacher = kd.teacher_topk(jnp.asarray(z), VALID, VALID)
   for divergence, tail in KD_VARIANTS:
-    args = losses.Args('kd', 'materialize', 0.0, 24, VALID, 1.0, 1.0, divergence, tail)
+    args = losses.Args('kd', 'materialize', 0.0, 24, VALID, kd.Options(1.0, 1.0, divergence, tail))
     got = losses.per_token(x, w, {**batch, **teacher}, args)
     np.testing.assert_allclose(np.asarray(got), 0.0, atol=1e-5)
 
@@ -281,7 +285,7 @@ def test_teacher_topk_matches_numpy_and_chunked(chunk_tokens):
   logp = z - z.max(-1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
   order = np.argsort(-logp, axis=-1)[..., :KD_K]
-  got = losses.teacher_topk_chunked(jnp.asarray(x), jnp.asarray(w), KD_K, VALID, chunk_tokens)
+  got = kd.teacher_topk_chunked(jnp.asarray(x), jnp.asarray(w), KD_K, VALID, chunk_tokens)
   np.testing.assert_array_equal(np.asarray(got['teacher_ids']), order)
   np.testing.assert_allclose(np.asarray(got['teacher_logprobs']),
                              np.take_along_axis(logp, order, -1), rtol=1e-5, atol=1e-5)

@@ -422,11 +422,12 @@ class Pipeline:
   """What the training loop uses: tokenizer, train iterator, eval batches, data metrics."""
 
   def __init__(self, tokenizer, sources, rows, mixture, *, global_batch_size, process_index,
-               process_count, eval_rows, num_eval_batches, read_options, missing, prepared):
+               process_count, eval_rows, num_eval_batches, read_options, missing, prepared, stream):
     self.tokenizer = tokenizer
     self.sources = sources
     self.missing = missing  # {source: install line} of configured sources that are not installed
     self.prepared = prepared  # {source: its prepared directory's name, <source>-<key>}
+    self.stream = stream  # what fixes the rows (`build`), as JSON: the key of a distillation store
     self._rows, self._mixture, self._eval_rows = rows, mixture, eval_rows
     self._global_batch = global_batch_size
     self._local_batch = global_batch_size // process_count
@@ -589,7 +590,15 @@ def build(data_cfg, phases, *, seq_len: int, global_batch_size: int, seed: int, 
   mixture = Mixture(stage_weights(phases, data_cfg, names, epoch_rows), global_batch_size,
                     int(data_cfg.mix_block), seed)
   read = grain.ReadOptions(num_threads=int(data_cfg.num_threads), prefetch_buffer_size=int(data_cfg.prefetch))
+  prepared = {n: os.path.basename(os.path.normpath(dirs[n])) for n in names}
+  # What fixes the global rows: the seed and batch shape, each phase's start, length and mixture
+  # weights, and the prepared sources' directories (their names hash the corpora, cleaning, split and
+  # tokenizer). Not the LR, freezing or loss settings, which change no row.
+  stream = json.loads(json.dumps(dict(
+      seed=seed, batch_size=global_batch_size, seq_len=seq_len, weights_are=data_cfg.weights_are,
+      mix_block=data_cfg.mix_block, phases=[[p.name, p.start, p.steps, p.weights] for p in phases],
+      prepared=prepared)))
   return Pipeline(tok, names, rows, mixture, global_batch_size=global_batch_size,
                   process_index=process_index, process_count=process_count, eval_rows=eval_rows,
                   num_eval_batches=int(data_cfg.eval.num_batches), read_options=read, missing=missing,
-                  prepared={n: os.path.basename(os.path.normpath(dirs[n])) for n in names})
+                  prepared=prepared, stream=stream)

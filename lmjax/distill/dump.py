@@ -6,7 +6,7 @@
 For global batches 0 .. steps-1 of the student's data stream (the run's config: seed, batch,
 sequence length, mixture; `steps` defaults to config.train.steps), the teacher (config.loss.kd.teacher,
 an lmjax run; its latest checkpoint) computes its top-k next-token distribution
-(lmjax.losses.teacher_topk, k = config.loss.kd.k) and the store at config.loss.kd.store keeps it in
+(lmjax.distill.kd.teacher_topk, k = config.loss.kd.k) and the store at config.loss.kd.store keeps it in
 config.loss.kd.encoding. Chunk c holds `chunk_steps` batches. One process writes the store (on all of
 its devices); a multi-process dump is refused: the teacher's step would need every process on every
 chunk. A rerun writes only the chunks that are not finished (a killed dump resumes), and the result is the
@@ -21,9 +21,9 @@ from typing import Callable
 import jax
 import numpy as np
 
-from lmjax import errors, losses, model, sharding, trainer
+from lmjax import errors, model, sharding, trainer
 from lmjax.data import tokenizer as tokenizer_lib
-from lmjax.distill import store as store_lib, teacher as teacher_lib
+from lmjax.distill import kd as kd_lib, store as store_lib, teacher as teacher_lib
 
 
 def dump(config, workdir: str, steps: int | None = None, chunk_steps: int = 1,
@@ -39,12 +39,12 @@ def dump(config, workdir: str, steps: int | None = None, chunk_steps: int = 1,
                              f'the store directory, got {kd.teacher!r} and {kd.store!r}')
   steps = int(config.train.steps if steps is None else steps)
   pipeline = trainer.build_pipeline(config, workdir, whole_batches=True)
-  teacher_dir = teacher_lib.directory(config)
+  teacher_dir = teacher_lib.directory(kd.teacher)
   args = teacher_lib.model_args(teacher_dir)
   vocab = pipeline.tokenizer.vocab_size
   batch_rows = config.train.batch_size
   store = store_lib.Store.create(
-      kd.store, k=kd.k, encoding=kd.encoding, vocab_size=vocab, stream=store_lib.stream(config, pipeline),
+      kd.store, k=kd.k, encoding=kd.encoding, vocab_size=vocab, stream=pipeline.stream,
       rows=steps * batch_rows, chunk_rows=chunk_steps * batch_rows, teacher=kd.teacher,
       tokenizer_digest=tokenizer_lib.digest(pipeline.tokenizer.path))
   todo = store.missing()
@@ -53,7 +53,7 @@ def dump(config, workdir: str, steps: int | None = None, chunk_steps: int = 1,
   mesh = sharding.make_mesh(config.mesh)
   params = teacher_lib.load_params(teacher_dir, args, mesh)
   graphdef = model.abstract(args)[0]
-  topk = jax.jit(lambda p, b: losses.teacher_topk_chunked(
+  topk = jax.jit(lambda p, b: kd_lib.teacher_topk_chunked(
       *model.hidden_and_head(graphdef, p, b), kd.k, vocab, config.loss.chunk_tokens))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   with jax.set_mesh(mesh):

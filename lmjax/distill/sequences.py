@@ -43,7 +43,7 @@ def write(config, workdir: str, out: str, source: str, n: int = 256, prompt_toke
           new_tokens: int = 96, temperature: float = 1.0, seed: int = 0, batch: int = 64) -> int:
   """Writes the teacher's continuations as jsonl (see the module docstring); returns the lines."""
   pipeline = trainer.build_pipeline(config, workdir, whole_batches=True)
-  teacher_dir = teacher_lib.directory(config)
+  teacher_dir = teacher_lib.directory(config.loss.kd.teacher)
   args = teacher_lib.model_args(teacher_dir)
   params = teacher_lib.load_params(teacher_dir, args, sharding.make_mesh(config.mesh))
   graphdef, tok = model.abstract(args)[0], pipeline.tokenizer

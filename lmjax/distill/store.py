@@ -34,7 +34,7 @@ import zlib
 import numpy as np
 import tensorstore as ts
 
-from lmjax import errors, fs, phases as phases_lib
+from lmjax import errors, fs
 
 SCALE = 1024.0     # compact: log-prob codes per nat
 ZERO_CODE = 65535  # compact: zero probability (-inf log-prob)
@@ -233,21 +233,10 @@ class Store:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def stream(config, pipeline) -> dict:
-  """What fixes the run's rows (lmjax/data/pipeline.py), the key a store is dumped for: the seed and
-  batch shape, each phase's resolved start, length and mixture weights, and the prepared sources'
-  directories (their names hash the corpora, cleaning, split and tokenizer). Not the LR, freezing or
-  distillation settings, which change no row."""
-  resolved = phases_lib.resolve(config.phases, config.train.steps, list(config.data.sources))
-  return json.loads(json.dumps(dict(
-      seed=config.seed, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
-      weights_are=config.data.weights_are, mix_block=config.data.mix_block,
-      phases=[[p.name, p.start, p.steps, p.weights] for p in resolved], prepared=pipeline.prepared)))
-
-
-def check_stream(store: Store, config, pipeline) -> None:
-  """Raises ValueError naming the stream fields where the run differs from the store's."""
-  want, have = stream(config, pipeline), store.meta['stream']
+def check_stream(store: Store, pipeline) -> None:
+  """Raises CheckpointError naming the stream fields (data.pipeline.Pipeline.stream: what fixes the
+  run's rows) where the run differs from the store's."""
+  want, have = pipeline.stream, store.meta['stream']
   changed = sorted(f for f in set(want) | set(have) if want.get(f) != have.get(f))
   if changed:
     raise errors.CheckpointError(f'top-k store {store.path!r} was dumped for another data stream: '

@@ -15,10 +15,11 @@ from lmjax import errors, fs, init_from, model, sharding
 from lmjax.data import tokenizer as tokenizer_lib
 
 
-def directory(config) -> str:
-  kind, path = init_from.parse(config.loss.kd.teacher)
+def directory(spec: str) -> str:
+  """The run directory of a teacher `spec` (config.loss.kd.teacher, lmjax:DIR)."""
+  kind, path = init_from.parse(spec)
   if kind != 'lmjax':
-    raise errors.ConfigError(f'config.loss.kd.teacher={config.loss.kd.teacher!r}: expected lmjax:DIR (a run)')
+    raise errors.ConfigError(f'config.loss.kd.teacher={spec!r}: expected lmjax:DIR (a run)')
   return path
 
 
@@ -39,9 +40,9 @@ def load_params(teacher_dir: str, args: model.Args, mesh) -> dict:
   return init_from.lmjax_params(teacher_dir, abstract, mesh)
 
 
-def tokenizer_path(config) -> str:
-  """The teacher's tokenizer file (its run's provenance.json names it)."""
-  return init_from.parent_tokenizer('lmjax:' + directory(config))
+def tokenizer_path(spec: str) -> str:
+  """The tokenizer file of the teacher `spec` (its run's provenance.json names it)."""
+  return init_from.parent_tokenizer('lmjax:' + directory(spec))
 
 
 def check_tokenizer(teacher_tokenizer: str, student_tokenizer: str) -> None:

@@ -63,7 +63,7 @@ def load_params(ev: heldout.Evaluator, workdir: str, step: int | None = None) ->
   if step == 0:
     params = ev.steps.init(ev.config.seed)['params']
     if ev.config.init_from:
-      params = init_from.load(ev.config, ev.steps.args, params, ev.steps.abstract_state['params'],
+      params = init_from.load(ev.config.init_from, ev.config.init_skip, ev.steps.args, params, ev.steps.abstract_state['params'],
                               ev.mesh)
     return 0, params
   directory = os.path.join(workdir, 'checkpoints')

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lmjax import batch as batch_lib, losses, model, steps
+from lmjax.distill import kd
 from pallas_kernels.linear_cross_entropy import api
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs a GPU (JAX_PLATFORMS=cuda)')
@@ -64,7 +65,7 @@ def test_train_step_loss_and_grads_with_the_fused_loss_match_materialize():
     assert _rel(a, b) < TOL, (jax.tree_util.keystr(path), _rel(a, b), seed)
 
 
-@pytest.mark.parametrize('tail', losses.TAILS)
+@pytest.mark.parametrize('tail', kd.TAILS)
 def test_kd_pallas_in_bf16_matches_chunked(tail):
   """lmjax's kd loss through the fused kernel's top-k path (implementation='pallas') against chunked,
   bf16 hidden states and head, f32 loss: the weighted sum and its gradients within 1e-2, with slots
@@ -82,7 +83,7 @@ def test_kd_pallas_in_bf16_matches_chunked(tail):
            'teacher_tail': 0.9 * jnp.clip(1 - jnp.where(lp > -jnp.inf, jnp.exp(lp), 0).sum(-1), 0, 1)}
 
   def f(x, w, implementation):
-    args = losses.Args('kd', implementation, 1e-4, 2048, vocab, 0.6, 1.5, 'forward', tail)
+    args = losses.Args('kd', implementation, 1e-4, 2048, vocab, kd.Options(0.6, 1.5, 'forward', tail))
     return jnp.sum(losses.per_token(x, w, batch, args) * batch['weights'])
 
   grad = jax.jit(jax.value_and_grad(f, argnums=(0, 1)), static_argnums=2)
