@@ -153,9 +153,10 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, vocab_size
       jax.eval_shape(lambda: init(0)), state_sh)
   train_step = make_train_step(graphdef, tx, schedule, loss_args, config.train.microbatches,
                                len(sources), losses.record(config.loss.name).at_step, needs.in_step)
-  eval_args = losses.Args('ce', loss_args.implementation if loss_args.implementation in
-                          losses.RECORD.implementations else 'chunked', 0.0, loss_args.chunk_tokens,
-                          vocab_size)
+  # The held-out loss is plain CE whatever the run trains on, by the run's implementation when CE has it.
+  eval_implementation = (loss_args.implementation if loss_args.implementation in losses.RECORD.implementations
+                         else 'chunked')
+  eval_args = losses.Args('ce', eval_implementation, 0.0, loss_args.chunk_tokens, vocab_size)
   eval_step = lambda params, batch: loss_sums(graphdef, params, batch, eval_args, 0)
   return Steps(args, loss_args, list(phases), sources, graphdef, schedule, tx, abstract_state, state_sh,
                jax.jit(init, static_argnums=0, out_shardings=state_sh),
