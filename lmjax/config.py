@@ -221,6 +221,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   validate_train(config.train)
   pipeline.validate(config.data)
   losses.validate(config.loss)
+  optim.validate(config.optim)
   resolved = phases.resolve(config.phases, config.train.steps, list(config.data.sources))
   optim.make_schedule(resolved, config.optim.lr)  # raises on a bad lr shape
   tok, rows = config.data.tokenizer, model.resolve(config.model).vocab_size
