@@ -89,6 +89,15 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return restored['state'], restored['data']
 
+  def restore_params(self, step: int, abstract_params: dict) -> dict:
+    """The params of checkpoint `step` alone, read into the shardings of `abstract_params`: what
+    evaluation needs, whatever optimizer state the run kept."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={'params': abstract_params},
+        restore_args=ocp.checkpoint_utils.construct_restore_args({'params': abstract_params}),
+        partial_restore=True)))
+    return restored['state']['params']
+
   def wait(self) -> None:
     """Waits for the save under way; raises as `check` (once: after a failure it only waits)."""
     with self._failure(self._pending):

@@ -17,7 +17,7 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from lmjax import config as config_lib, decode, model, sharding, steps as steps_lib, trainer
+from lmjax import checkpoint, config as config_lib, decode, model, sharding, steps as steps_lib, trainer
 from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.eval import choice, forgetting, heldout, hook, records as records_lib, runs
 
@@ -393,6 +393,21 @@ def test_hook_records_bpb_beside_the_loss(trained):
   assert step == 4
   np.testing.assert_allclose(records[4]['eval/code/bpb'], heldout.heldout(ev, params)['code']['bpb'],
                              rtol=1e-6)
+
+
+def test_a_checkpoint_loads_for_evaluation_whatever_optimizer_state_it_holds(trained):
+  """Evaluation reads a checkpoint's params alone: a config whose optimizer state has another layout
+  (bf16 moments, the fused AdamW) loads the same params, bit for bit, as the state's restore gives."""
+  config, workdir, _ = trained
+  ev = runs.build(config, workdir)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  want, _ = ckpt.restore(4, ev.steps.abstract_state)
+  ckpt.close()
+  other = config.copy_and_resolve_references()
+  other.optim.moments_dtype = 'bfloat16'
+  _, params = runs.load_params(runs.build(other, workdir), workdir, 4)
+  for got, expected in zip(jax.tree.leaves(params), jax.tree.leaves(want['params'])):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
 
 
 def test_evaluate_cli_scores_the_starting_params_and_records_them(trained, tmp_path):

@@ -63,8 +63,8 @@ def load_params(ev: heldout.Evaluator, workdir: str, step: int | None = None) ->
   if step == 0:
     params = ev.steps.init(ev.config.seed)['params']
     if ev.config.init_from:
-      params = init_from.load(ev.config.init_from, ev.config.init_skip, ev.steps.args, params, ev.steps.abstract_state['params'],
-                              ev.mesh)
+      params = init_from.load(ev.config.init_from, ev.config.init_skip, ev.steps.args, params,
+                              ev.steps.abstract_state['params'], ev.mesh)
     return 0, params
   directory = os.path.join(workdir, 'checkpoints')
   saved = finished_steps(workdir)
@@ -75,7 +75,7 @@ def load_params(ev: heldout.Evaluator, workdir: str, step: int | None = None) ->
   step = saved[-1] if step is None else step
   ckpt = checkpoint.Checkpointer(directory)
   try:
-    state, _ = ckpt.restore(step, ev.steps.abstract_state)
+    params = ckpt.restore_params(step, ev.steps.abstract_state['params'])
   finally:
     ckpt.close()
-  return int(step), state['params']
+  return int(step), params
