@@ -79,7 +79,7 @@ def _pipeline(stages, lengths, *, repeats, batch=8, seq_len=16, block=16):
   mix = pipeline.Mixture(weights, batch, block, seed=0)
   return pipeline.Pipeline(None, [f's{i}' for i in range(len(lengths))], rows, mix,
                            global_batch_size=batch, process_index=0, process_count=1, eval_rows={},
-                           num_eval_batches=0, read_options=None, missing={}, prepared={})
+                           num_eval_batches=0, read_options=None, missing={}, prepared={}, stream={})
 
 
 def test_epoch_count_of_an_upsampled_source_is_exact():
