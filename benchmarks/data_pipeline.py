@@ -52,7 +52,7 @@ def child(dirs: list[str], seq: int, batch: int, seconds: float, steps: int, max
                         global_batch_size=batch, process_index=0, process_count=1, eval_rows={},
                         num_eval_batches=0, read_options=grain.ReadOptions(num_threads=0,
                                                                            prefetch_buffer_size=0),
-                        missing={}, prepared={})
+                        missing={}, prepared={}, stream={})
   it = p.train_iter()
   start_s = time.perf_counter() - t0
   rss_start = _rss()
