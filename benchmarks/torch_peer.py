@@ -3,7 +3,12 @@ one GPU: Hugging Face transformers' LlamaForCausalLM, bf16 parameters, fused Ada
 eager and torch.compile, optionally with Liger Kernel's fused linear cross-entropy and fused
 RMSNorm/RoPE/SwiGLU (as a PyTorch user chasing speed would turn on).
 
-  python3 benchmarks/torch_peer.py --runs=B4xT4096:eager,B4xT4096:compile,B8xT2048:compile [--liger]
+  python3 benchmarks/torch_peer.py --runs=B4xT4096:compile,B8xT2048:compile \
+      [--liger=B4xT4096:compile,B8xT2048:compile,B4xT4096:eager,B8xT2048:eager]
+
+`--liger` lists the runs made again with Liger Kernel, after the others. Each run is its own process: a
+run that fails (a kernel that does not compile, a CUDA fault that poisons the context) is recorded as
+'failed: ...' and the others still run; the file is rewritten after each run.
 
 Writes $OUT/torch_peer.json as {'B<b> T<t> compile=<bool> liger=<bool>': {step_ms, tokens_per_s, mfu,
 peak_mem_gb}}, the format benchmarks/train_throughput.py --peer reads. Tokens/s is B*T over the median
@@ -14,6 +19,8 @@ attention 6*L*H*Dh*T a token (PaLM appendix B) over 989 TFLOP/s, lmjax's model.f
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -75,24 +82,32 @@ def measure(batch: int, seq: int, compile_: bool, liger: bool, steps: int = 10, 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--runs', default='B4xT4096:eager,B4xT4096:compile,B8xT2048:compile')
-  parser.add_argument('--liger', action='store_true', help="also each run with Liger's kernels")
+  parser.add_argument('--liger', default='', help="runs (as --runs) made with Liger's kernels")
   parser.add_argument('--out', default=os.environ.get('OUT', '.'))
+  parser.add_argument('--one', default='', help=argparse.SUPPRESS)  # internal: B<b>xT<t>:<mode>:<liger>
   a = parser.parse_args()
   torch.backends.cuda.matmul.allow_tf32 = True
+  if a.one:  # one run in this process; prints its JSON line
+    shape, mode, liger = a.one.split(':')
+    b, t = (int(s[1:]) for s in shape.split('x'))
+    print(json.dumps(measure(b, t, mode == 'compile', liger == 'True')), flush=True)
+    return
   results = {}
-  # Liger patches transformers' Llama module for the rest of the process: its runs come last.
-  for liger, run in [(liger, run) for liger in ((False, True) if a.liger else (False,))
-                     for run in a.runs.split(',')]:
+  plan = [(False, run) for run in a.runs.split(',')] + [(True, run) for run in filter(None, a.liger.split(','))]
+  for liger, run in plan:
     shape, mode = run.split(':')
     b, t = (int(s[1:]) for s in shape.split('x'))
     key = f'B{b} T{t} compile={mode == "compile"} liger={liger}'
-    try:
-      results[key] = measure(b, t, mode == 'compile', liger)
-    except Exception as e:  # one that does not fit or compile is reported, the others still run
-      results[key] = f'failed: {e!r}'[:300]
+    proc = subprocess.run([sys.executable, __file__, f'--one={run}:{liger}'], capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
+    if proc.returncode == 0 and lines:
+      results[key] = json.loads(lines[-1])
+    else:  # one that does not fit, compile or run is reported as failed, the others still run
+      errors = [l for l in proc.stderr.strip().splitlines() if 'Error' in l or 'error' in l]
+      results[key] = f'failed: {(errors or proc.stderr.strip().splitlines() or ["no output"])[-1]}'[:300]
     print(key, results[key], flush=True)
-  with open(os.path.join(a.out, 'torch_peer.json'), 'w') as f:
-    json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, runs=results), f, indent=1)
+    with open(os.path.join(a.out, 'torch_peer.json'), 'w') as f:
+      json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, runs=results), f, indent=1)
 
 
 if __name__ == '__main__':

@@ -3,7 +3,8 @@
 Embedding -> L x [RMSNorm -> GQA attention (RoPE) -> + ; RMSNorm -> SwiGLU MLP -> +] -> RMSNorm -> head,
 optionally with q/k/v projection biases (Qwen2) and Llama-3.1 rope scaling (`lmjax.convert` maps
 Hugging Face Llama, Qwen2 and Mistral checkpoints onto it).
-Parameters are f32, compute in `compute_dtype` (bf16 by default). Layers are stacked: one `Block`
+Parameters are f32, compute in `compute_dtype` (bf16 by default); with `matmul_precision='fp8'` the
+layers' dense projections run in FP8 (lmjax/fp8.py). Layers are stacked: one `Block`
 holds every layer's weights with a leading layer axis and the forward pass scans over it, so compile
 time does not grow with depth. Every parameter carries logical axis names (`axes` metadata) that
 `lmjax.sharding` maps to mesh axes.
@@ -14,6 +15,7 @@ G = H // K query heads per kv head, Dh head dim, F MLP hidden, V vocab, L layers
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -23,7 +25,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from lmjax import errors, sharding
+from lmjax import errors, fp8, sharding
 
 # Named sizes (gemma / MaxText style). `1b` has Llama-3.2-1B's shapes, `8b` Llama-3-8B's, `70b` Llama-3-70B's, so
 # throughput and parameter counts compare with published and peer figures.
@@ -45,6 +47,7 @@ VARIANTS = {
 }
 ATTENTION = ('xla', 'cudnn', 'pallas')
 REMAT = ('none', 'full', 'dots', 'dots_no_batch')
+MATMUL_PRECISION = ('bf16', 'fp8')
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -62,6 +65,11 @@ def defaults() -> ml_collections.ConfigDict:
       norm_eps=1e-5,
       attention='xla',          # xla | cudnn | pallas (pallas_kernels.flash_attention)
       remat='none',             # none | full | dots | dots_no_batch (jax.checkpoint_policies)
+      matmul_precision='bf16',  # bf16 (the compute dtype) | fp8: the layers' dense projections in FP8 (lmjax/fp8.py)
+      # Layers per iteration of the layer scan; n_layers: no loop, so no stacked residuals to copy (on
+      # an H100, 1b without remat: -28 ms a step). 1 by default: with remat, unrolled steps can need far
+      # more memory (8b on a v5p-32, full remat: 793.8 GiB a chip, not 67.8; benchmarks/RESULTS.md).
+      scan_unroll=1,
       compute_dtype='bfloat16',
       param_dtype='float32',
   ))
@@ -88,6 +96,8 @@ class Args:
   norm_eps: float = 1e-5
   attention: str = 'xla'
   remat: str = 'none'
+  matmul_precision: str = 'bf16'
+  scan_unroll: int = 1
   compute_dtype: str = 'bfloat16'
   param_dtype: str = 'float32'
 
@@ -107,11 +117,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(f'config.model.attention={cfg.attention!r}: expected one of {ATTENTION}')
   if cfg.remat not in REMAT:
     raise errors.ConfigError(f'config.model.remat={cfg.remat!r}: expected one of {REMAT}')
+  if cfg.matmul_precision not in MATMUL_PRECISION:
+    raise errors.ConfigError(f'config.model.matmul_precision={cfg.matmul_precision!r}: expected one of '
+                             f'{MATMUL_PRECISION}')
   for field in ('compute_dtype', 'param_dtype'):
     if cfg[field] not in ('float32', 'bfloat16'):
       raise errors.ConfigError(f'config.model.{field}={cfg[field]!r}: expected float32 or bfloat16')
   args = resolve(cfg)
-  for field in ('d_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff', 'vocab_size'):
+  for field in ('d_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff', 'vocab_size', 'scan_unroll'):
     if getattr(args, field) <= 0:
       raise errors.ConfigError(f'config.model.{field}={getattr(args, field)}: expected a positive integer')
   if args.n_heads % args.n_kv_heads:
@@ -196,10 +209,58 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, fan_in: int | None) -> nnx.Param:
   return nnx.Param(value, axes=axes)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(x_btd: jax.Array, scale_d: jax.Array, eps: float) -> jax.Array:
+  """x / rms(x) * scale over the last axis, f32 math, in x's dtype. A custom VJP saves x (compute
+  dtype) and 1/rms (one f32 a row) for the backward, where autodiff would keep f32 copies of the
+  whole activation; the backward recomputes x / rms in one fused pass."""
+  return _rms_norm_forward(x_btd, scale_d, eps)[0]
+
+
+def _rms_norm_forward(x_btd, scale_d, eps):
   x = x_btd.astype(jnp.float32)
-  x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-  return (x * scale_d.astype(jnp.float32)).astype(x_btd.dtype)
+  rstd_bt1 = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+  return (x * rstd_bt1 * scale_d.astype(jnp.float32)).astype(x_btd.dtype), (x_btd, scale_d, rstd_bt1)
+
+
+def _rms_norm_backward(eps, residuals, g_btd):
+  """d/dx of x * r(x) * s with r = (mean(x^2) + eps)^-1/2: r * (g s - x_hat * mean(g s x_hat)),
+  x_hat = x r; d/ds = sum of g * x_hat over every axis but the last."""
+  x_btd, scale_d, rstd_bt1 = residuals
+  x_hat = x_btd.astype(jnp.float32) * rstd_bt1
+  gs = g_btd.astype(jnp.float32) * scale_d.astype(jnp.float32)
+  dx = rstd_bt1 * (gs - x_hat * jnp.mean(gs * x_hat, axis=-1, keepdims=True))
+  d_scale = jnp.sum(g_btd.astype(jnp.float32) * x_hat, axis=tuple(range(x_btd.ndim - 1)))
+  return dx.astype(x_btd.dtype), d_scale.reshape(scale_d.shape).astype(scale_d.dtype)
+
+
+rms_norm.defvjp(_rms_norm_forward, _rms_norm_backward)
+
+
+@jax.custom_vjp
+def swiglu(gate_btf: jax.Array, up_btf: jax.Array) -> jax.Array:
+  """silu(gate) * up, f32 math, in gate's dtype. A custom VJP saves only its two inputs (which the
+  projections wrote anyway) and recomputes the sigmoid in the backward's one fused pass; autodiff
+  would also keep silu(gate) and sigmoid(gate), each as large as the MLP's hidden activation."""
+  return _swiglu_forward(gate_btf, up_btf)[0]
+
+
+def _swiglu_forward(gate_btf, up_btf):
+  gate = gate_btf.astype(jnp.float32)
+  out = gate * jax.nn.sigmoid(gate) * up_btf.astype(jnp.float32)
+  return out.astype(gate_btf.dtype), (gate_btf, up_btf)
+
+
+def _swiglu_backward(residuals, g_btf):
+  """d/d gate of gate sigmoid(gate) up = up * sigmoid * (1 + gate (1 - sigmoid)); d/d up = silu(gate)."""
+  gate_btf, up_btf = residuals
+  gate, g = gate_btf.astype(jnp.float32), g_btf.astype(jnp.float32)
+  sig = jax.nn.sigmoid(gate)
+  d_gate = g * up_btf.astype(jnp.float32) * sig * (1 + gate * (1 - sig))
+  return d_gate.astype(gate_btf.dtype), (g * gate * sig).astype(up_btf.dtype)
+
+
+swiglu.defvjp(_swiglu_forward, _swiglu_backward)
 
 
 def rope_frequencies(args: Args) -> jax.Array:
@@ -318,10 +379,11 @@ def layer_forward(p: dict, x_btd, positions_bt, segment_ids_bt, inv_freq, args: 
 def attention_inputs(p: dict, x_btd, positions_bt, inv_freq, args: Args):
   """(q_bthe, k_btke, v_btke) of one layer: RMSNorm, projections (+ biases), RoPE on q and k."""
   w = _cast(p, ('wq_ldhe', 'wk_ldke', 'wv_ldke'), args)
+  project = PROJECTIONS[args.matmul_precision]
   h_btd = rms_norm(x_btd, p['attn_norm'], args.norm_eps)
-  q = jnp.einsum('btd,dhe->bthe', h_btd, w['wq_ldhe'])
-  k = jnp.einsum('btd,dke->btke', h_btd, w['wk_ldke'])
-  v = jnp.einsum('btd,dke->btke', h_btd, w['wv_ldke'])
+  q = project('btd,dhe->bthe', h_btd, w['wq_ldhe'])
+  k = project('btd,dke->btke', h_btd, w['wk_ldke'])
+  v = project('btd,dke->btke', h_btd, w['wv_ldke'])
   if args.qkv_bias:
     b = _cast(p, ('bq_lhe', 'bk_lke', 'bv_lke'), args)
     q, k, v = q + b['bq_lhe'], k + b['bk_lke'], v + b['bv_lke']
@@ -331,13 +393,19 @@ def attention_inputs(p: dict, x_btd, positions_bt, inv_freq, args: Args):
 def layer_output(p: dict, x_btd, attn_bthe, args: Args):
   """The rest of one layer after attention: output projection, residual, RMSNorm, SwiGLU MLP."""
   w = _cast(p, ('wo_lhed', 'w_gate_ldf', 'w_up_ldf', 'w_down_lfd'), args)
-  x_btd = x_btd + jnp.einsum('bthe,hed->btd', attn_bthe, w['wo_lhed'])
+  project = PROJECTIONS[args.matmul_precision]
+  x_btd = x_btd + project('bthe,hed->btd', attn_bthe, w['wo_lhed'])
   x_btd = sharding.constrain(x_btd, ('batch', 'length', 'act_embed'))
   h_btd = rms_norm(x_btd, p['mlp_norm'], args.norm_eps)
-  gate_btf = jax.nn.silu(jnp.einsum('btd,df->btf', h_btd, w['w_gate_ldf']))
-  up_btf = jnp.einsum('btd,df->btf', h_btd, w['w_up_ldf'])
-  x_btd = x_btd + jnp.einsum('btf,fd->btd', gate_btf * up_btf, w['w_down_lfd'])
+  gate_btf = project('btd,df->btf', h_btd, w['w_gate_ldf'])
+  up_btf = project('btd,df->btf', h_btd, w['w_up_ldf'])
+  x_btd = x_btd + project('btf,fd->btd', swiglu(gate_btf, up_btf), w['w_down_lfd'])
   return sharding.constrain(x_btd, ('batch', 'length', 'act_embed'))
+
+
+# The layers' dense projections by config.model.matmul_precision (attention, norms, embedding and head
+# stay in the compute dtype).
+PROJECTIONS: dict[str, Callable] = {'bf16': jnp.einsum, 'fp8': fp8.einsum}
 
 
 def _cast(p: dict, names: tuple, args: Args) -> dict:
@@ -382,7 +450,7 @@ class Transformer(nnx.Module):
       body = jax.checkpoint(body, policy=REMAT_POLICIES[args.remat], prevent_cse=False)
     stacked = {name: var[...] for name, var in vars(self.layers).items()
                if isinstance(var, nnx.Param)}
-    x_btd, _ = jax.lax.scan(body, x_btd, stacked)
+    x_btd, _ = jax.lax.scan(body, x_btd, stacked, unroll=args.scan_unroll)
     return rms_norm(x_btd, self.final_norm[...], args.norm_eps)
 
   def head(self) -> jax.Array:

@@ -186,3 +186,70 @@ def test_bad_model_config_names_the_field():
   cfg.d_head = 33
   with pytest.raises(ValueError, match='config.model.d_head'):
     model.validate(cfg)
+
+
+def _rel(got, ref):
+  got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+  return np.linalg.norm(got - ref) / np.linalg.norm(ref)
+
+
+def plain_rms_norm(x, scale, eps):
+  return x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def plain_swiglu(gate, up):
+  return gate / (1 + jnp.exp(-gate)) * up
+
+
+@pytest.mark.parametrize('name,fused,plain,shapes', [
+    ('rms_norm', lambda x, s: model.rms_norm(x, s, 1e-5), lambda x, s: plain_rms_norm(x, s, 1e-5),
+     ((2, 12, 64), (64,))),
+    ('swiglu', model.swiglu, plain_swiglu, ((2, 12, 96), (2, 12, 96)))])
+def test_fused_elementwise_value_and_gradients_match_float64(name, fused, plain, shapes):
+  """The custom-VJP RMSNorm and SwiGLU against autodiff of their plain formulas in float64 (f32
+  inputs: 1e-5), and in bf16 they keep bf16 in and out."""
+  keys = jax.random.split(jax.random.key(7), 3)
+  a, b = (1 + jax.random.normal(k, shape) for k, shape in zip(keys, shapes))
+  y, vjp = jax.vjp(fused, a, b)
+  g = jax.random.normal(keys[2], y.shape)
+  grads = vjp(g)
+  with jax.enable_x64(True):
+    y64, vjp64 = jax.vjp(plain, *(jnp.asarray(v, jnp.float64) for v in (a, b)))
+    grads64 = vjp64(jnp.asarray(g, jnp.float64))
+  assert _rel(y, y64) < 1e-5, name
+  for got, ref in zip(grads, grads64):
+    assert got.dtype == jnp.float32 and _rel(got, ref) < 1e-5, name
+  a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16 if name == 'swiglu' else jnp.float32)
+  y16, vjp16 = jax.vjp(fused, a16, b16)
+  assert y16.dtype == jnp.bfloat16 and [v.dtype for v in vjp16(y16)] == [a16.dtype, b16.dtype]
+  assert _rel(y16, y64) < 1e-2
+
+
+def test_scan_unroll_does_not_change_the_model():
+  args, unrolled = tiny_args(), tiny_args(scan_unroll=4)
+  graphdef, params = model.create(args, seed=0)
+  graphdef_unrolled, _ = model.create(unrolled, seed=0)
+  batch = make_batch(random_tokens(8, 2, 16, args.vocab_size))
+  np.testing.assert_allclose(np.asarray(model.apply(graphdef_unrolled, params, batch)),
+                             np.asarray(model.apply(graphdef, params, batch)), rtol=1e-5, atol=1e-5)
+
+
+def plain_model_ops(monkeypatch):
+  """The model with autodiff through the plain RMSNorm and SwiGLU formulas (no custom VJPs)."""
+  monkeypatch.setattr(model, 'rms_norm', lambda x, s, eps: plain_rms_norm(
+      x.astype(jnp.float32), s.astype(jnp.float32), eps).astype(x.dtype))
+  monkeypatch.setattr(model, 'swiglu', lambda g, u: plain_swiglu(
+      g.astype(jnp.float32), u.astype(jnp.float32)).astype(g.dtype))
+
+
+def test_model_loss_and_gradients_with_fused_ops_equal_plain_autodiff(monkeypatch):
+  args = tiny_args()
+  graphdef, params = model.create(args, seed=0)
+  batch = make_batch(random_tokens(9, 2, 16, args.vocab_size))
+  loss = lambda p: jnp.mean(jax.nn.log_softmax(model.apply(graphdef, p, batch))[..., 3])
+  fused_loss, fused_grads = jax.value_and_grad(loss)(params)
+  plain_model_ops(monkeypatch)
+  plain_loss, plain_grads = jax.value_and_grad(loss)(params)
+  assert abs(float(fused_loss) / float(plain_loss) - 1) < 1e-6
+  for a, b in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(plain_grads)):
+    assert _rel(a, b) < 1e-5
