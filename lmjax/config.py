@@ -200,7 +200,13 @@ def unknown_field(config: ml_collections.ConfigDict) -> str | None:
           return found
     return None
 
-  return walk(config, base(), 'config')
+  known = base()
+  name = config.get('loss', {}).get('name')
+  if isinstance(name, str) and losses.block(name) not in known.loss:  # a plugin loss's own block
+    own = losses.record(name).defaults
+    if own is not None:
+      known.loss[losses.block(name)] = own()
+  return walk(config, known, 'config')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -105,7 +105,7 @@ class Needs:
 class Record:
   """A loss, as the step builder and the trainer know it. Only `implementations` is required."""
   implementations: Mapping[str, Callable]  # name -> fn(x_btd, w_dv, batch, args) -> loss_bt [B, T] f32
-  defaults: Callable[[], ml_collections.ConfigDict] | None = None  # its block, config.loss.<name>
+  defaults: Callable[[], ml_collections.ConfigDict] | None = None  # its block, config.loss.<block(name)>
   validate: Callable[[ml_collections.ConfigDict], None] | None = None  # (config.loss) when chosen
   options: Callable[[ml_collections.ConfigDict, Any], Any] | None = None  # (config.loss, phases) -> Args.options
   at_step: Callable[[Args, jax.Array], Args] | None = None  # the args of a (0-based) step, by phase
@@ -128,6 +128,12 @@ def record(name: str) -> Record:
   if not isinstance(found, Record):
     raise errors.ConfigError(f'config.loss.name={name!r}: module {module_name!r} has no RECORD; {expected}')
   return found
+
+
+def block(name: str) -> str:
+  """The key of a loss's settings block under config.loss: its name's last dotted part
+  ('kd' -> config.loss.kd; 'mypkg.digits_ce' -> config.loss.digits_ce)."""
+  return name.rpartition('.')[2]
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:

@@ -149,3 +149,32 @@ def test_the_new_loss_example_trains_as_written(tmp_path, monkeypatch):
   ce = lse - np.take_along_axis(z, batch['targets'][..., None], -1)[..., 0]
   want = np.sum(batch['weights'] * batch['boost'] * ce) / np.sum(batch['weights'])
   np.testing.assert_allclose(float(metrics['loss']), want, rtol=1e-5)
+
+
+def test_a_plugin_loss_block_is_checked_like_the_base_config(tmp_path, monkeypatch):
+  """A loss module with settings: its block (config.loss.<last part of its name>) validates against
+  its `defaults`, so a typo in it is named like any other unknown field."""
+  import pytest  # pylint: disable=import-outside-toplevel
+  from lmjax import config as config_lib, errors  # pylint: disable=import-outside-toplevel
+  pkg = tmp_path / 'mypkg'
+  pkg.mkdir()
+  (pkg / '__init__.py').write_text('')
+  (pkg / 'scaled_ce.py').write_text(
+      'import ml_collections\nfrom lmjax import losses\n\n'
+      'def defaults():\n  return ml_collections.ConfigDict(dict(factor=2.0))\n\n'
+      'RECORD = losses.Record(\n'
+      '    implementations={"materialize": lambda x, w, b, a: 2.0 * losses.ce_materialize(x, w, b, a)},\n'
+      '    defaults=defaults)\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  import mypkg.scaled_ce as plugin  # pylint: disable=import-outside-toplevel
+  config = config_lib.base()
+  config.loss.name = 'mypkg.scaled_ce'
+  config.loss.scaled_ce = plugin.defaults()
+  config_lib.validate(config)
+  config.loss.scaled_ce.factr = 3.0
+  with pytest.raises(errors.ConfigError, match=r'config\.loss\.scaled_ce\.factr: no such field \(did you mean '
+                     r'config\.loss\.scaled_ce\.factor\?\)'):
+    config_lib.validate(config)
+  config.loss.name = 'mypkg.no_such_loss'
+  with pytest.raises(errors.ConfigError, match=r"config\.loss\.name='mypkg\.no_such_loss': no module"):
+    config_lib.validate(config)
