@@ -19,7 +19,6 @@ DEADLINE=${DEADLINE:-570}
 mkdir -p "$OUT"
 LOG="$OUT/levers.log"
 declare -A LEVERS=(
-  [head]=''                                        # run from .baseline/ (HEAD)
   [bf16]=''                                        # this tree: custom-VJP RMSNorm/SwiGLU
   [fp8]='model.matmul_precision=fp8'
   [bf16mom]='optim.moments_dtype=bfloat16'

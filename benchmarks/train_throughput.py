@@ -173,6 +173,7 @@ def main():
             if isinstance(v, dict) and f'B{a.batch} T{a.seq}' in k}
     peer_tok_s = max((r['tokens_per_s'] for k, r in runs.items() if 'liger=True' not in k), default=None)
     peer_liger_tok_s = max((r['tokens_per_s'] for k, r in runs.items() if 'liger=True' in k), default=None)
+  fastest_peer_tok_s = max(filter(None, (peer_tok_s, peer_liger_tok_s)), default=None)
   results = []
   counts = sorted(int(n) for n in a.devices.split(','))
   for attention, remat, loss, flags, overrides, mesh_name, devices in itertools.product(
@@ -200,8 +201,8 @@ def main():
       r['vs_torch_peer'] = round(r['tokens_per_s'] / peer_tok_s, 3)
     if peer_liger_tok_s and 'tokens_per_s' in r and devices == 1:
       r['vs_torch_peer_liger'] = round(r['tokens_per_s'] / peer_liger_tok_s, 3)
-    if (peer_tok_s or peer_liger_tok_s) and 'tokens_per_s' in r and devices == 1:  # the fastest that ran
-      r['vs_fastest_peer'] = round(r['tokens_per_s'] / max(filter(None, (peer_tok_s, peer_liger_tok_s))), 3)
+    if fastest_peer_tok_s and 'tokens_per_s' in r and devices == 1:  # the fastest that ran
+      r['vs_fastest_peer'] = round(r['tokens_per_s'] / fastest_peer_tok_s, 3)
     results.append(r)
     print(json.dumps(r), flush=True)
   with open(os.path.join(a.out, f'train_throughput_B{a.batch}T{a.seq}.json'), 'w') as f:

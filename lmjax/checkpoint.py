@@ -1,6 +1,6 @@
 """Orbax checkpoints of the train state and the data-iterator state.
 
-Each step directory holds `state` (params, optimizer state, step, rng; sharded arrays written by every
+Each step directory holds `state` (params, optimizer state, step, empty_batches; sharded arrays written by every
 process in parallel) and `data` (the data iterator's JSON state, for an exact resume of the stream).
 Orbax writes into a temporary directory and renames it only once every item is complete, so a
 process killed mid-write leaves no step directory that restores wrongly: `latest_step()` only sees

@@ -88,28 +88,25 @@ def _path(key_path) -> str:
 def lmjax_params(directory: str, target_abstract: dict, mesh) -> dict:
   """The latest checkpoint's params, each read onto the target's sharding (or replicated, where its
   shape differs: it is adapted afterwards)."""
-  root = checkpoint.orbax_path(os.path.join(directory, 'checkpoints'))
-  manager = ocp.CheckpointManager(root)
-  step = manager.latest_step()
-  manager.close()
-  if step is None:
-    raise errors.CheckpointError(f'config.init_from={directory!r}: no finished checkpoint in {root}')
-  tree = ocp.StandardCheckpointer().metadata(os.path.join(root, str(step), 'state')).item_metadata.tree
-  found = {_path(kp): m for kp, m in jax.tree_util.tree_leaves_with_path(tree['params'])}
-  targets = {_path(kp): t for kp, t in jax.tree_util.tree_leaves_with_path(target_abstract)}
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  abstract = {}
-  for path, m in found.items():
-    t = targets.get(path)
-    sh = t.sharding if t is not None and tuple(t.shape) == tuple(m.shape) else replicated
-    _set(abstract, path, jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sh))
-  manager = ocp.CheckpointManager(root)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item={'params': abstract},
-      restore_args=ocp.checkpoint_utils.construct_restore_args({'params': abstract}),
-      partial_restore=True)))
-  manager.close()
-  return restored['state']['params']
+  ckpt = checkpoint.Checkpointer(os.path.join(directory, 'checkpoints'))
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise errors.CheckpointError(f'config.init_from={directory!r}: no finished checkpoint in '
+                                   f'{ckpt.directory}')
+    state_dir = os.path.join(ckpt.directory, str(step), 'state')
+    found = {_path(kp): m for kp, m in jax.tree_util.tree_leaves_with_path(
+        ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree['params'])}
+    targets = {_path(kp): t for kp, t in jax.tree_util.tree_leaves_with_path(target_abstract)}
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abstract = {}
+    for path, m in found.items():
+      t = targets.get(path)
+      sh = t.sharding if t is not None and tuple(t.shape) == tuple(m.shape) else replicated
+      _set(abstract, path, jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sh))
+    return ckpt.restore_params(step, abstract)
+  finally:
+    ckpt.close()
 
 
 def _hf_params(directory: str, args: model.Args, mesh) -> dict:

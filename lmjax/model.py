@@ -227,10 +227,10 @@ def _rms_norm_backward(eps, residuals, g_btd):
   """d/dx of x * r(x) * s with r = (mean(x^2) + eps)^-1/2: r * (g s - x_hat * mean(g s x_hat)),
   x_hat = x r; d/ds = sum of g * x_hat over every axis but the last."""
   x_btd, scale_d, rstd_bt1 = residuals
-  x_hat = x_btd.astype(jnp.float32) * rstd_bt1
-  gs = g_btd.astype(jnp.float32) * scale_d.astype(jnp.float32)
+  x_hat, g = x_btd.astype(jnp.float32) * rstd_bt1, g_btd.astype(jnp.float32)
+  gs = g * scale_d.astype(jnp.float32)
   dx = rstd_bt1 * (gs - x_hat * jnp.mean(gs * x_hat, axis=-1, keepdims=True))
-  d_scale = jnp.sum(g_btd.astype(jnp.float32) * x_hat, axis=tuple(range(x_btd.ndim - 1)))
+  d_scale = jnp.sum(g * x_hat, axis=tuple(range(x_btd.ndim - 1)))
   return dx.astype(x_btd.dtype), d_scale.reshape(scale_d.shape).astype(scale_d.dtype)
 
 

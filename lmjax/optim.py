@@ -222,15 +222,14 @@ class AdamWState(NamedTuple):
 
 
 def fused_adamw(schedule: optax.Schedule, b1: float, b2: float, eps: float, weight_decay: float,
-                decayed=lambda path: True, lr_scale=lambda path, u: None,
-                moments_dtype='float32') -> optax.GradientTransformation:
+                decayed=lambda path: True, lr_scale=None, moments_dtype='float32') -> optax.GradientTransformation:
   """AdamW as one elementwise function per leaf (path: '/'-joined, as `_path`):
 
     m = b1 m + (1 - b1) g            v = b2 v + (1 - b2) g**2          (f32, stored in moments_dtype)
     u = -lr(t) [(m / (1 - b1**(t+1))) / (sqrt(v / (1 - b2**(t+1))) + eps) + wd p] * lr_scale(path)
 
   with `wd p` only where `decayed(path)`, t the step count and lr_scale(path, u) an array broadcasting
-  against the leaf or None. The same operations in the same order as optax.adamw (scale_by_adam ->
+  against the leaf or None (no scale; so is lr_scale=None). The same operations in the same order as optax.adamw (scale_by_adam ->
   add_decayed_weights(mask) -> scale_by_learning_rate) followed by a scale, so with f32 moments it
   equals that chain to the bit on CPU. One function a leaf states the kernel we want (read g, m, v, p;
   write m, v, u; XLA fuses the apply into it) rather than leaving it to XLA to fuse four tree maps,
@@ -260,7 +259,7 @@ def fused_adamw(schedule: optax.Schedule, b1: float, b2: float, eps: float, weig
       if weight_decay and decayed(path):
         u = u + weight_decay * p.astype(jnp.float32)
       u = step_size * u
-      scale = lr_scale(path, u)
+      scale = lr_scale(path, u) if lr_scale is not None else None
       if scale is not None:
         u = u * scale
       return u.astype(grad.dtype), m.astype(dtype), v.astype(dtype)
@@ -318,8 +317,7 @@ def _adamw(c, schedule: optax.Schedule, decayed, lr_scale, fused: bool) -> list:
   (module docstring), so optax's stays the default: its state is every earlier checkpoint's."""
   if fused:
     return [fused_adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
-                        decayed=decayed, lr_scale=lr_scale or (lambda path, u: None),
-                        moments_dtype=c.moments_dtype)]
+                        decayed=decayed, lr_scale=lr_scale, moments_dtype=c.moments_dtype)]
   mask = lambda tree: jax.tree_util.tree_map_with_path(lambda kp, _: decayed(_path(kp)), tree)
   chain = [optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=mask)]
   if lr_scale is not None:
@@ -331,10 +329,10 @@ def _adamw(c, schedule: optax.Schedule, decayed, lr_scale, fused: bool) -> list:
 
 
 def make_optimizer(optim_cfg, schedule: optax.Schedule, params, phases: Sequence[phases_lib.Phase] = (),
-                   fused: bool | None = None) -> optax.GradientTransformation:
+                   fused: bool = False) -> optax.GradientTransformation:
   """The optax transformation for `params` (nested dict of arrays; stacked 'layers') and an LR schedule;
-  `phases` with a `freeze` add progressive unfreezing. AdamW is `fused_adamw` when `fused` (None: when
-  config.optim.moments_dtype is bfloat16), else optax.adamw (`_adamw`)."""
+  `phases` with a `freeze` add progressive unfreezing. AdamW is `fused_adamw` when `fused` or
+  config.optim.moments_dtype is bfloat16, else optax.adamw (`_adamw`)."""
   c = optim_cfg
   validate(c)
   progressive = any(p.freeze for p in phases)
@@ -347,10 +345,7 @@ def make_optimizer(optim_cfg, schedule: optax.Schedule, params, phases: Sequence
       raise ValueError('optim.layerwise_lr_decay: expected params with a stacked "layers" subtree')
     num_layers = jax.tree_util.tree_leaves(params['layers'])[0].shape[0]
     lr_scale = _layer_scale(float(c.layerwise_lr_decay), num_layers)
-  if fused is None:
-    fused = c.moments_dtype != 'float32'
-  elif not fused and c.moments_dtype != 'float32':
-    raise ValueError(f'config.optim.moments_dtype={c.moments_dtype!r} needs the fused AdamW (fused=True)')
+  fused = fused or c.moments_dtype != 'float32'
   chain += _adamw(c, schedule, _decayed(tuple(c.weight_decay_exclude)), lr_scale, fused)
   if progressive:
     chain.append(_phase_freeze(phases, params))

@@ -186,6 +186,10 @@ def test_bad_model_config_names_the_field():
   cfg.d_head = 33
   with pytest.raises(ValueError, match='config.model.d_head'):
     model.validate(cfg)
+  cfg = model.defaults()
+  cfg.matmul_precision = 'int8'
+  with pytest.raises(ValueError, match='config.model.matmul_precision'):
+    model.validate(cfg)
 
 
 def _rel(got, ref):

@@ -8,7 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from lmjax import checkpoint, config as config_lib, errors, model, optim, phases, sharding, steps as steps_lib
+from test_optim import _flat  # tests/test_optim.py
+
+from lmjax import (batch as batch_lib, checkpoint, config as config_lib, model, optim, phases, sharding,
+                   steps as steps_lib)
 
 B1, B2, EPS, WD, LR = 0.9, 0.95, 1e-8, 0.1, 1e-2
 WARMUP = 3
@@ -87,10 +90,6 @@ def test_fused_adamw_matches_float64_numpy(moments_dtype):
       np.testing.assert_allclose(np.float64(nu), want_v, rtol=2 ** -7, atol=1e-7, err_msg=path)
 
 
-def _flat(tree):
-  return {optim._path(kp): v for kp, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def test_bf16_moments_change_the_update_by_rounding_only():
   """Against the f32 moments: the first update is the same (its moments are made in f32 from zero),
   the later ones differ by about a bf16 rounding of the moments (relative 2**-8), not more."""
@@ -133,9 +132,7 @@ def _markov_batch(step, seed=0):
   noise, uniform = rng.random((B, T)) < 0.1, rng.integers(0, VOCAB, (B, T))
   for t in range(T):
     tokens[:, t + 1] = np.where(noise[:, t], uniform[:, t], perm[tokens[:, t]])
-  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], weights=np.ones((B, T), np.float32),
-              segment_ids=np.ones((B, T), np.int32), positions=np.tile(np.arange(T, dtype=np.int32), (B, 1)),
-              source_id=np.zeros(B, np.int32))
+  return {**batch_lib.synthetic(B, T, VOCAB, step), 'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
 
 
 def _built(moments_dtype):
@@ -203,19 +200,6 @@ def test_bf16_moments_checkpoint_round_trip(tmp_path):
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     assert a.dtype == b.dtype
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-
-
-@pytest.mark.parametrize('overrides,match', [
-    (dict(moments_dtype='float16'),
-     r"config\.optim\.moments_dtype='float16': expected one of \('float32', 'bfloat16'\)"),
-    (dict(moments_dtype='bfloat16', b2=0.999),
-     r"config\.optim\.b2=0\.999 with config\.optim\.moments_dtype='bfloat16': expected b2 <= 1 - 2\*\*-8"),
-])
-def test_bad_moments_config_errors(overrides, match):
-  c = optim.defaults()
-  c.update(overrides)
-  with pytest.raises(errors.ConfigError, match=match):
-    optim.validate(c)
 
 
 def test_bf16_moments_with_default_betas_validate():

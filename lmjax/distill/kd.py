@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lmjax import errors, losses, model, phases as phases_lib, sharding, steps as steps_lib
+from lmjax import errors, losses, model, phases as phases_lib, steps as steps_lib
 from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.distill import store as store_lib, teacher as teacher_lib
 
@@ -278,12 +278,10 @@ def attach(ctx: losses.Context) -> losses.Needs:
     teacher_dir = teacher_lib.directory(kd.teacher)
     args = teacher_lib.model_args(teacher_dir)
     steps_lib.check_vocab(args, ctx.vocab_size, ctx.tokenizer_path)
-    graphdef, shapes, axes = model.abstract(args)
-    shardings = sharding.param_shardings(shapes, axes, ctx.mesh)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    graphdef, abstract = teacher_lib.abstract(args, ctx.mesh)
 
     def in_step(teacher_params, batch, loss_args: losses.Args) -> dict:
-      x_btd, w_dv = model.hidden_and_head(graphdef, jax.lax.stop_gradient(teacher_params), batch)
+      x_btd, w_dv = model.hidden_and_head(graphdef, teacher_params, batch)  # top-k: no gradient
       return teacher_topk_chunked(x_btd, w_dv, k, loss_args.vocab_size, loss_args.chunk_tokens)
 
     return losses.Needs(step_arg=abstract, in_step=in_step,

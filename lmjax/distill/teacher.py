@@ -31,13 +31,18 @@ def model_args(teacher_dir: str) -> model.Args:
   return model.resolve(ml_collections.ConfigDict(json.loads(fs.read_text(path))['model']))
 
 
-def load_params(teacher_dir: str, args: model.Args, mesh) -> dict:
-  """The teacher's latest params, each array read into its shards (as the student's would be)."""
-  _, shapes, axes = model.abstract(args)
+def abstract(args: model.Args, mesh) -> tuple[object, dict]:
+  """(graphdef, params as ShapeDtypeStructs) of a teacher of `args`, sharded on `mesh` as the student's
+  would be (by the same logical axes)."""
+  graphdef, shapes, axes = model.abstract(args)
   shardings = sharding.param_shardings(shapes, axes, mesh)
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          shapes, shardings)
-  return init_from.lmjax_params(teacher_dir, abstract, mesh)
+  return graphdef, jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                shapes, shardings)
+
+
+def load_params(teacher_dir: str, args: model.Args, mesh) -> dict:
+  """The teacher's latest params, each array read into its shards (`abstract`)."""
+  return init_from.lmjax_params(teacher_dir, abstract(args, mesh)[1], mesh)
 
 
 def tokenizer_path(spec: str) -> str:
